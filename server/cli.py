@@ -1,0 +1,147 @@
+"""`specd serve`: flags named as in vLLM where the concept is the same.
+
+Precedence: built-in defaults < `--config FILE` (YAML, the SpecdConfig tree) < flags given on
+the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from server.config import (
+    CacheConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+    SpecdConfig,
+    SpeculativeConfig,
+    parse_size,
+)
+
+# flag dest -> (config section, field). Sections: model, cache, scheduler, server, engine.
+_FLAG_TO_FIELD: dict[str, tuple[str, str]] = {
+    "model": ("model", "model"),
+    "served_model_name": ("model", "served_model_name"),
+    "dtype": ("model", "dtype"),
+    "max_model_len": ("model", "max_model_len"),
+    "device": ("model", "device"),
+    "seed": ("model", "seed"),
+    "block_size": ("cache", "block_size"),
+    "kv_cache_memory": ("cache", "kv_cache_memory"),
+    "num_kv_blocks": ("cache", "num_blocks"),
+    "enable_prefix_caching": ("cache", "enable_prefix_caching"),
+    "max_num_seqs": ("scheduler", "max_num_seqs"),
+    "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
+    "enable_chunked_prefill": ("scheduler", "enable_chunked_prefill"),
+    "attention_backend": ("engine", "attention_backend"),
+    "host": ("server", "host"),
+    "port": ("server", "port"),
+    "api_key": ("server", "api_key"),
+    "log_level": ("server", "log_level"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
+    # Every default is None so that only flags the user typed override the YAML file.
+    a = serve.add_argument
+    a("model_tag", nargs="?", default=None, help="the model, as vLLM's positional argument")
+    a("--model", help="HF directory, .gguf file or embedded name (default smollm2-135m-instruct)")
+    a("--served-model-name", help="the name clients send as 'model'")
+    a("--config", help="YAML file with the SpecdConfig tree (see configs/)")
+    a("--dtype", choices=["auto", "float32", "float16", "bfloat16", "float64"])
+    a("--device", choices=["auto", "cpu", "cuda"])
+    a("--seed", type=int)
+    a("--max-model-len", type=int)
+    a("--block-size", type=int)
+    a("--kv-cache-memory", type=parse_size, help="KV cache bytes, e.g. 2GiB")
+    a("--num-kv-blocks", type=int, help="exact KV block count (overrides --kv-cache-memory)")
+    a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    a("--max-num-seqs", type=int)
+    a("--max-num-batched-tokens", type=int)
+    a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
+    a("--attention-backend", choices=["auto", "torch", "triton"])
+    a(
+        "--speculative-config",
+        help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'',
+    )
+    a("--draft-model", help="shorthand for a draft_model speculative config")
+    a("--host")
+    a("--port", type=int)
+    a("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    a("--log-level", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SpecdConfig:
+    base = SpecdConfig.from_yaml(args.config) if args.config else SpecdConfig()
+    if args.model_tag and not args.model:
+        args.model = args.model_tag
+    sections: dict[str, dict[str, Any]] = {
+        "model": {},
+        "cache": {},
+        "scheduler": {},
+        "server": {},
+        "engine": {},
+    }
+    for dest, (section, name) in _FLAG_TO_FIELD.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            sections[section][name] = value
+    engine = base.engine
+    spec = engine.speculative
+    if args.speculative_config:
+        spec = SpeculativeConfig.from_json(args.speculative_config)
+    if args.draft_model:
+        spec = dataclasses.replace(
+            spec,
+            method="draft_model",
+            model=args.draft_model,
+            num_speculative_tokens=spec.num_speculative_tokens or 4,
+        )
+    engine = dataclasses.replace(
+        engine,
+        model=_merge(ModelConfig, engine.model, sections["model"]),
+        cache=_merge(CacheConfig, engine.cache, sections["cache"]),
+        scheduler=_merge(SchedulerConfig, engine.scheduler, sections["scheduler"]),
+        speculative=spec,
+        **sections["engine"],
+    )
+    server = _merge(ServerConfig, base.server, sections["server"])
+    return SpecdConfig(engine=engine, server=server)
+
+
+def _merge(cls: type, current: Any, overrides: dict[str, Any]) -> Any:
+    assert isinstance(current, cls)
+    return dataclasses.replace(current, **overrides) if overrides else current
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "serve":
+        import asyncio
+
+        from server.api.app import serve
+
+        asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""One frozen config tree. The CLI and YAML files map onto it; everything below takes its part.
+
+Values are validated at construction (``__post_init__``) with a message that says how to fix
+them; derived values are properties, never stored twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DType = Literal["auto", "float32", "float16", "bfloat16", "float64"]
+AttentionBackendName = Literal["auto", "torch", "triton"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to serve and how to hold its weights."""
+
+    # A Hugging Face directory, a .gguf file, or an embedded model's name (model/embedded.py).
+    model: str = "smollm2-135m-instruct"
+    # The name clients send in "model"; defaults to `model` as vLLM does.
+    served_model_name: str | None = None
+    dtype: DType = "auto"
+    # None: the model's own max_position_embeddings.
+    max_model_len: int | None = None
+    device: Device = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    # Bytes of KV cache to allocate. None: a default that suits the device (see the runner).
+    kv_cache_memory: int | None = None
+    # Overrides kv_cache_memory with an exact block count (tests use this to force preemption).
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two (got {self.block_size})")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (got {self.num_blocks})")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be positive bytes, e.g. 2GiB = 2147483648")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Admission and the per-step token budget."""
+
+    max_num_seqs: int = 64
+    # Tokens computed per step over all requests (prefill chunks + decode + draft tokens).
+    max_num_batched_tokens: int = 1024
+    # Prefill chunks are cut to fit the budget; off = a prompt is scheduled whole or not at all.
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1 (got {self.max_num_seqs})")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1 (got {self.max_num_batched_tokens})"
+            )
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's --speculative-config shape. method None = no speculation."""
+
+    method: Literal["ngram", "tree", "draft_model", "synthetic"] | None = None
+    num_speculative_tokens: int = 0
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    model: str | None = None
+    policy: Literal["none", "fixed", "goodput", "smartspec_uniform"] = "fixed"
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be >= 1 when a method is set")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError('method "draft_model" needs "model": a path or embedded name')
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None and self.policy != "none"
+
+    @classmethod
+    def from_json(cls, text: str | None) -> SpeculativeConfig:
+        if not text:
+            return cls()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--speculative-config is not valid JSON: {e}") from e
+        return _from_dict(cls, data, "--speculative-config")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    attention_backend: AttentionBackendName = "auto"
+    # Run the engine core in its own process (the server does); tests may run it in-process.
+    separate_process: bool = True
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    log_level: str = "info"
+    # Seconds a client may take to read before its request is aborted.
+    disconnect_poll_interval: float = 0.1
+
+
+@dataclass(frozen=True)
+class SpecdConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SpecdConfig:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        return _from_dict(cls, data, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Builds a (nested) frozen dataclass from a plain dict, naming unknown keys."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        sub = _dataclass_type(cls, name)
+        kwargs[name] = _from_dict(sub, value, f"{where}.{name}") if sub else value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    "SpecdConfig": {"engine": EngineConfig, "server": ServerConfig},
+    "EngineConfig": {
+        "model": ModelConfig,
+        "cache": CacheConfig,
+        "scheduler": SchedulerConfig,
+        "speculative": SpeculativeConfig,
+    },
+}
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    return _NESTED.get(cls.__name__, {}).get(name)
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512MiB', '2G', '1000000' -> bytes."""
+    units = {"k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    s = text.strip().lower().removesuffix("b")
+    for suffix in sorted(units, key=len, reverse=True):
+        if s.endswith(suffix):
+            return int(float(s[: -len(suffix)]) * units[suffix])
+    return int(s)

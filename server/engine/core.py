@@ -1,0 +1,121 @@
+"""The engine core: owns every request; one step = schedule, execute, update.
+
+It runs in its own process behind the messages in ``core_proc.py`` when served, and directly
+in-process for offline use (``server.engine.offline``) and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+
+from server.config import EngineConfig
+from server.engine.outputs import EngineCoreOutput
+from server.engine.request import Request
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerStats
+from server.model.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the API side needs to know about the loaded engine."""
+
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        block_size = config.cache.block_size
+        capacity = self.runner.num_blocks * block_size
+        max_model_len = self.runner.max_model_len
+        if max_model_len > capacity:
+            # A request longer than the whole cache could never run, even alone.
+            logger.warning(
+                "max_model_len %d exceeds the KV cache capacity (%d tokens); capping it",
+                max_model_len,
+                capacity,
+            )
+            max_model_len = capacity
+        self.info = EngineInfo(
+            max_model_len=max_model_len,
+            num_blocks=self.runner.num_blocks,
+            block_size=block_size,
+            vocab_size=self.runner.vocab_size,
+            eos_token_ids=frozenset(self.runner.eos_token_ids),
+        )
+        self.scheduler = Scheduler(
+            config.scheduler, config.cache, self.runner.num_blocks, max_model_len
+        )
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> EngineCoreOutput | None:
+        """Queues a request; returns an error output instead if it can never run."""
+        error = self._validate(prompt_token_ids, params)
+        if error is not None:
+            return EngineCoreOutput(request_id, [], finish_reason="abort", error=error)
+        self.scheduler.add_request(
+            Request(
+                request_id=request_id,
+                prompt_token_ids=list(prompt_token_ids),
+                sampling_params=params,
+                eos_token_ids=self.info.eos_token_ids,
+                max_total_tokens=self.info.max_model_len,
+            )
+        )
+        return None
+
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> str | None:
+        # The API checks these first with friendlier messages; the engine still refuses work
+        # that would break its invariants, whoever sends it.
+        if not prompt_token_ids:
+            return "the prompt is empty"
+        if len(prompt_token_ids) >= self.info.max_model_len:
+            return (
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+                f"{self.info.max_model_len} tokens including the output"
+            )
+        vocab = self.info.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            return f"token id {bad} is out of range for the vocabulary (size {vocab})"
+        return None
+
+    def abort(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        outputs = [self.scheduler.abort_request(rid) for rid in request_ids]
+        return [o for o in outputs if o is not None]
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[EngineCoreOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        try:
+            output = self.runner.execute(plan)
+        except Exception:
+            # One bad step must not end the loop: fail the requests it carried, keep serving.
+            message = traceback.format_exc()
+            logger.error(
+                "engine step failed; aborting %d requests\n%s", len(plan.requests), message
+            )
+            failed = self.abort([r.request_id for r in plan.requests])
+            for out in failed:
+                out.error = "internal error in the engine step: " + message.splitlines()[-1]
+            return failed
+        return self.scheduler.update(plan, output)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()

@@ -1,0 +1,60 @@
+"""The contracts between scheduler and runner: StepPlan (what to compute) and RunnerOutput.
+
+Plan / execute / update: ``Scheduler.schedule() -> StepPlan``, ``ModelRunner.execute(plan) ->
+RunnerOutput``, ``Scheduler.update(plan, output)``. Neither object holds tensors.
+
+Per scheduled request ``r`` with ``n = num_scheduled_tokens[r.request_id]``, the runner computes
+the tokens ``r.all_token_ids[r.num_computed_tokens : r.num_computed_tokens + n]`` at positions
+``r.num_computed_tokens + i``, writing their K/V into the slots given by ``r.block_ids``
+(slot of position p = ``block_ids[p // block_size] * block_size + p % block_size``). Under
+speculation the runner additionally computes ``r.spec_token_ids`` after them (issue 3).
+
+A request *samples* this step when its scheduled tokens reach the end of its known tokens
+(``num_computed_tokens + n == num_tokens``); a prefill chunk that stops short samples nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.engine.request import Logprob, Request
+
+
+@dataclass
+class StepPlan:
+    # Requests to run this step, in batch order (the runner keeps this order).
+    requests: list[Request]
+    # request_id -> number of known tokens to compute this step (>= 1).
+    num_scheduled_tokens: dict[str, int]
+    # Requests that finished or were preempted since the last plan: the runner drops any
+    # per-request state (random generators, draft caches) it kept for them.
+    finished_request_ids: set[str] = field(default_factory=set)
+    # request_id -> number of draft tokens (len(spec_token_ids)) verified this step.
+    num_spec_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values()) + sum(self.num_spec_tokens.values())
+
+    def samples(self, request: Request) -> bool:
+        n = self.num_scheduled_tokens[request.request_id]
+        return request.num_computed_tokens + n == request.num_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+@dataclass
+class RunnerOutput:
+    # request_id -> tokens produced this step, in order. Plain decoding: one token.
+    # Speculative decoding: the accepted draft tokens + one bonus/correction token.
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # request_id -> one Logprob per sampled token (only for requests that asked for logprobs).
+    logprobs: dict[str, list[Logprob]] = field(default_factory=dict)
+    # request_id -> Logprob of each prompt token whose predicting position was computed this
+    # step, in prompt order (only for requests that asked for prompt_logprobs). The first
+    # prompt token has none.
+    prompt_logprobs: dict[str, list[Logprob]] = field(default_factory=dict)
+    # Seconds the forward + sampling took (the goodput policy's cost model fits on these).
+    execute_time: float = 0.0

@@ -1,0 +1,253 @@
+"""The scheduler: admission, the per-step token budget, preemption, and consuming results.
+
+No prefill phase, no decode phase: every running request has known tokens and computed
+tokens, and each step catches computed up to known under a token budget (vLLM v1's rule).
+Running requests go first (in admission order), so decode latency is protected; waiting
+requests fill what is left of the budget, their prompts cut into chunks. When blocks run out,
+the most recently admitted running request is preempted by recompute: its blocks are freed and
+it goes back to the front of the queue (its full blocks usually survive in the prefix cache).
+
+The scheduler never touches tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from server.config import CacheConfig, SchedulerConfig
+from server.engine.block_manager import BlockManager
+from server.engine.outputs import EngineCoreOutput
+from server.engine.plan import RunnerOutput, StepPlan
+from server.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerStats:
+    """A snapshot for /metrics and tests, sent with every batch of outputs."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks_total: int = 0
+    num_blocks_used: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_prompt_tokens_computed: int = 0
+    num_generated_tokens: int = 0
+    num_steps: int = 0
+    timestamp: float = 0.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        max_model_len: int,
+    ) -> None:
+        self.config = scheduler_config
+        self.max_model_len = max_model_len
+        self.block_manager = BlockManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Finished/preempted since the last plan; the runner drops their per-request state.
+        self._finished_ids: set[str] = set()
+        self._num_preemptions = 0
+        self._num_prompt_tokens_computed = 0
+        self._num_generated_tokens = 0
+        self._num_steps = 0
+
+    # --- requests in and out -----------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        assert request.request_id not in self.requests, f"duplicate id {request.request_id}"
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_request(self, request_id: str) -> EngineCoreOutput | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None  # already finished
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return self._output(request, [], None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- plan --------------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[Request] = []
+        num_tokens: dict[str, int] = {}
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert n > 0, "a running request always has a token to compute"
+            while not self.block_manager.allocate_slots(request, n):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                scheduled.append(request)
+                num_tokens[request.request_id] = n
+                budget -= n
+                i += 1
+
+        # New work waits while we are short of blocks: admitting it would only preempt again.
+        while (
+            self.waiting
+            and not preempted
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            cached = self._lookup_prefix(request) if request.num_computed_tokens == 0 else []
+            num_cached = len(cached) * self.block_manager.block_size
+            n = request.num_tokens - num_cached
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            request.num_computed_tokens = num_cached
+            if not self.block_manager.allocate_slots(request, n, cached):
+                request.num_computed_tokens = 0
+                break
+            if request.num_cached_tokens < 0:  # first admission: report it in usage
+                request.num_cached_tokens = num_cached
+                self.block_manager.record_lookup(request.num_tokens, num_cached)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(request)
+            num_tokens[request.request_id] = n
+            budget -= n
+
+        # An empty plan never reaches the runner, so finished ids wait for the next real one.
+        finished: set[str] = set()
+        if scheduled:
+            finished, self._finished_ids = self._finished_ids, set()
+        return StepPlan(scheduled, num_tokens, finished_request_ids=finished)
+
+    def _lookup_prefix(self, request: Request) -> list[int]:
+        return self.block_manager.find_cached_prefix(request)
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        if request.prompt_logprobs is not None:
+            request.prompt_logprobs.clear()  # recomputed from scratch on resume
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self._finished_ids.add(request.request_id)
+        self.waiting.appendleft(request)
+
+    # --- update ------------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, output: RunnerOutput) -> list[EngineCoreOutput]:
+        """Consumes the runner's results: appends tokens, checks stops, frees finished work."""
+        outputs: list[EngineCoreOutput] = []
+        self._num_steps += 1
+        for request in plan.requests:
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            n = plan.num_scheduled_tokens[request.request_id]
+            if request.num_computed_tokens < request.num_prompt_tokens:
+                self._num_prompt_tokens_computed += min(
+                    n, request.num_prompt_tokens - request.num_computed_tokens
+                )
+            request.num_computed_tokens += n
+            sampled = output.sampled_token_ids.get(request.request_id)
+            chunk_logprobs = output.prompt_logprobs.get(request.request_id)
+            if chunk_logprobs and request.prompt_logprobs is not None:
+                request.prompt_logprobs.extend(chunk_logprobs)
+            if not sampled:
+                self.block_manager.cache_full_blocks(request)
+                continue
+            new_tokens, finish = self._append_tokens(request, sampled)
+            self._num_generated_tokens += len(new_tokens)
+            self.block_manager.cache_full_blocks(request)
+            logprobs = output.logprobs.get(request.request_id)
+            if logprobs is not None:
+                logprobs = logprobs[: len(new_tokens)]
+            if finish is not None:
+                self.running.remove(request)
+                self._finish(request, finish)
+            out = self._output(request, new_tokens, logprobs)
+            if request.sampling_params.prompt_logprobs is not None and request.prompt_logprobs:
+                # The first prompt token has no logprob (nothing predicts it).
+                out.prompt_logprobs = [None, *request.prompt_logprobs]
+                request.prompt_logprobs = None
+            outputs.append(out)
+        return outputs
+
+    def _append_tokens(
+        self, request: Request, sampled: list[int]
+    ) -> tuple[list[int], RequestStatus | None]:
+        """Appends sampled tokens up to the first stop condition; returns those kept."""
+        params = request.sampling_params
+        kept: list[int] = []
+        for token in sampled:
+            request.append_output_token(token)
+            kept.append(token)
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return kept, RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return kept, RequestStatus.FINISHED_STOPPED
+            if request.num_output_tokens >= request.max_output_tokens:
+                return kept, RequestStatus.FINISHED_LENGTH
+        return kept, None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.block_manager.free(request)
+        self._finished_ids.add(request.request_id)
+        del self.requests[request.request_id]
+
+    def _output(
+        self, request: Request, new_tokens: list[int], logprobs: list | None
+    ) -> EngineCoreOutput:
+        return EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=new_tokens,
+            new_logprobs=logprobs,
+            finish_reason=request.status.value if request.is_finished else None,
+            stop_reason=request.stop_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        )
+
+    def stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_blocks_total=bm.num_blocks,
+            num_blocks_used=bm.num_used_blocks,
+            kv_cache_usage=bm.usage,
+            prefix_cache_queries=bm.stats.queries,
+            prefix_cache_hits=bm.stats.hits,
+            num_preemptions=self._num_preemptions,
+            num_prompt_tokens_computed=self._num_prompt_tokens_computed,
+            num_generated_tokens=self._num_generated_tokens,
+            num_steps=self._num_steps,
+            timestamp=time.time(),
+        )

@@ -1,0 +1,77 @@
+"""Prometheus metrics, named as vLLM's under the `specd:` prefix.
+
+Engine-side numbers are read from the latest ``SchedulerStats`` snapshot at scrape time by a
+custom collector, so the engine loop never pays for metrics bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.engine.scheduler import SchedulerStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class EngineStatsCollector(Collector):
+    def __init__(self, model_name: str, read_stats: Callable[[], SchedulerStats]) -> None:
+        self._model_name = model_name
+        self._read_stats = read_stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._read_stats()
+        labels = ["model_name"]
+        value = [self._model_name]
+        gauges = [
+            ("specd:num_requests_running", "Requests in the running batch.", s.num_running),
+            ("specd:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
+            (
+                "specd:kv_cache_usage_perc",
+                "Fraction of KV-cache blocks in use (0-1).",
+                s.kv_cache_usage,
+            ),
+            ("specd:num_kv_blocks_used", "KV-cache blocks in use.", s.num_blocks_used),
+            ("specd:num_kv_blocks_total", "KV-cache blocks allocated.", s.num_blocks_total),
+        ]
+        for name, doc, v in gauges:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(value, float(v))
+            yield g
+        counters = [
+            (
+                "specd:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                s.prefix_cache_queries,
+            ),
+            (
+                "specd:prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                s.prefix_cache_hits,
+            ),
+            ("specd:num_preemptions", "Requests preempted (by recompute).", s.num_preemptions),
+            (
+                "specd:prompt_tokens",
+                "Prompt tokens computed (prefix-cache hits excluded).",
+                s.num_prompt_tokens_computed,
+            ),
+            ("specd:generation_tokens", "Tokens generated.", s.num_generated_tokens),
+            ("specd:engine_steps", "Engine steps run.", s.num_steps),
+        ]
+        for name, doc, v in counters:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(value, float(v))
+            yield c
+
+
+def build_registry(model_name: str, read_stats: Callable[[], SchedulerStats]) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(EngineStatsCollector(model_name, read_stats))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,302 @@
+"""Paged attention: the metadata the runner builds, the backend interface, the torch backend.
+
+KV cache layout (one tensor for the whole model, built by the runner):
+``kv_cache [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``; layer l's K is
+``kv_cache[l, 0]`` and V ``kv_cache[l, 1]``. Token position p of a request lives in slot
+``block_ids[p // block_size] * block_size + p % block_size`` of the flattened
+``[num_blocks * block_size, num_kv_heads, head_dim]`` view.
+
+Semantics of one step (every backend): first write the K/V of the step's new tokens through
+``slot_mapping`` (-1 = skip), then query row i of request b attends to the b's first
+``prefix_lens[b]`` cached tokens plus its new tokens j allowed by its mask (causal: j <= i; a
+speculative token tree: ancestors and itself).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where one forward's flattened tokens come from and go to. T tokens, B requests."""
+
+    # int64 [T]: cache slot of each new token; -1 = compute but do not store.
+    slot_mapping: torch.Tensor
+    # Host-side per-request counts (planning without device syncs).
+    query_lens: list[int]
+    # Tokens already in the cache before this step, per request.
+    prefix_lens: list[int]
+    # int32 [B, max_blocks] (padded with 0), on the model's device.
+    block_tables: torch.Tensor
+    block_size: int
+    # Optional bool [q_len, q_len] ancestor masks per request (None entry = causal).
+    tree_masks: list[torch.Tensor | None] | None = None
+    # Filled by AttentionBackend.prepare (once per forward, shared by all layers).
+    backend_state: Any = field(default=None, repr=False)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def kv_lens(self) -> list[int]:
+        """Cached tokens per request after this step's writes."""
+        return [p + q for p, q in zip(self.prefix_lens, self.query_lens, strict=True)]
+
+    @property
+    def cu_q(self) -> list[int]:
+        """Query offsets [B + 1]: request b owns rows cu_q[b]:cu_q[b+1] of the flat batch."""
+        out = [0]
+        for n in self.query_lens:
+            out.append(out[-1] + n)
+        return out
+
+
+def build_attention_metadata(
+    query_lens: list[int],
+    prefix_lens: list[int],
+    block_ids: list[list[int]],
+    block_size: int,
+    device: torch.device,
+    tree_masks: list[torch.Tensor | None] | None = None,
+) -> AttentionMetadata:
+    """Metadata for requests whose new tokens sit at positions prefix_len + index.
+
+    Token k of request b is stored at cache position prefix_lens[b] + k, including speculative
+    tree nodes (rotated by depth, stored by index), so the slot mapping follows from the block
+    tables alone.
+    """
+    slots: list[int] = []
+    for q, p, blocks in zip(query_lens, prefix_lens, block_ids, strict=True):
+        need = (p + q + block_size - 1) // block_size
+        assert len(blocks) >= need, f"request needs {need} blocks, has {len(blocks)}"
+        for pos in range(p, p + q):
+            slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+    width = max((len(b) for b in block_ids), default=1) or 1
+    table = torch.zeros(len(block_ids), width, dtype=torch.int32)
+    for i, blocks in enumerate(block_ids):
+        table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_lens=list(query_lens),
+        prefix_lens=list(prefix_lens),
+        block_tables=table.to(device),
+        block_size=block_size,
+        tree_masks=tree_masks,
+    )
+
+
+class AttentionBackend(ABC):
+    """Computes paged attention for one layer; chosen by name ("torch", "triton", "auto")."""
+
+    name: str = ""
+
+    @abstractmethod
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Precomputes per-step state (masks, gather indices) into meta.backend_state."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hk, D]; caches [num_blocks, block_size, Hk, D] -> [T, Hq, D].
+
+        Writes k/v into the caches through meta.slot_mapping before attending.
+        """
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rows: torch.Tensor | None,
+) -> None:
+    """Stores k/v [T, Hk, D] at slot_mapping; `rows` = the rows to store (None = all)."""
+    slots = slot_mapping
+    if rows is not None:
+        k, v, slots = k[rows], v[rows], slots[rows]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
+# Requests with at most this many new tokens (decode, short speculative trees) are padded into
+# one batched SDPA call; longer ones (prefill chunks) run alone so a 512-token chunk does not
+# pad 63 decode rows to 512 queries each.
+_BATCH_MAX_QUERY = 16
+
+
+@dataclass
+class _Group:
+    """One SDPA call: Bg requests padded to Mq queries and Mkv keys."""
+
+    # [Bg, Mq] rows of the flat batch to gather (padding -> row 0); where the real rows of
+    # the flattened [Bg * Mq] result go back to (out_rows <- result[valid_flat]).
+    q_index: torch.Tensor | None
+    valid_flat: torch.Tensor | None
+    out_rows: torch.Tensor | None
+    # Contiguous flat rows when Bg == 1 (no gather needed).
+    q_slice: slice | None
+    # [Bg, Mkv] cache slots to gather (None: attend to the fresh k/v, prefix_len == 0).
+    kv_slots: torch.Tensor | None
+    # [Bg, 1, Mq, Mkv] bool; None with is_causal.
+    mask: torch.Tensor | None
+    is_causal: bool
+
+
+@dataclass
+class _TorchState:
+    groups: list[_Group]
+    write_rows: torch.Tensor | None
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Plain torch: gather K/V from the paged cache, one masked SDPA per group of requests."""
+
+    name = "torch"
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        device = meta.slot_mapping.device
+        slots_cpu = meta.slot_mapping.cpu()
+        valid = slots_cpu >= 0
+        write_rows = None if bool(valid.all()) else valid.nonzero().squeeze(1).to(device)
+        cu = meta.cu_q
+        small = [b for b, n in enumerate(meta.query_lens) if n <= _BATCH_MAX_QUERY]
+        large = [b for b, n in enumerate(meta.query_lens) if n > _BATCH_MAX_QUERY]
+        batches = [[b] for b in large] + ([small] if small else [])
+        groups = [self._group(meta, reqs, cu, device) for reqs in batches]
+        meta.backend_state = _TorchState(groups=groups, write_rows=write_rows)
+
+    def _group(
+        self, meta: AttentionMetadata, reqs: list[int], cu: list[int], device: torch.device
+    ) -> _Group:
+        q_lens = [meta.query_lens[b] for b in reqs]
+        p_lens = [meta.prefix_lens[b] for b in reqs]
+        trees = [meta.tree_masks[b] if meta.tree_masks else None for b in reqs]
+        if len(reqs) == 1:
+            b = reqs[0]
+            rows = slice(cu[b], cu[b + 1])
+            if p_lens[0] == 0 and trees[0] is None:
+                return _Group(None, None, None, rows, None, None, is_causal=True)
+        mq, mkv = max(q_lens), max(p + q for p, q in zip(p_lens, q_lens, strict=True))
+        bsz = meta.block_size
+        # Gather indices: key position j of request b -> its cache slot.
+        pos = torch.arange(mkv)
+        tables = meta.block_tables.cpu().long()[reqs]  # [Bg, max_blocks]
+        blk = pos // bsz
+        blk = blk.clamp(max=tables.shape[1] - 1)
+        kv_slots = tables[:, blk] * bsz + pos % bsz  # [Bg, Mkv]
+        i = torch.arange(mq)[None, :, None]  # query row
+        j = pos[None, None, :]  # key position
+        p = torch.tensor(p_lens)[:, None, None]
+        q = torch.tensor(q_lens)[:, None, None]
+        mask = (j < p) | ((j >= p) & (j - p <= i) & (j < p + q))  # [Bg, Mq, Mkv]
+        for g, tree in enumerate(trees):
+            if tree is not None:
+                n = q_lens[g]
+                mask[g, :n, p_lens[g] : p_lens[g] + n] = tree.cpu()
+        # Padding rows (i >= q_len) must attend somewhere, or SDPA returns NaN; results dropped.
+        pad = torch.arange(mq)[None, :] >= q[:, :, 0]  # [Bg, Mq]
+        mask[:, :, 0] |= pad
+        if len(reqs) == 1:
+            rows = slice(cu[reqs[0]], cu[reqs[0] + 1])
+            return _Group(None, None, None, rows, kv_slots.to(device), mask[:, None].to(device),
+                          is_causal=False)
+        starts = torch.tensor([cu[b] for b in reqs])[:, None]
+        q_index = (starts + torch.arange(mq)[None, :]).masked_fill(pad, 0)
+        valid_flat = (~pad).flatten().nonzero().squeeze(1)
+        return _Group(
+            q_index.to(device), valid_flat.to(device), q_index.flatten()[valid_flat].to(device),
+            None, kv_slots.to(device), mask[:, None].to(device), is_causal=False,
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if meta.backend_state is None:
+            self.prepare(meta)
+        state: _TorchState = meta.backend_state
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, state.write_rows)
+        if len(state.groups) == 1 and state.groups[0].q_slice is not None:
+            g = state.groups[0]
+            return self._attend(g, q, k, v, k_cache, v_cache, scale)[0].transpose(0, 1)
+        out = torch.empty_like(q)
+        for g in state.groups:
+            o = self._attend(g, q, k, v, k_cache, v_cache, scale)  # [Bg, Hq, Mq, D]
+            if g.q_slice is not None:
+                out[g.q_slice] = o[0].transpose(0, 1)
+            else:
+                assert g.out_rows is not None and g.valid_flat is not None
+                flat = o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3])  # [Bg*Mq, Hq, D]
+                out[g.out_rows] = flat[g.valid_flat]
+        return out
+
+    @staticmethod
+    def _attend(
+        g: _Group,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """-> [Bg, Hq, Mq, D]."""
+        if g.q_slice is not None:
+            qg = q[g.q_slice].transpose(0, 1)[None]  # [1, Hq, q_len, D]
+        else:
+            qg = q[g.q_index].transpose(1, 2)  # [Bg, Hq, Mq, D]
+        if g.kv_slots is None:
+            kg = k[g.q_slice].transpose(0, 1)[None]  # fresh prefill: the new keys are all keys
+            vg = v[g.q_slice].transpose(0, 1)[None]
+        else:
+            kg = k_cache.view(-1, *k_cache.shape[2:])[g.kv_slots].transpose(1, 2)
+            vg = v_cache.view(-1, *v_cache.shape[2:])[g.kv_slots].transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=g.mask, is_causal=g.is_causal, scale=scale,
+            enable_gqa=qg.shape[1] != kg.shape[1],
+        )
+
+
+def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """The backend called `name`; "auto" = triton on CUDA when available, else torch."""
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name in ("triton", "auto"):
+        backend = _triton_backend(device)
+        if backend is not None:
+            return backend
+        if name == "triton":
+            raise ValueError(
+                "attention backend 'triton' needs CUDA and the kernels package with triton "
+                "installed; use --attention-backend torch"
+            )
+        return TorchAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r} (choose torch, triton or auto)")
+
+
+def _triton_backend(device: torch.device) -> AttentionBackend | None:
+    """The Triton backend, once kernels/ provides one (a later issue); None until then."""
+    if device.type != "cuda":
+        return None
+    return None

@@ -1,0 +1,196 @@
+"""Find a model (directory, .gguf file or embedded name), convert GGUF once, load our model.
+
+GGUF files are dequantised by transformers (about 20 s for SmolLM2 on 2 cores) and saved as
+safetensors + tokenizer into a cache directory, so every later start loads in seconds. The cache
+entry is written into a temporary sibling directory and renamed into place: a crash mid-way
+leaves a stale ``.tmp-*`` directory, never a half-written entry that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from server.model.attention import AttentionBackend
+from server.model.embedded import embedded_names, find_embedded
+from server.model.llama import CausalLM, decoder_spec
+
+logger = logging.getLogger(__name__)
+
+# Bytes of the GGUF file hashed for the cache key (with its size): enough to tell two files
+# apart (the header holds the metadata and tensor table), cheap even for multi-GB files.
+_HASH_PREFIX_BYTES = 1 << 20
+_REQUIRED_FILES = ("config.json", "model.safetensors")
+
+
+def cache_root() -> Path:
+    """$SPECD_CACHE_DIR, else ~/.cache/specd/models."""
+    env = os.environ.get("SPECD_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "specd" / "models"
+
+
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    """The cache entry for a GGUF file: <root>/<stem>-<hash of size + first MiB>."""
+    h = hashlib.sha256(str(gguf_path.stat().st_size).encode())
+    with open(gguf_path, "rb") as f:
+        h.update(f.read(_HASH_PREFIX_BYTES))
+    return cache_root() / f"{gguf_path.stem}-{h.hexdigest()[:16]}"
+
+
+def resolve_model(spec: str) -> Path:
+    """A Hugging Face directory (config.json + safetensors + tokenizer) for `spec`.
+
+    `spec` is a model directory, a .gguf file (converted once into the cache) or the name of an
+    embedded model (server/model/embedded.py).
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model directory {path} has no config.json")
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"GGUF file {path} does not exist")
+        return convert_gguf(path)
+    embedded = find_embedded(spec)
+    if embedded is not None:
+        return convert_gguf(embedded.path())
+    raise ValueError(
+        f"model {spec!r} is neither a directory, a .gguf file nor an embedded model "
+        f"(embedded: {', '.join(embedded_names())})"
+    )
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Converts a GGUF file to a cached safetensors directory (once) and returns it."""
+    target = gguf_cache_dir(gguf_path)
+    if all((target / f).is_file() for f in _REQUIRED_FILES):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry should be readable like ~/.cache
+    try:
+        _convert_into(gguf_path, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first: its entry is as good.
+            if not all((target / f).is_file() for f in _REQUIRED_FILES):
+                raise
+            logger.info("cache entry %s appeared meanwhile; using it", target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_into(gguf_path: Path, out: Path) -> None:
+    # Imported here: transformers' GGUF path is only needed on the first start.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    logger.warning(
+        "converting %s to safetensors in %s (once; ~20 s for a 135M model)", gguf_path, out
+    )
+    kw = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    logger.warning("dequantised in %.1f s; saving", time.perf_counter() - t0)
+    # The weights are plain fp32 now; drop the GGUF marks, else save_pretrained refuses
+    # ("quantized with gguf, not serializable") and config.json would claim a quantisation.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, max_shard_size="100GB")
+    tokenizer.save_pretrained(out)
+    if getattr(tokenizer, "chat_template", None) and not _has_chat_template(out):
+        # Older transformers keep the template only inside tokenizer_config.json; make sure it
+        # travels either way.
+        (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+    logger.warning("converted %s in %.1f s", gguf_path.name, time.perf_counter() - t0)
+
+
+def _has_chat_template(path: Path) -> bool:
+    if (path / "chat_template.jinja").is_file():
+        return True
+    cfg = path / "tokenizer_config.json"
+    return cfg.is_file() and "chat_template" in json.loads(cfg.read_text())
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' = bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {
+        "float32": torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float64": torch.float64,
+    }[dtype]
+
+
+def load_model(
+    path: Path,
+    dtype: str = "auto",
+    device: str = "auto",
+    backend: AttentionBackend | None = None,
+) -> tuple[CausalLM, Any, Any]:
+    """Builds our model from config.json and loads its safetensors weights.
+
+    Returns (model, hf_config, tokenizer); the model is in eval mode on `device` in `dtype`
+    (dtype/device "auto": bfloat16 on CUDA, float32 on CPU). `backend` defaults to torch.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    hf_config = AutoConfig.from_pretrained(path)
+    spec = decoder_spec(hf_config)
+    t0 = time.perf_counter()
+    # Built on the meta device: no random init of weights that the checkpoint overwrites.
+    with torch.device("meta"):
+        model = CausalLM(spec, backend)
+    model = model.to_empty(device=dev).to(dt)
+    load_weights(model, path, dt, dev)
+    model.eval()
+    logger.info("loaded %s weights in %.2f s", hf_config.architectures, time.perf_counter() - t0)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, hf_config, tokenizer
+
+
+def load_weights(model: CausalLM, path: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Copies every safetensors tensor into the model, via model.load_weight's name mapping.
+
+    Raises ValueError naming any model parameter that no checkpoint tensor filled.
+    """
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has no *.safetensors files")
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                loaded.update(model.load_weight(name, tensor))
+    missing = model.finish_loading(loaded)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks weights for {sorted(missing)[:8]} ...")

@@ -1,0 +1,242 @@
+"""ModelRunner: owns the model, the paged KV cache and per-request RNGs; executes StepPlans.
+
+It follows server/engine/plan.py exactly: per scheduled request it computes the tokens
+``all_token_ids[num_computed_tokens : num_computed_tokens + n]``, writes their K/V into the
+request's blocks, samples one token for requests whose scheduled tokens reach their last known
+token, and returns prompt logprobs for requests that asked for them. It never decides
+admission: the block tables it gets are trusted to be large enough.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.plan import RunnerOutput, StepPlan
+from server.engine.request import Request
+from server.model.attention import (
+    AttentionMetadata,
+    build_attention_metadata,
+    get_attention_backend,
+)
+from server.model.loader import load_model, resolve_device, resolve_model
+from server.model.sampler import compute_logprobs, sample
+
+logger = logging.getLogger(__name__)
+
+# KV cache bytes when the config gives neither num_blocks nor kv_cache_memory. CPU: 1 GiB
+# (SmolLM2-135M in fp32 holds ~23k tokens in it, far more than 2 cores can serve). CUDA: this
+# fraction of the memory still free after loading the weights (activations need the rest).
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+_CUDA_FREE_FRACTION = 0.8
+
+
+@dataclass
+class _Batch:
+    """The flattened inputs of one forward, T tokens over B requests."""
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    attn: AttentionMetadata
+    # Rows of the hidden states whose logits are needed, and what each row is for.
+    logit_rows: list[int]
+    # Per sampling request: index into logit_rows of its last row.
+    sample_requests: list[Request]
+    sample_rows: list[int]
+    # request id -> (indices into logit_rows, target prompt token ids) for prompt logprobs.
+    prompt_rows: dict[str, tuple[list[int], list[int]]]
+
+
+class ModelRunner:
+    def __init__(self, engine_config: EngineConfig) -> None:
+        mc = engine_config.model
+        self.config = engine_config
+        self.device = resolve_device(mc.device)
+        self.model_path = resolve_model(mc.model)
+        backend = get_attention_backend(engine_config.attention_backend, self.device)
+        self.model, self.hf_config, self.tokenizer = load_model(
+            self.model_path, mc.dtype, str(self.device), backend
+        )
+        self.dtype = next(self.model.parameters()).dtype
+        spec = self.model.spec
+        self.vocab_size: int = spec.vocab_size
+        self.block_size: int = engine_config.cache.block_size
+        self.max_model_len = self._max_model_len(mc.max_model_len)
+        self.eos_token_ids = self._eos_token_ids()
+        self.num_blocks = self._num_blocks()
+        # [num_layers, 2 (K, V), num_blocks, block_size, Hk, D]
+        self.kv_cache = torch.zeros(
+            spec.num_layers, 2, self.num_blocks, self.block_size, spec.num_kv_heads,
+            spec.head_dim, dtype=self.dtype, device=self.device,
+        )
+        self._generators: dict[str, torch.Generator] = {}
+        logger.info(
+            "model %s on %s/%s: %d KV blocks x %d tokens, max_model_len %d, backend %s",
+            mc.model, self.device, self.dtype, self.num_blocks, self.block_size,
+            self.max_model_len, backend.name,
+        )
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _max_model_len(self, requested: int | None) -> int:
+        limit = getattr(self.hf_config, "max_position_embeddings", None)
+        if requested is None:
+            if limit is None:
+                raise ValueError("the model config has no max_position_embeddings; set "
+                                 "--max-model-len")
+            return int(limit)
+        if limit is not None and requested > limit:
+            raise ValueError(
+                f"--max-model-len {requested} exceeds the model's max_position_embeddings "
+                f"{limit}; use at most {limit}"
+            )
+        return requested
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        """EOS ids from generation_config.json, config.json and the tokenizer, united."""
+        ids: set[int] = set()
+
+        def add(value: Any) -> None:
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(v for v in value if isinstance(v, int))
+
+        gen = Path(self.model_path) / "generation_config.json"
+        if gen.is_file():
+            add(json.loads(gen.read_text()).get("eos_token_id"))
+        add(getattr(self.hf_config, "eos_token_id", None))
+        add(getattr(self.tokenizer, "eos_token_id", None))
+        return frozenset(ids)
+
+    def kv_bytes_per_block(self) -> int:
+        s = self.model.spec
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * elem
+
+    def _num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        budget = cache.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * _CUDA_FREE_FRACTION)
+            else:
+                budget = _CPU_DEFAULT_KV_BYTES
+        blocks = budget // self.kv_bytes_per_block()
+        if blocks < 2:
+            raise ValueError(
+                f"kv_cache_memory {budget} bytes holds {blocks} blocks "
+                f"({self.kv_bytes_per_block()} bytes each); raise --kv-cache-memory"
+            )
+        return int(blocks)
+
+    # ---- one step -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> RunnerOutput:
+        """Runs one StepPlan; see the module docstring and server/engine/plan.py."""
+        t0 = time.perf_counter()
+        for rid in plan.finished_request_ids:
+            self._generators.pop(rid, None)
+        out = RunnerOutput()
+        if plan.is_empty:
+            return out
+        batch = self._prepare(plan)
+        hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_cache)
+        if batch.logit_rows:
+            rows = torch.tensor(batch.logit_rows, device=self.device)
+            logits = self.model.compute_logits(hidden[rows])  # [N, V] float32
+            if batch.sample_requests:
+                self._sample(logits, batch, out)
+            for rid, (idx, targets) in batch.prompt_rows.items():
+                r = next(r for r in plan.requests if r.request_id == rid)
+                num_top = r.sampling_params.prompt_logprobs or 0
+                out.prompt_logprobs[rid] = compute_logprobs(
+                    logits[torch.tensor(idx, device=self.device)], targets, num_top
+                )
+        out.execute_time = time.perf_counter() - t0
+        return out
+
+    def _sample(self, logits: torch.Tensor, batch: _Batch, out: RunnerOutput) -> None:
+        reqs = batch.sample_requests
+        idx = torch.tensor(batch.sample_rows, device=self.device)
+        result = sample(logits[idx], reqs, [self._generator(r) for r in reqs])
+        for r, token, lp in zip(reqs, result.token_ids, result.logprobs, strict=True):
+            out.sampled_token_ids[r.request_id] = [token]
+            if lp is not None:
+                out.logprobs[r.request_id] = [lp]
+
+    def _generator(self, r: Request) -> torch.Generator | None:
+        """The request's own generator when it has a seed (created on first use), else None:
+        unseeded requests share the device's default generator (see sampler.py)."""
+        seed = r.sampling_params.seed
+        if seed is None or r.sampling_params.greedy:
+            return None
+        g = self._generators.get(r.request_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(seed)
+            self._generators[r.request_id] = g
+        return g
+
+    def _prepare(
+        self, plan: StepPlan, tree_masks: list[torch.Tensor | None] | None = None
+    ) -> _Batch:
+        """Flattens the plan's scheduled tokens into one batch.
+
+        Speculation seam: draft tokens will be appended after each request's scheduled tokens
+        (positions continuing, or prefix + depth for tree nodes) with `tree_masks` passed on to
+        the attention metadata; the tokens' cache slots are still prefix_len + index.
+        """
+        ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        prefix_lens: list[int] = []
+        block_ids: list[list[int]] = []
+        logit_rows: list[int] = []
+        sample_requests: list[Request] = []
+        sample_rows: list[int] = []
+        prompt_rows: dict[str, tuple[list[int], list[int]]] = {}
+        for r in plan.requests:
+            n = plan.num_scheduled_tokens[r.request_id]
+            start = r.num_computed_tokens
+            assert n >= 1 and start + n <= r.num_tokens, (r.request_id, start, n, r.num_tokens)
+            row0 = len(ids)
+            ids.extend(r.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            query_lens.append(n)
+            prefix_lens.append(start)
+            block_ids.append(r.block_ids)
+            if r.sampling_params.prompt_logprobs is not None:
+                # Row at position p predicts token p + 1; keep those that are prompt tokens.
+                last = min(start + n, r.num_prompt_tokens - 1)
+                if last > start:
+                    idx = list(range(len(logit_rows), len(logit_rows) + last - start))
+                    logit_rows.extend(range(row0, row0 + last - start))
+                    prompt_rows[r.request_id] = (idx, r.all_token_ids[start + 1 : last + 1])
+            if plan.samples(r):
+                sample_requests.append(r)
+                sample_rows.append(len(logit_rows))
+                logit_rows.append(row0 + n - 1)
+        attn = build_attention_metadata(
+            query_lens, prefix_lens, block_ids, self.block_size, self.device, tree_masks
+        )
+        return _Batch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
+            attn=attn,
+            logit_rows=logit_rows,
+            sample_requests=sample_requests,
+            sample_rows=sample_rows,
+            prompt_rows=prompt_rows,
+        )
