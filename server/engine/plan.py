@@ -26,9 +26,12 @@ class StepPlan:
     requests: list[Request]
     # request_id -> number of known tokens to compute this step (>= 1).
     num_scheduled_tokens: dict[str, int]
-    # Requests that finished or were preempted since the last plan: the runner drops any
-    # per-request state (random generators, draft caches) it kept for them.
+    # Requests that finished since the last plan: the runner drops any per-request state
+    # (random generators, draft caches) it kept for them.
     finished_request_ids: set[str] = field(default_factory=set)
+    # Requests preempted since the last plan. Their KV is gone (they resume by recompute) but
+    # their random generators must survive, or a seeded request would re-draw from the start.
+    preempted_request_ids: set[str] = field(default_factory=set)
     # request_id -> number of draft tokens (len(spec_token_ids)) verified this step.
     num_spec_tokens: dict[str, int] = field(default_factory=dict)
 

@@ -57,8 +57,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        # Finished/preempted since the last plan; the runner drops their per-request state.
+        # Finished / preempted since the last plan, for the runner's per-request state.
         self._finished_ids: set[str] = set()
+        self._preempted_ids: set[str] = set()
         self._num_preemptions = 0
         self._num_prompt_tokens_computed = 0
         self._num_generated_tokens = 0
@@ -141,9 +142,11 @@ class Scheduler:
 
         # An empty plan never reaches the runner, so finished ids wait for the next real one.
         finished: set[str] = set()
+        preempted_ids: set[str] = set()
         if scheduled:
             finished, self._finished_ids = self._finished_ids, set()
-        return StepPlan(scheduled, num_tokens, finished_request_ids=finished)
+            preempted_ids, self._preempted_ids = self._preempted_ids - finished, set()
+        return StepPlan(scheduled, num_tokens, finished, preempted_ids)
 
     def _lookup_prefix(self, request: Request) -> list[int]:
         return self.block_manager.find_cached_prefix(request)
@@ -156,7 +159,7 @@ class Scheduler:
             request.prompt_logprobs.clear()  # recomputed from scratch on resume
         request.num_preemptions += 1
         self._num_preemptions += 1
-        self._finished_ids.add(request.request_id)
+        self._preempted_ids.add(request.request_id)
         self.waiting.appendleft(request)
 
     # --- update ------------------------------------------------------------------------------
