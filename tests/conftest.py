@@ -5,9 +5,9 @@ import os
 # See server/__init__.py: spinning OpenMP threads starve the live server under test.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
