@@ -1,0 +1,127 @@
+"""The FastAPI app (`build_app`) and the daemon's main coroutine (`serve`)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from server import metrics
+from server.api.auth import APIKeyMiddleware
+from server.api.errors import error_response, install_error_handlers
+from server.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from server.api.serving import ServingContext
+from server.api.serving_chat import ChatServer
+from server.api.serving_completions import CompletionServer
+from server.api.serving_tokenize import TokenizeServer
+from server.config import ServerConfig, SpecdConfig
+from server.engine.client import AsyncEngineClient
+
+logger = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("specd")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def build_app(client: AsyncEngineClient, server_config: ServerConfig) -> FastAPI:
+    """The HTTP app over a started engine client. The caller owns the client's lifetime."""
+    app = FastAPI(title="specd", version=_version())
+    install_error_handlers(app)
+    if server_config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=server_config.api_key)
+
+    ctx = ServingContext(client, server_config)
+    completions = CompletionServer(ctx)
+    chat = ChatServer(ctx)
+    tokenizer = TokenizeServer(ctx)
+    app.state.serving = ctx
+
+    def model_card() -> ModelCard:
+        return ModelCard(id=ctx.model_name, root=ctx.model_name, max_model_len=ctx.max_model_len)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if client.is_healthy():
+            return Response(status_code=200)
+        return error_response("The engine is not running", 503)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        return await health()
+
+    registry = metrics.build_registry(client.model_name, client.stats)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(registry), media_type=metrics.CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": _version()}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def retrieve_model(model_id: str) -> ModelCard:
+        ctx.check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, raw_request: Request) -> Response:
+        return await completions.create(body, raw_request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await chat.create(body, raw_request)
+
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return tokenizer.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return tokenizer.detokenize(body)
+
+    return app
+
+
+async def serve(config: SpecdConfig) -> None:
+    """Starts the engine, serves HTTP until SIGINT/SIGTERM, then shuts the engine down."""
+    client = await AsyncEngineClient.start(config.engine)
+    try:
+        app = build_app(client, config.server)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=config.server.host,
+                port=config.server.port,
+                log_level=config.server.log_level,
+                # One line per request costs API-process CPU that streaming needs under load.
+                access_log=config.server.log_level == "debug",
+                timeout_graceful_shutdown=5,
+            )
+        )
+        logger.info(
+            "serving %s on http://%s:%d", client.model_name, config.server.host, config.server.port
+        )
+        await server.serve()
+    finally:
+        await client.shutdown()

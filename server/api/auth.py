@@ -1,0 +1,55 @@
+"""Bearer-token auth for /v1/* (as vLLM's --api-key): /health, /metrics etc. stay open.
+
+A plain ASGI middleware rather than a FastAPI dependency, so that a request with a wrong key is
+refused before its body is read or validated.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.api.errors import error_body
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        if not (path == "/v1" or path.startswith("/v1/")):
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                given = value
+                break
+        if hmac.compare_digest(given, self._expected):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "Incorrect API key provided."
+            if given
+            else "Missing API key: send the header 'Authorization: Bearer <key>'."
+        )
+        body = json.dumps(error_body(message, 401, code="invalid_api_key")).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,306 @@
+"""OpenAI request and response bodies (plus vLLM's extras and specd's `speculation`).
+
+Numbers and booleans are strict: OpenAI answers 400 to `"max_tokens": "5"` or `"n": true`, and
+so do we (pydantic's lax mode would quietly coerce them). Unknown fields are ignored, as vLLM
+does, so newer clients keep working.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_serializer, field_validator
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+TokenIds = list[Int]
+
+# Roles the chat endpoint accepts. "developer" is OpenAI's new name for "system".
+ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
+
+# Upper bound on choices per request (OpenAI allows 128).
+MAX_N = 128
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---------------------------------------------------------------------------------------------
+# Request pieces
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: Bool = False
+
+
+class SpeculationOptions(OpenAIModel):
+    """specd extension: cap this request's speculation budget (0 = never speculate)."""
+
+    max_tokens: Int | None = None
+
+
+class SamplingFields(OpenAIModel):
+    """Fields shared by both generation endpoints (OpenAI's, then vLLM's extras)."""
+
+    model: str | None = None
+    n: Int = Field(1, ge=1, le=MAX_N)
+    stream: Bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Float | None = None
+    top_p: Float | None = None
+    stop: str | list[str] | None = None
+    seed: Int | None = None
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    # Token id (as a string, as JSON keys are) -> bias in [-100, 100].
+    logit_bias: dict[str, Float] | None = None
+    user: str | None = None
+    # vLLM extras.
+    top_k: Int | None = None
+    min_p: Float | None = None
+    repetition_penalty: Float | None = None
+    ignore_eos: Bool = False
+    stop_token_ids: TokenIds | None = None
+    include_stop_str_in_output: Bool = False
+    skip_special_tokens: Bool = True
+    # specd extension.
+    speculation: SpeculationOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_not_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if v is not None and any(s == "" for s in ([v] if isinstance(v, str) else v)):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+
+class CompletionRequest(SamplingFields):
+    # str | list[str] | list[int] | list[list[int]]; checked by `_prompt_shape` for one clear
+    # message instead of pydantic's four union-member errors.
+    prompt: Any = Field(...)
+    max_tokens: Int | None = 16
+    logprobs: Int | None = None
+    echo: Bool = False
+    suffix: str | None = None
+    best_of: Int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> str | list[str] | list[int] | list[list[int]]:
+        def is_ids(x: Any) -> bool:
+            return isinstance(x, list) and all(type(t) is int for t in x)
+
+        ok = (
+            isinstance(v, str)
+            or (isinstance(v, list) and all(isinstance(p, str) for p in v))
+            or is_ids(v)
+            or (isinstance(v, list) and all(is_ids(p) for p in v))
+        )
+        if not ok:
+            raise ValueError(
+                "prompt must be a string, a list of strings, a list of token ids "
+                "or a list of lists of token ids"
+            )
+        return v
+
+
+class TextContentPart(OpenAIModel):
+    # Only "text" is served; other types are answered with a 400 naming the type.
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(OpenAIModel):
+    role: ChatRole
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
+    logprobs: Bool = False
+    top_logprobs: Int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: Bool | None = None
+    # vLLM extras for the chat template.
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeRequest(OpenAIModel):
+    """vLLM's /tokenize: either a `prompt` or chat `messages`."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: Bool = True
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: TokenIds
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class PromptTokensDetails(OpenAIModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(OpenAIModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+class CompletionLogprobs(OpenAIModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(OpenAIModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    # vLLM extension: the stop string or token id that ended the choice.
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(OpenAIModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class TopLogprob(OpenAIModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(OpenAIModel):
+    content: list[TokenLogprob] | None = None
+    refusal: None = None
+
+
+class ChatResponseMessage(OpenAIModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[Any] = Field(default_factory=list)
+
+
+class ChatChoice(OpenAIModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(OpenAIModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(OpenAIModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(OpenAIModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    # OpenAI's deltas carry only what changed: {"content": "x"}, not {"role": null, ...}.
+    @field_serializer("delta")
+    def _delta_without_nulls(self, delta: DeltaMessage) -> dict[str, Any]:
+        return delta.model_dump(exclude_none=True)
+
+
+class ChatCompletionChunk(OpenAIModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChunk(OpenAIModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(OpenAIModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "specd"
+    root: str | None = None
+    max_model_len: int
+
+
+class ModelList(OpenAIModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(OpenAIModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(OpenAIModel):
+    prompt: str

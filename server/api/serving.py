@@ -1,0 +1,325 @@
+"""What the completion, chat and tokenize routes share: model-name and context checks,
+tokenisation, SamplingParams from a request, stream merging and disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import jinja2
+from starlette.requests import Request
+
+from server.api.errors import APIError, BadRequest
+from server.api.logprobs import TokenStrings
+from server.api.protocol import ChatMessage, SamplingFields
+from server.config import ServerConfig
+from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import InvalidParamError, SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.client import AsyncEngineClient
+
+T = TypeVar("T")
+
+# chat_template_kwargs may not override what the endpoint itself passes.
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "tokenize", "add_generation_prompt", "continue_final_message", "tools"}
+)
+# Status nginx uses for "client closed request"; nobody reads it, the client is gone.
+CLIENT_CLOSED = 499
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class ChoiceUsage:
+    """The latest counters of one choice's engine request (RequestOutput is cumulative here)."""
+
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    texts: list[str] = field(default_factory=list)
+
+    def update(self, out: RequestOutput) -> None:
+        self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
+        self.num_cached_tokens = max(out.num_cached_tokens, self.num_cached_tokens)
+        self.num_output_tokens = out.num_output_tokens
+        if out.new_text:
+            self.texts.append(out.new_text)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+
+class ServingContext:
+    """The engine client and server config, plus helpers every route needs."""
+
+    def __init__(self, client: AsyncEngineClient, server_config: ServerConfig) -> None:
+        self.client = client
+        self.config = server_config
+        self.tokenizer = client.tokenizer
+        self.strings = TokenStrings(client.tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        return self.client.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.client.max_model_len
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_token_ids(self, token_ids: Sequence[int], param: str) -> None:
+        vocab = self.client.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise BadRequest(
+                f"Token id {bad} is out of vocabulary (valid ids are 0..{vocab - 1})", param=param
+            )
+
+    def resolve_max_tokens(self, requested: int | None, num_prompt_tokens: int, param: str) -> int:
+        """max_tokens checked against the context; None = whatever context remains."""
+        limit = self.max_model_len
+        if requested is not None and requested < 1:
+            raise BadRequest(f"max_tokens must be at least 1 (got {requested})", param="max_tokens")
+        wanted = requested if requested is not None else max(limit - num_prompt_tokens, 1)
+        if num_prompt_tokens + wanted > limit:
+            raise BadRequest(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt_tokens + wanted} tokens ({num_prompt_tokens} in the {param}, "
+                f"{wanted} in the completion). Please reduce the length of the {param} or "
+                "completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return wanted
+
+    # -- tokenisation --------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        chat_template_kwargs: dict[str, Any] | None,
+    ) -> str:
+        if not messages:
+            raise BadRequest("messages must contain at least one message", param="messages")
+        if add_generation_prompt and continue_final_message:
+            raise BadRequest(
+                "continue_final_message continues the last message; "
+                "set add_generation_prompt to false with it",
+                param="continue_final_message",
+            )
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise BadRequest(
+                f"The model `{self.model_name}` has no chat template; use /v1/completions"
+            )
+        kwargs = dict(chat_template_kwargs or {})
+        reserved = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+        if reserved:
+            raise BadRequest(
+                f"chat_template_kwargs may not set {reserved}", param="chat_template_kwargs"
+            )
+        conversation = [_template_message(i, m) for i, m in enumerate(messages)]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **kwargs,
+            )
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise BadRequest(
+                f"The chat template rejected the messages: {e}", param="messages"
+            ) from e
+        assert isinstance(text, str), type(text)
+        return text
+
+    def encode_chat(self, text: str) -> list[int]:
+        # The template already wrote BOS (and every other special token) where the model wants
+        # them; adding special tokens again would double the BOS.
+        return self.encode(text, add_special_tokens=False)
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def sampling_params(
+        self,
+        req: SamplingFields,
+        *,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        stop_token_ids = tuple(req.stop_token_ids or ())
+        self.check_token_ids(stop_token_ids, "stop_token_ids")
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=req.top_k or 0,
+                min_p=req.min_p or 0.0,
+                seed=req.seed,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=(
+                    1.0 if req.repetition_penalty is None else req.repetition_penalty
+                ),
+                logit_bias=self._logit_bias(req.logit_bias),
+                stop=stop,
+                stop_token_ids=stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                skip_special_tokens=req.skip_special_tokens,
+                max_speculative_tokens=req.speculation.max_tokens if req.speculation else None,
+            )
+        except InvalidParamError as e:
+            raise BadRequest(str(e), param=e.param) from e
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for key, value in (bias or {}).items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise BadRequest(
+                    f"logit_bias keys must be token ids (got {key!r})", param="logit_bias"
+                ) from None
+            self.check_token_ids([token_id], "logit_bias")
+            out[token_id] = value
+        return out
+
+
+def _template_message(index: int, message: ChatMessage) -> dict[str, Any]:
+    if message.content is None or isinstance(message.content, str):
+        content = message.content or ""
+    else:
+        texts = []
+        for j, part in enumerate(message.content):
+            if part.type != "text" or part.text is None:
+                raise BadRequest(
+                    f"Content part type {part.type!r} is not supported: only 'text' parts are",
+                    param=f"messages[{index}].content[{j}]",
+                )
+            texts.append(part.text)
+        content = "\n".join(texts)
+    # Most templates know "system" but not OpenAI's newer "developer".
+    out: dict[str, Any] = {
+        "role": "system" if message.role == "developer" else message.role,
+        "content": content,
+    }
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+
+
+async def merge_streams(
+    streams: Sequence[AsyncIterator[RequestOutput]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from several engine streams as they arrive.
+
+    Whatever ends this generator early (the consumer closing it, cancellation, an error in one
+    stream) closes every engine stream, which aborts its request in the engine.
+    """
+    if len(streams) == 1:
+        stream = streams[0]
+        try:
+            async for out in stream:
+                yield 0, _checked(out)
+        finally:
+            await _aclose(stream)
+        return
+
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((index, _checked(out)))
+            queue.put_nowait((index, None))
+        except Exception as e:
+            queue.put_nowait((index, e))
+        finally:
+            await _aclose(stream)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _checked(out: RequestOutput) -> RequestOutput:
+    if out.error is not None:
+        # The engine refused or failed this request; the API checks should have caught the
+        # refusals first, so this is the server's fault: 500.
+        raise APIError(f"The engine could not run the request: {out.error}", status=500)
+    return out
+
+
+async def _aclose(stream: AsyncIterator[Any]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def until_disconnected(raw_request: Request, work: Awaitable[T], poll_s: float) -> T:
+    """Runs `work`, cancelling it (and so aborting its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await raw_request.is_disconnected():
+                raise APIError("Client disconnected", status=CLIENT_CLOSED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
