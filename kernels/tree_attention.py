@@ -46,12 +46,32 @@ _NEG_BIG = -1.0e30
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q,  # acc [M, BD] fp32, m_i/l_i [M] fp32, q [M, BD]
-    k_cache_ptr, v_cache_ptr, block_tables_ptr,
-    bt_row, kvh, offs_n, n_ok, visible, offs_d, d_ok, block_size, qk_scale,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,  # acc [M, BD] fp32, m_i/l_i [M] fp32, q [M, BD]
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    bt_row,
+    kvh,
+    offs_n,
+    n_ok,
+    visible,
+    offs_d,
+    d_ok,
+    block_size,
+    qk_scale,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Physical slot of every kv index in the tile; block ids go to int64 before the multiply
     # (block * stride_kb overflows int32 on pools over 2^31 elements).
@@ -60,8 +80,12 @@ def _attend_tile(
     in_blk = (offs_n % block_size).to(tl.int64)
     kv_mask = n_ok[None, :] & d_ok[:, None]
     # kT [BD, N]: loaded transposed so the dot needs no permute.
-    k_off = blk[None, :] * stride_kb + in_blk[None, :] * stride_ks + kvh * stride_kh \
+    k_off = (
+        blk[None, :] * stride_kb
+        + in_blk[None, :] * stride_ks
+        + kvh * stride_kh
         + offs_d[:, None] * stride_kd
+    )
     kt = tl.load(k_cache_ptr + k_off, mask=kv_mask, other=0.0)
     if UPCAST:
         kt = kt.to(tl.float32)
@@ -71,8 +95,12 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v_off = blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kvh * stride_vh \
+    v_off = (
+        blk[:, None] * stride_vb
+        + in_blk[:, None] * stride_vs
+        + kvh * stride_vh
         + offs_d[None, :] * stride_vd
+    )
     v = tl.load(v_cache_ptr + v_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         v = v.to(tl.float32)
@@ -82,21 +110,51 @@ def _attend_tile(
 
 @triton.jit
 def _tree_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    cu_q_ptr, prefix_lens_ptr, block_tables_ptr, mask_ptr,
-    scale, block_size, num_kv_heads, tiles_per_split,
-    stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_ot, stride_oh, stride_od,
-    stride_bt, stride_mask,
-    stride_pot, stride_poh, stride_pos,  # part_o [T, Hq, S, BD] fp32, last dim contiguous
-    stride_plt, stride_plh,  # part_lse [T, Hq, S] fp32, last dim contiguous
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    cu_q_ptr,
+    prefix_lens_ptr,
+    block_tables_ptr,
+    mask_ptr,
+    scale,
+    block_size,
+    num_kv_heads,
+    tiles_per_split,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_bt,
+    stride_mask,
+    stride_pot,
+    stride_poh,
+    stride_pos,  # part_o [T, Hq, S, BD] fp32, last dim contiguous
+    stride_plt,
+    stride_plh,  # part_lse [T, Hq, S] fp32, last dim contiguous
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     pid_q = tl.program_id(0)
@@ -123,7 +181,8 @@ def _tree_attention_kernel(
 
     q = tl.load(
         q_ptr + row_t[:, None] * stride_qt + qh[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
@@ -142,11 +201,32 @@ def _tree_attention_kernel(
         n_ok = offs_n < hi
         visible = row_ok[:, None] & n_ok[None, :]
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-            bt_row, kvh, offs_n, n_ok, visible, offs_d, d_ok, block_size, qk_scale,
-            stride_kb, stride_ks, stride_kh, stride_kd,
-            stride_vb, stride_vs, stride_vh, stride_vd,
-            UPCAST, DOT_PRECISION,
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_cache_ptr,
+            v_cache_ptr,
+            block_tables_ptr,
+            bt_row,
+            kvh,
+            offs_n,
+            n_ok,
+            visible,
+            offs_d,
+            d_ok,
+            block_size,
+            qk_scale,
+            stride_kb,
+            stride_ks,
+            stride_kh,
+            stride_kd,
+            stride_vb,
+            stride_vs,
+            stride_vh,
+            stride_vd,
+            UPCAST,
+            DOT_PRECISION,
         )
 
     # ---- new tokens (chain / tree / prefill chunk): only the last split. Rows of this tile
@@ -160,15 +240,37 @@ def _tree_attention_kernel(
         if HAS_MASK:
             words = tl.load(
                 mask_ptr + row_t[:, None] * stride_mask + (offs_j // 32)[None, :],
-                mask=visible, other=0,
+                mask=visible,
+                other=0,
             )
             visible = visible & (((words >> (offs_j % 32)[None, :]) & 1) != 0)
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-            bt_row, kvh, prefix_len + offs_j, j_ok, visible, offs_d, d_ok, block_size, qk_scale,
-            stride_kb, stride_ks, stride_kh, stride_kd,
-            stride_vb, stride_vs, stride_vh, stride_vd,
-            UPCAST, DOT_PRECISION,
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_cache_ptr,
+            v_cache_ptr,
+            block_tables_ptr,
+            bt_row,
+            kvh,
+            prefix_len + offs_j,
+            j_ok,
+            visible,
+            offs_d,
+            d_ok,
+            block_size,
+            qk_scale,
+            stride_kb,
+            stride_ks,
+            stride_kh,
+            stride_kd,
+            stride_vb,
+            stride_vs,
+            stride_vh,
+            stride_vd,
+            UPCAST,
+            DOT_PRECISION,
         )
 
     has = l_i > 0.0
@@ -177,27 +279,44 @@ def _tree_attention_kernel(
     st_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:
         tl.store(
-            out_ptr + row_t[:, None] * stride_ot + qh[:, None] * stride_oh
+            out_ptr
+            + row_t[:, None] * stride_ot
+            + qh[:, None] * stride_oh
             + offs_d[None, :] * stride_od,
-            o.to(out_ptr.dtype.element_ty), mask=st_mask,
+            o.to(out_ptr.dtype.element_ty),
+            mask=st_mask,
         )
     else:
         lse = tl.where(has, m_i + tl.log2(l_safe), -1.0e30)  # empty split -> weight 0
         tl.store(
-            part_o_ptr + row_t[:, None] * stride_pot + qh[:, None] * stride_poh
-            + pid_s * stride_pos + offs_d[None, :],
-            o, mask=st_mask,
+            part_o_ptr
+            + row_t[:, None] * stride_pot
+            + qh[:, None] * stride_poh
+            + pid_s * stride_pos
+            + offs_d[None, :],
+            o,
+            mask=st_mask,
         )
         tl.store(part_lse_ptr + row_t * stride_plt + qh * stride_plh + pid_s, lse, mask=row_ok)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    part_o_ptr, part_lse_ptr, out_ptr,
-    stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
-    stride_ot, stride_oh, stride_od,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_o_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_pot,
+    stride_poh,
+    stride_pos,
+    stride_plt,
+    stride_plh,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # one program per (row, query head): out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max)
     t = tl.program_id(0).to(tl.int64)
@@ -206,18 +325,24 @@ def _merge_splits_kernel(
     s_ok = offs_s < NUM_SPLITS
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    lse = tl.load(part_lse_ptr + t * stride_plt + h * stride_plh + offs_s, mask=s_ok,
-                  other=-1.0e30)
+    lse = tl.load(part_lse_ptr + t * stride_plt + h * stride_plh + offs_s, mask=s_ok, other=-1.0e30)
     w = tl.exp2(lse - tl.max(lse, 0))
     w = tl.where(s_ok, w, 0.0)
     o = tl.load(
-        part_o_ptr + t * stride_pot + h * stride_poh + offs_s[:, None] * stride_pos
+        part_o_ptr
+        + t * stride_pot
+        + h * stride_poh
+        + offs_s[:, None] * stride_pos
         + offs_d[None, :],
-        mask=s_ok[:, None] & d_ok[None, :], other=0.0,
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
     )
     out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(
+        out_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=d_ok,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +354,12 @@ def _interpreting() -> bool:
 
 
 def attention_config(
-    *, group: int, head_dim: int, max_q_len: int, dtype: torch.dtype, on_gpu: bool,
+    *,
+    group: int,
+    head_dim: int,
+    max_q_len: int,
+    dtype: torch.dtype,
+    on_gpu: bool,
     block_n: int | None = None,
 ) -> dict[str, int | str]:
     """Block sizes for one launch (no autotune: it needs a CUDA driver, see KERNEL-NOTES).
@@ -252,8 +382,12 @@ def attention_config(
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16 (tl.dot minimum), got {block_n}")
     return {
-        "GROUP": group, "GROUP_PAD": group_pad, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
-        "BLOCK_Q": block_q, "BLOCK_N": block_n,
+        "GROUP": group,
+        "GROUP_PAD": group_pad,
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": block_d,
+        "BLOCK_Q": block_q,
+        "BLOCK_N": block_n,
         # bf16 arithmetic is garbage in the interpreter (stored as uint16): upcast there only.
         "UPCAST": int(dtype == torch.bfloat16 and not on_gpu),
         # fp32 inputs: exact products (tf32 would cost ~1e-3 relative error vs the reference).
@@ -301,38 +435,59 @@ def tree_attention(
     """
     _check(q.dim() == 3, f"q must be [T, Hq, D], got shape {tuple(q.shape)}")
     _check(k_cache.dim() == 4, f"k_cache must be [NB, BS, Hkv, D], got {tuple(k_cache.shape)}")
-    _check(v_cache.shape == k_cache.shape,
-           f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
+    _check(
+        v_cache.shape == k_cache.shape,
+        f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}",
+    )
     _check(q.dtype in _SUPPORTED, f"q dtype {q.dtype} not supported; use fp16, bf16 or fp32")
-    _check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
-           f"q/k_cache/v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    _check(
+        k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+        f"q/k_cache/v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}",
+    )
     t_rows, hq, d = q.shape
     _, bs, hkv, dk = k_cache.shape
     _check(dk == d, f"head_dim mismatch: q has {d}, cache has {dk}")
     _check(hq % hkv == 0, f"num_q_heads {hq} is not a multiple of num_kv_heads {hkv}")
-    _check(cu_q.dtype == torch.int32 and cu_q.dim() == 1 and cu_q.numel() >= 2,
-           "cu_q must be int32 [R + 1] (prefix sums of per-request query rows)")
+    _check(
+        cu_q.dtype == torch.int32 and cu_q.dim() == 1 and cu_q.numel() >= 2,
+        "cu_q must be int32 [R + 1] (prefix sums of per-request query rows)",
+    )
     r = cu_q.numel() - 1
-    _check(prefix_lens.dtype == torch.int32 and tuple(prefix_lens.shape) == (r,),
-           f"prefix_lens must be int32 [{r}], got {prefix_lens.dtype} {tuple(prefix_lens.shape)}")
-    _check(block_tables.dtype == torch.int32 and block_tables.dim() == 2
-           and block_tables.shape[0] == r,
-           f"block_tables must be int32 [{r}, max_blocks], got {block_tables.dtype} "
-           f"{tuple(block_tables.shape)}")
+    _check(
+        prefix_lens.dtype == torch.int32 and tuple(prefix_lens.shape) == (r,),
+        f"prefix_lens must be int32 [{r}], got {prefix_lens.dtype} {tuple(prefix_lens.shape)}",
+    )
+    _check(
+        block_tables.dtype == torch.int32
+        and block_tables.dim() == 2
+        and block_tables.shape[0] == r,
+        f"block_tables must be int32 [{r}, max_blocks], got {block_tables.dtype} "
+        f"{tuple(block_tables.shape)}",
+    )
     _check(block_tables.stride(1) == 1, "block_tables must be contiguous along its last dim")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cu_q", cu_q),
-                    ("prefix_lens", prefix_lens), ("block_tables", block_tables)):
+    for name, t in (
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("cu_q", cu_q),
+        ("prefix_lens", prefix_lens),
+        ("block_tables", block_tables),
+    ):
         _check(t.device == q.device, f"{name} is on {t.device}, q on {q.device}")
     if max_q_len is None:
         max_q_len = int((cu_q[1:] - cu_q[:-1]).max().item()) if r > 0 else 0
     if mask_words is not None:
-        _check(mask_words.dtype == torch.int32 and mask_words.dim() == 2
-               and mask_words.shape[0] == t_rows,
-               f"mask_words must be int32 [T={t_rows}, ceil(max_q/32)], got "
-               f"{mask_words.dtype} {tuple(mask_words.shape)}")
-        _check(mask_words.shape[1] * 32 >= max_q_len,
-               f"mask_words has {mask_words.shape[1]} words per row; {max_q_len} rows need "
-               f"{triton.cdiv(max_q_len, 32)}")
+        _check(
+            mask_words.dtype == torch.int32
+            and mask_words.dim() == 2
+            and mask_words.shape[0] == t_rows,
+            f"mask_words must be int32 [T={t_rows}, ceil(max_q/32)], got "
+            f"{mask_words.dtype} {tuple(mask_words.shape)}",
+        )
+        _check(
+            mask_words.shape[1] * 32 >= max_q_len,
+            f"mask_words has {mask_words.shape[1]} words per row; {max_q_len} rows need "
+            f"{triton.cdiv(max_q_len, 32)}",
+        )
         _check(mask_words.stride(1) == 1, "mask_words must be contiguous along its last dim")
         _check(mask_words.device == q.device, "mask_words must be on q's device")
     if out is None:
@@ -343,8 +498,14 @@ def tree_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(d)
 
-    cfg = attention_config(group=hq // hkv, head_dim=d, max_q_len=max_q_len, dtype=q.dtype,
-                           on_gpu=q.is_cuda and not _interpreting(), block_n=block_n)
+    cfg = attention_config(
+        group=hq // hkv,
+        head_dim=d,
+        max_q_len=max_q_len,
+        dtype=q.dtype,
+        on_gpu=q.is_cuda and not _interpreting(),
+        block_n=block_n,
+    )
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     q_tiles = triton.cdiv(max_q_len, cfg["BLOCK_Q"])
     max_kv_tiles = triton.cdiv(block_tables.shape[1] * bs, cfg["BLOCK_N"])
@@ -354,8 +515,9 @@ def tree_attention(
     tiles_per_split = triton.cdiv(max(1, max_kv_tiles), num_splits)
 
     if num_splits > 1:
-        part_o = torch.empty(t_rows, hq, num_splits, cfg["BLOCK_D"], device=q.device,
-                             dtype=torch.float32)
+        part_o = torch.empty(
+            t_rows, hq, num_splits, cfg["BLOCK_D"], device=q.device, dtype=torch.float32
+        )
         part_lse = torch.empty(t_rows, hq, num_splits, device=q.device, dtype=torch.float32)
     else:  # never dereferenced (NUM_SPLITS == 1 branch is compiled out)
         part_o = torch.empty(1, 1, 1, 1, device=q.device, dtype=torch.float32)
@@ -364,23 +526,53 @@ def tree_attention(
 
     grid = (q_tiles, r * hkv, num_splits)
     _tree_attention_kernel[grid](
-        q, k_cache, v_cache, out, part_o, part_lse,
-        cu_q, prefix_lens, block_tables, mask_arg,
-        float(scale), bs, hkv, tiles_per_split,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        block_tables.stride(0), mask_words.stride(0) if mask_words is not None else 0,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        HAS_MASK=mask_words is not None, NUM_SPLITS=num_splits,
-        num_warps=num_warps, num_stages=num_stages, **cfg,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        part_o,
+        part_lse,
+        cu_q,
+        prefix_lens,
+        block_tables,
+        mask_arg,
+        float(scale),
+        bs,
+        hkv,
+        tiles_per_split,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *out.stride(),
+        block_tables.stride(0),
+        mask_words.stride(0) if mask_words is not None else 0,
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        HAS_MASK=mask_words is not None,
+        NUM_SPLITS=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **cfg,
     )
     if num_splits > 1:
         _merge_splits_kernel[(t_rows, hq)](
-            part_o, part_lse, out,
-            part_o.stride(0), part_o.stride(1), part_o.stride(2),
-            part_lse.stride(0), part_lse.stride(1), *out.stride(),
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], num_warps=4,
+            part_o,
+            part_lse,
+            out,
+            part_o.stride(0),
+            part_o.stride(1),
+            part_o.stride(2),
+            part_lse.stride(0),
+            part_lse.stride(1),
+            *out.stride(),
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            HEAD_DIM=d,
+            BLOCK_D=cfg["BLOCK_D"],
+            num_warps=4,
         )
     return out
 
@@ -408,7 +600,7 @@ def tree_attention_ref(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Plain-torch reference of `tree_attention` (fp32 math, output in q's dtype)."""
-    t_rows, hq, d = q.shape
+    _, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.zeros_like(q)
@@ -436,3 +628,20 @@ def tree_attention_ref(
         o = torch.einsum("htn,nhd->thd", s.softmax(-1), v)
         out[q0:q1] = o.to(q.dtype)
     return out
+
+
+def ancestor_words(parents: list[int], words: int | None = None) -> torch.Tensor:
+    """Topologically ordered parent list (parents[0] = -1, parents[i] < i) -> int32 [n, W]
+    ancestor-or-self bit words, W = ceil(n / 32) unless given."""
+    n = len(parents)
+    words = words if words is not None else max(1, triton.cdiv(n, 32))
+    bits = torch.zeros(n, words * 32, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if i > 0 and not 0 <= p < i:
+            raise ValueError(f"parents must be topological (0 <= parent < index): node {i} -> {p}")
+        if i > 0:
+            bits[i] = bits[p]
+        bits[i, i] = True
+    weights = torch.tensor([1 << b for b in range(32)], dtype=torch.int64)
+    packed = (bits.view(n, words, 32).long() * weights).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)

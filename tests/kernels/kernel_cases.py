@@ -48,8 +48,15 @@ class Case:
     mask_words: torch.Tensor | None  # int32 [T, W]
 
     def args(self) -> tuple:
-        return (self.q, self.k_cache, self.v_cache, self.cu_q, self.prefix_lens,
-                self.block_tables, self.mask_words)
+        return (
+            self.q,
+            self.k_cache,
+            self.v_cache,
+            self.cu_q,
+            self.prefix_lens,
+            self.block_tables,
+            self.mask_words,
+        )
 
     def kv(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous K/V [kv_len, Hkv, D] of request r, gathered through its block table."""
@@ -78,7 +85,7 @@ def make_case(
     that hold garbage), so any indexing mistake reads wrong data."""
     gen = torch.Generator().manual_seed(seed)
     r = len(q_lens)
-    kv_lens = [p + n for p, n in zip(prefixes, q_lens)]
+    kv_lens = [p + n for p, n in zip(prefixes, q_lens, strict=True)]
     mb = max(1, max((k + bs - 1) // bs for k in kv_lens))
     nb = r * mb + 3
     perm = torch.randperm(nb, generator=gen)[: r * mb].view(r, mb).to(torch.int32)
@@ -94,5 +101,12 @@ def make_case(
         mask = torch.cat([mask_words_of(p, w) for p in trees]) if t else torch.zeros(0, w)
         mask = mask.to(torch.int32)
     to = (lambda x: x.to(device)) if device != "cpu" else (lambda x: x)
-    return Case(to(q), to(k_cache), to(v_cache), to(cu), to(torch.tensor(prefixes,
-                dtype=torch.int32)), to(perm), to(mask) if mask is not None else None)
+    return Case(
+        to(q),
+        to(k_cache),
+        to(v_cache),
+        to(cu),
+        to(torch.tensor(prefixes, dtype=torch.int32)),
+        to(perm),
+        to(mask) if mask is not None else None,
+    )

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels.kv_cache import (
+    _as_layers,
     compact_kv,
     compact_kv_ref,
     copy_blocks,
@@ -29,8 +30,8 @@ def test_write_kv_strided_fused_qkv_and_padding(dtype: torch.dtype, device: str)
     gen = torch.Generator().manual_seed(1)
     qkv = torch.randn(t, (hq + 2 * HKV) * D, generator=gen).to(dtype).to(device)
     # non-contiguous views of the fused projection output, as the model produces them
-    k = qkv[:, hq * D:(hq + HKV) * D].view(t, HKV, D)
-    v = qkv[:, (hq + HKV) * D:].view(t, HKV, D)
+    k = qkv[:, hq * D : (hq + HKV) * D].view(t, HKV, D)
+    v = qkv[:, (hq + HKV) * D :].view(t, HKV, D)
     assert not k.is_contiguous()
     # shuffled slots across blocks, two padding rows (-1)
     slots = torch.tensor([37, -1, 2, 19, 5, -1, 39], dtype=torch.int64, device=device)
@@ -64,9 +65,11 @@ def _paths(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         src += [first + n for n in nodes]
         dst += [first + k for k in range(len(nodes))]
         cu.append(len(src))
-    return (torch.tensor(src, dtype=torch.int64, device=device),
-            torch.tensor(dst, dtype=torch.int64, device=device),
-            torch.tensor(cu, dtype=torch.int32, device=device))
+    return (
+        torch.tensor(src, dtype=torch.int64, device=device),
+        torch.tensor(dst, dtype=torch.int64, device=device),
+        torch.tensor(cu, dtype=torch.int32, device=device),
+    )
 
 
 def _snapshot_compact(c: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -93,7 +96,8 @@ def test_compact_kv_overlapping_paths(layout: str, device: str) -> None:
     else:
         if layout == "views_of_one_storage":  # kv[l, 0] / kv[l, 1] of one allocation
             kv = _cache(torch.float16, device, layers=2 * layers).view(layers, 2, NB, BS, HKV, D)
-            caches = [kv[l, i] for l in range(layers) for i in range(2)]
+            caches = [kv[layer, i] for layer in range(layers) for i in range(2)]
+            assert len(_as_layers(caches)) == 1  # one launch for all layers
         else:
             caches = [_cache(torch.float16, device, seed=s) for s in range(2 * layers)]
         expected = [_snapshot_compact(c, src, dst) for c in caches]
@@ -101,9 +105,9 @@ def test_compact_kv_overlapping_paths(layout: str, device: str) -> None:
         compact_kv(caches, src, dst, cu)
         compact_kv_ref(ref, src, dst, cu)
         got = caches
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)
-    for g, r in zip(got, ref if isinstance(ref, list) else [ref]):
+    for g, r in zip(got, ref if isinstance(ref, list) else [ref], strict=True):
         assert torch.equal(g, r)
 
 
@@ -132,5 +136,5 @@ def test_copy_blocks(id_dtype: torch.dtype, device: str) -> None:
     ref_list = [c.clone() for c in separate]
     copy_blocks(separate, src, dst)
     copy_blocks_ref(ref_list, src, dst)
-    for a, b in zip(separate, ref_list):
+    for a, b in zip(separate, ref_list, strict=True):
         assert torch.equal(a, b)
