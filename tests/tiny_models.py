@@ -88,8 +88,11 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
         cfg = LlamaConfig(**common)
     elif arch == "llama3":
         rope = {
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         }
         cfg = LlamaConfig(**common, rope_parameters=rope)

@@ -14,6 +14,7 @@ speculative token tree: ancestors and itself).
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ class AttentionMetadata:
     block_size: int
     # Optional bool [q_len, q_len] ancestor masks per request (None entry = causal).
     tree_masks: list[torch.Tensor | None] | None = None
+    # Host copy of block_tables (planning without device syncs); None = copy on demand.
+    block_tables_cpu: torch.Tensor | None = None
     # Filled by AttentionBackend.prepare (once per forward, shared by all layers).
     backend_state: Any = field(default=None, repr=False)
 
@@ -88,6 +91,7 @@ def build_attention_metadata(
         block_tables=table.to(device),
         block_size=block_size,
         tree_masks=tree_masks,
+        block_tables_cpu=table,
     )
 
 
@@ -133,28 +137,31 @@ def write_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
-# Requests with at most this many new tokens (decode, short speculative trees) are padded into
-# one batched SDPA call; longer ones (prefill chunks) run alone so a 512-token chunk does not
-# pad 63 decode rows to 512 queries each.
+# Batched mode: requests with at most this many new tokens (decode, short speculative trees)
+# are padded into one SDPA call; longer ones (prefill chunks) run alone so a 512-token chunk
+# does not pad 63 decode rows to 512 queries each.
 _BATCH_MAX_QUERY = 16
 
 
 @dataclass
 class _Group:
-    """One SDPA call: Bg requests padded to Mq queries and Mkv keys."""
+    """One SDPA call: Bg requests padded to Mq queries and Mkv keys (or one request)."""
 
-    # [Bg, Mq] rows of the flat batch to gather (padding -> row 0); where the real rows of
-    # the flattened [Bg * Mq] result go back to (out_rows <- result[valid_flat]).
-    q_index: torch.Tensor | None
-    valid_flat: torch.Tensor | None
-    out_rows: torch.Tensor | None
-    # Contiguous flat rows when Bg == 1 (no gather needed).
-    q_slice: slice | None
-    # [Bg, Mkv] cache slots to gather (None: attend to the fresh k/v, prefix_len == 0).
-    kv_slots: torch.Tensor | None
-    # [Bg, 1, Mq, Mkv] bool; None with is_causal.
-    mask: torch.Tensor | None
-    is_causal: bool
+    # Contiguous flat rows when Bg == 1 (no gather needed) ...
+    q_slice: slice | None = None
+    # ... else [Bg, Mq] rows of the flat batch to gather (padding -> row 0), and where the real
+    # rows of the flattened [Bg * Mq] result go back to (out[out_rows] = result[valid_flat]).
+    q_index: torch.Tensor | None = None
+    valid_flat: torch.Tensor | None = None
+    out_rows: torch.Tensor | None = None
+    # Keys: [Bg, Mkv] cache slots to gather; or one request's blocks [nblk] and the first kv_len
+    # tokens in them; neither = attend to the fresh k/v (prefill with prefix_len == 0).
+    kv_slots: torch.Tensor | None = None
+    kv_blocks: torch.Tensor | None = None
+    kv_len: int = 0
+    # [Bg, 1, Mq, Mkv] bool (None = every key visible, or is_causal).
+    mask: torch.Tensor | None = None
+    is_causal: bool = False
 
 
 @dataclass
@@ -164,9 +171,22 @@ class _TorchState:
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Plain torch: gather K/V from the paged cache, one masked SDPA per group of requests."""
+    """Plain torch: gather K/V from the paged cache, then SDPA per request or per group.
+
+    Two modes. Per request (CPU default): one gather + SDPA per request and layer; measured on
+    2 CPU cores with SmolLM2 shapes (9/3 heads, D 64) it beats padding decode rows into one
+    masked SDPA call at every batch size tried (decode, ms/layer incl. gathers: B=8 ctx<=500
+    2.3 vs 4.1, B=32 ctx<=500 10.5 vs 18.9, B=64 ctx<=1000 47 vs 189, B=32 ctx~1000 47 vs
+    60): the padded gathers and masks cost more than the Python loop saves.
+    Batched (CUDA default): short requests padded into one call, since there each call costs
+    kernel launches rather than memory traffic.
+    """
 
     name = "torch"
+
+    def __init__(self, batch_decode: bool | None = None) -> None:
+        # None: decide per step from the device (batched on CUDA, per request on CPU).
+        self.batch_decode = batch_decode
 
     def prepare(self, meta: AttentionMetadata) -> None:
         device = meta.slot_mapping.device
@@ -174,11 +194,40 @@ class TorchAttentionBackend(AttentionBackend):
         valid = slots_cpu >= 0
         write_rows = None if bool(valid.all()) else valid.nonzero().squeeze(1).to(device)
         cu = meta.cu_q
-        small = [b for b, n in enumerate(meta.query_lens) if n <= _BATCH_MAX_QUERY]
-        large = [b for b, n in enumerate(meta.query_lens) if n > _BATCH_MAX_QUERY]
-        batches = [[b] for b in large] + ([small] if small else [])
-        groups = [self._group(meta, reqs, cu, device) for reqs in batches]
+        if meta.block_tables_cpu is None:
+            meta.block_tables_cpu = meta.block_tables.cpu()
+        batched = self.batch_decode if self.batch_decode is not None else device.type == "cuda"
+        if batched:
+            small = [b for b, n in enumerate(meta.query_lens) if n <= _BATCH_MAX_QUERY]
+            large = [b for b, n in enumerate(meta.query_lens) if n > _BATCH_MAX_QUERY]
+            groups = [self._single(meta, b, cu, device) for b in large]
+            if len(small) == 1:
+                groups.append(self._single(meta, small[0], cu, device))
+            elif small:
+                groups.append(self._group(meta, small, cu, device))
+        else:
+            groups = [self._single(meta, b, cu, device) for b in range(meta.num_requests)]
         meta.backend_state = _TorchState(groups=groups, write_rows=write_rows)
+
+    def _single(
+        self, meta: AttentionMetadata, b: int, cu: list[int], device: torch.device
+    ) -> _Group:
+        """One request: contiguous query rows, its blocks gathered whole (no padding)."""
+        n, p = meta.query_lens[b], meta.prefix_lens[b]
+        tree = meta.tree_masks[b] if meta.tree_masks else None
+        rows = slice(cu[b], cu[b + 1])
+        if p == 0 and tree is None:
+            return _Group(q_slice=rows, is_causal=True)
+        kv_len = p + n
+        nblk = (kv_len + meta.block_size - 1) // meta.block_size
+        assert meta.block_tables_cpu is not None
+        blocks = meta.block_tables_cpu[b, :nblk].long()
+        mask = None  # one query row (plain decode) may see every key
+        if n > 1 or tree is not None:
+            full = torch.ones(n, kv_len, dtype=torch.bool)
+            full[:, p:] = torch.ones(n, n, dtype=torch.bool).tril() if tree is None else tree
+            mask = full[None, None].to(device)
+        return _Group(q_slice=rows, kv_blocks=blocks.to(device), kv_len=kv_len, mask=mask)
 
     def _group(
         self, meta: AttentionMetadata, reqs: list[int], cu: list[int], device: torch.device
@@ -186,11 +235,6 @@ class TorchAttentionBackend(AttentionBackend):
         q_lens = [meta.query_lens[b] for b in reqs]
         p_lens = [meta.prefix_lens[b] for b in reqs]
         trees = [meta.tree_masks[b] if meta.tree_masks else None for b in reqs]
-        if len(reqs) == 1:
-            b = reqs[0]
-            rows = slice(cu[b], cu[b + 1])
-            if p_lens[0] == 0 and trees[0] is None:
-                return _Group(None, None, None, rows, None, None, is_causal=True)
         mq, mkv = max(q_lens), max(p + q for p, q in zip(p_lens, q_lens, strict=True))
         bsz = meta.block_size
         # Gather indices: key position j of request b -> its cache slot.
@@ -211,16 +255,15 @@ class TorchAttentionBackend(AttentionBackend):
         # Padding rows (i >= q_len) must attend somewhere, or SDPA returns NaN; results dropped.
         pad = torch.arange(mq)[None, :] >= q[:, :, 0]  # [Bg, Mq]
         mask[:, :, 0] |= pad
-        if len(reqs) == 1:
-            rows = slice(cu[reqs[0]], cu[reqs[0] + 1])
-            return _Group(None, None, None, rows, kv_slots.to(device), mask[:, None].to(device),
-                          is_causal=False)
         starts = torch.tensor([cu[b] for b in reqs])[:, None]
         q_index = (starts + torch.arange(mq)[None, :]).masked_fill(pad, 0)
         valid_flat = (~pad).flatten().nonzero().squeeze(1)
         return _Group(
-            q_index.to(device), valid_flat.to(device), q_index.flatten()[valid_flat].to(device),
-            None, kv_slots.to(device), mask[:, None].to(device), is_causal=False,
+            q_index=q_index.to(device),
+            valid_flat=valid_flat.to(device),
+            out_rows=q_index.flatten()[valid_flat].to(device),
+            kv_slots=kv_slots.to(device),
+            mask=mask[:, None].to(device),
         )
 
     def forward(
@@ -266,37 +309,56 @@ class TorchAttentionBackend(AttentionBackend):
             qg = q[g.q_slice].transpose(0, 1)[None]  # [1, Hq, q_len, D]
         else:
             qg = q[g.q_index].transpose(1, 2)  # [Bg, Hq, Mq, D]
-        if g.kv_slots is None:
+        if g.kv_blocks is not None:
+            # [nblk, block_size, Hk, D] -> [1, Hk, kv_len, D]: whole blocks copy faster than
+            # per-slot indices.
+            kg = k_cache[g.kv_blocks].flatten(0, 1)[: g.kv_len].transpose(0, 1)[None]
+            vg = v_cache[g.kv_blocks].flatten(0, 1)[: g.kv_len].transpose(0, 1)[None]
+        elif g.kv_slots is None:
             kg = k[g.q_slice].transpose(0, 1)[None]  # fresh prefill: the new keys are all keys
             vg = v[g.q_slice].transpose(0, 1)[None]
         else:
             kg = k_cache.view(-1, *k_cache.shape[2:])[g.kv_slots].transpose(1, 2)
             vg = v_cache.view(-1, *v_cache.shape[2:])[g.kv_slots].transpose(1, 2)
         return torch.nn.functional.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=g.mask, is_causal=g.is_causal, scale=scale,
+            qg,
+            kg,
+            vg,
+            attn_mask=g.mask,
+            is_causal=g.is_causal,
+            scale=scale,
             enable_gqa=qg.shape[1] != kg.shape[1],
         )
 
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """The backend called `name`; "auto" = triton on CUDA when available, else torch."""
+    """The backend called `name`; "auto" = triton on CUDA when it imports, else torch."""
     if name == "torch":
         return TorchAttentionBackend()
     if name in ("triton", "auto"):
-        backend = _triton_backend(device)
+        backend = _triton_backend(device, explicit=name == "triton")
         if backend is not None:
             return backend
         if name == "triton":
             raise ValueError(
-                "attention backend 'triton' needs CUDA and the kernels package with triton "
-                "installed; use --attention-backend torch"
+                "attention backend 'triton' needs CUDA (or TRITON_INTERPRET=1) and the triton "
+                "package; use --attention-backend torch"
             )
         return TorchAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r} (choose torch, triton or auto)")
 
 
-def _triton_backend(device: torch.device) -> AttentionBackend | None:
-    """The Triton backend, once kernels/ provides one (a later issue); None until then."""
-    if device.type != "cuda":
+def _triton_backend(device: torch.device, explicit: bool) -> AttentionBackend | None:
+    """server/model/attention_triton.py's backend, or None where it cannot run.
+
+    Imported lazily: it needs triton (absent from CPU installs) and imports this module.
+    On CPU only an explicit request under TRITON_INTERPRET=1 gets it (kernel tests).
+    """
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not (explicit and interpret):
         return None
-    return None
+    try:
+        from server.model.attention_triton import TritonAttentionBackend
+    except ImportError:
+        return None
+    return TritonAttentionBackend()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,9 +42,13 @@ class DecoderSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    # Keys further back than this are invisible to the model (Mistral 7B v0.1: 4096). We do
+    # not implement the window; the runner caps max_model_len at it instead, where full and
+    # windowed attention agree.
+    sliding_window: int | None = None
 
 
-def _common(config: Any, **switches: bool) -> DecoderSpec:
+def _common(config: Any, **switches: Any) -> DecoderSpec:
     heads = config.num_attention_heads
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
@@ -71,8 +75,14 @@ def _llama(config: Any) -> DecoderSpec:
     )
 
 
+def _mistral(config: Any) -> DecoderSpec:
+    return replace(_llama(config), sliding_window=getattr(config, "sliding_window", None))
+
+
 def _qwen2(config: Any) -> DecoderSpec:
-    return _common(config, qkv_bias=True)
+    # Qwen2 configs carry a sliding_window that only applies with use_sliding_window.
+    window = config.sliding_window if getattr(config, "use_sliding_window", False) else None
+    return _common(config, qkv_bias=True, sliding_window=window)
 
 
 def _qwen3(config: Any) -> DecoderSpec:
@@ -80,11 +90,10 @@ def _qwen3(config: Any) -> DecoderSpec:
     return _common(config, qkv_bias=bias, o_bias=bias, qk_norm=True)
 
 
-# config.architectures[0] -> how to read its DecoderSpec. Mistral's sliding window is not
-# applied: it only matters past `sliding_window` tokens (4096 for Mistral 7B v0.1).
+# config.architectures[0] -> how to read its DecoderSpec.
 ARCHITECTURES: dict[str, Callable[[Any], DecoderSpec]] = {
     "LlamaForCausalLM": _llama,
-    "MistralForCausalLM": _llama,
+    "MistralForCausalLM": _mistral,
     "Qwen2ForCausalLM": _qwen2,
     "Qwen3ForCausalLM": _qwen3,
 }
@@ -96,9 +105,7 @@ def decoder_spec(config: Any) -> DecoderSpec:
     for arch in archs:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch](config)
-    raise ValueError(
-        f"unsupported architecture {archs}; supported: {', '.join(ARCHITECTURES)}"
-    )
+    raise ValueError(f"unsupported architecture {archs}; supported: {', '.join(ARCHITECTURES)}")
 
 
 class Attention(nn.Module):
@@ -159,8 +166,11 @@ class DecoderModel(nn.Module):
 # Checkpoint tensor name -> (our parameter, shard) for the fused matmuls.
 _FUSED = re.compile(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
 _FUSED_TARGET = {
-    "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-    "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
 }
 
 
@@ -198,7 +208,12 @@ class CausalLM(nn.Module):
             # Same residual order as transformers, so fp32 sums round identically.
             residual = h
             h = layer.self_attn(
-                layer.input_layernorm(h), cos, sin, attn, kv_cache[i, 0], kv_cache[i, 1],
+                layer.input_layernorm(h),
+                cos,
+                sin,
+                attn,
+                kv_cache[i, 0],
+                kv_cache[i, 1],
                 self.backend,
             )
             h = residual + h
@@ -248,8 +263,11 @@ class CausalLM(nn.Module):
         s = self.spec
         q, kv, inter = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.intermediate_size
         return {
-            "q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv),
-            "gate_proj": (0, inter), "up_proj": (inter, 2 * inter),
+            "q_proj": (0, q),
+            "k_proj": (q, q + kv),
+            "v_proj": (q + kv, q + 2 * kv),
+            "gate_proj": (0, inter),
+            "up_proj": (inter, 2 * inter),
         }[part]
 
     def finish_loading(self, loaded: set[str]) -> set[str]:

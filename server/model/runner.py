@@ -73,29 +73,52 @@ class ModelRunner:
         self.num_blocks = self._num_blocks()
         # [num_layers, 2 (K, V), num_blocks, block_size, Hk, D]
         self.kv_cache = torch.zeros(
-            spec.num_layers, 2, self.num_blocks, self.block_size, spec.num_kv_heads,
-            spec.head_dim, dtype=self.dtype, device=self.device,
+            spec.num_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+            dtype=self.dtype,
+            device=self.device,
         )
         self._generators: dict[str, torch.Generator] = {}
         logger.info(
             "model %s on %s/%s: %d KV blocks x %d tokens, max_model_len %d, backend %s",
-            mc.model, self.device, self.dtype, self.num_blocks, self.block_size,
-            self.max_model_len, backend.name,
+            mc.model,
+            self.device,
+            self.dtype,
+            self.num_blocks,
+            self.block_size,
+            self.max_model_len,
+            backend.name,
         )
 
     # ---- set-up -------------------------------------------------------------------------
 
     def _max_model_len(self, requested: int | None) -> int:
+        """config's max_model_len, else the model's; capped by a sliding window (see spec)."""
         limit = getattr(self.hf_config, "max_position_embeddings", None)
+        window = self.model.spec.sliding_window
+        if window is not None and (limit is None or window < limit):
+            if requested is None:
+                logger.warning(
+                    "the model uses sliding-window attention (%d tokens), which specd does "
+                    "not implement; capping max_model_len at %d",
+                    window,
+                    window,
+                )
+            limit = window
         if requested is None:
             if limit is None:
-                raise ValueError("the model config has no max_position_embeddings; set "
-                                 "--max-model-len")
+                raise ValueError(
+                    "the model config has no max_position_embeddings; set --max-model-len"
+                )
             return int(limit)
         if limit is not None and requested > limit:
             raise ValueError(
-                f"--max-model-len {requested} exceeds the model's max_position_embeddings "
-                f"{limit}; use at most {limit}"
+                f"--max-model-len {requested} exceeds the model's limit {limit} "
+                "(max_position_embeddings or sliding window); use at most that"
             )
         return requested
 
@@ -151,6 +174,9 @@ class ModelRunner:
         out = RunnerOutput()
         if plan.is_empty:
             return out
+        if any(plan.num_spec_tokens.values()):
+            # The seam is _prepare(tree_masks=...); verification itself is a later issue.
+            raise NotImplementedError("speculative verification is not implemented yet")
         batch = self._prepare(plan)
         hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_cache)
         if batch.logit_rows:

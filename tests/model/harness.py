@@ -19,10 +19,14 @@ from server.model.runner import ModelRunner
 
 
 def make_runner(
-    path: Path | str, dtype: str = "float32", block_size: int = 4, num_blocks: int = 256
+    path: Path | str,
+    dtype: str = "float32",
+    block_size: int = 4,
+    num_blocks: int = 256,
+    device: str = "cpu",
 ) -> ModelRunner:
     cfg = EngineConfig(
-        model=ModelConfig(model=str(path), dtype=dtype, device="cpu"),
+        model=ModelConfig(model=str(path), dtype=dtype, device=device),  # type: ignore[arg-type]
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         attention_backend="torch",
     )
@@ -97,10 +101,13 @@ class MiniScheduler:
 def hf_greedy(model: object, prompt: list[int], max_new: int) -> list[int]:
     """transformers' greedy continuation of `prompt`, EOS ignored (exactly max_new tokens)."""
     model.generation_config.eos_token_id = None  # type: ignore[attr-defined]
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)  # type: ignore[attr-defined]
     with torch.inference_mode():
         out = model.generate(  # type: ignore[attr-defined]
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            do_sample=False,
             pad_token_id=0,
         )
     return out[0, len(prompt) :].tolist()

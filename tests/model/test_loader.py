@@ -43,7 +43,7 @@ def test_directory_is_returned_as_is(tiny_dir):
 def test_bad_specs_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="smollm2-135m-instruct"):
         resolve_model("no-such-model")
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match=r"config\.json"):
         resolve_model(str(tmp_path))
     with pytest.raises(ValueError, match="does not exist"):
         resolve_model(str(tmp_path / "x.gguf"))

@@ -44,6 +44,23 @@ def test_greedy_batched_chunked_matches_transformers(tiny):
         assert r.output_token_ids == hf_greedy(ref, p, 40), r.request_id
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_greedy_on_cuda_matches_transformers(tiny):
+    """The same on CUDA (batched-decode attention mode), float64 on both sides."""
+    _, path = tiny
+    runner = make_runner(path, dtype="float64", block_size=4, device="cuda")
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).cuda().eval()
+    prompts = _prompts(runner.vocab_size, [5, 23, 41, 1])
+    sched = MiniScheduler(runner, token_budget=16)
+    reqs = [make_request(f"r{i}", p) for i, p in enumerate(prompts)]
+    for r in reqs:
+        sched.add(r)
+    sched.run(max_new=40)
+    for r, p in zip(reqs, prompts, strict=True):
+        assert r.output_token_ids == hf_greedy(ref, p, 40), r.request_id
+
+
 def test_fp32_logits_match_transformers(tiny):
     """Our fp32 forward through a paged cache (two chunks) vs transformers' logits."""
     _, path = tiny
