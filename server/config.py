@@ -86,17 +86,36 @@ class SpeculativeConfig:
     """vLLM's --speculative-config shape. method None = no speculation."""
 
     method: Literal["ngram", "tree", "draft_model", "synthetic"] | None = None
+    # The most draft tokens (chain length, or tree nodes) one request verifies in one step.
     num_speculative_tokens: int = 0
+    # ngram / tree: the suffix lengths matched against the prompt + output.
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
+    # tree: the most distinct continuations merged into one request's tree.
+    max_tree_width: int = 4
+    # draft_model: the draft model (a path or an embedded name sharing the target's tokenizer).
     model: str | None = None
-    policy: Literal["none", "fixed", "goodput", "smartspec_uniform"] = "fixed"
+    # synthetic (benchmarks and tests only): probability that a draft token is the target's own.
+    acceptance_rate: float = 0.8
+    # Who picks each request's budget every step: none, fixed (= num_speculative_tokens).
+    policy: str = "fixed"
 
     def __post_init__(self) -> None:
+        if self.method not in (None, "ngram", "tree", "draft_model", "synthetic"):
+            raise ValueError(
+                f"unknown speculative method {self.method!r}; "
+                "choose ngram, tree, draft_model or synthetic"
+            )
         if self.method is not None and self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1 when a method is set")
         if self.method == "draft_model" and not self.model:
             raise ValueError('method "draft_model" needs "model": a path or embedded name')
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
+        if self.max_tree_width < 1:
+            raise ValueError("max_tree_width must be >= 1")
+        if not 0.0 <= self.acceptance_rate <= 1.0:
+            raise ValueError("acceptance_rate must be in [0, 1]")
 
     @property
     def enabled(self) -> bool:

@@ -12,10 +12,13 @@ from dataclasses import dataclass
 
 from server.config import EngineConfig
 from server.engine.outputs import EngineCoreOutput
+from server.engine.plan import StepPlan
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerStats
 from server.model.runner import ModelRunner
+from server.spec.drafter import Drafter, make_drafter
+from server.spec.policy import make_policy
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +56,17 @@ class EngineCore:
             vocab_size=self.runner.vocab_size,
             eos_token_ids=frozenset(self.runner.eos_token_ids),
         )
+        spec = config.speculative
+        self.drafter: Drafter | None = None
+        if spec.enabled:
+            self.drafter = _build_drafter(config)
         self.scheduler = Scheduler(
-            config.scheduler, config.cache, self.runner.num_blocks, max_model_len
+            config.scheduler,
+            config.cache,
+            self.runner.num_blocks,
+            max_model_len,
+            policy=make_policy(spec.policy) if self.drafter else None,
+            max_spec_tokens=spec.num_speculative_tokens if self.drafter else 0,
         )
 
     def add_request(
@@ -104,6 +116,8 @@ class EngineCore:
         if plan.is_empty:
             return []
         try:
+            if plan.spec_budgets:
+                self._propose(plan)
             output = self.runner.execute(plan)
         except Exception:
             # One bad step must not end the loop: fail the requests it carried, keep serving.
@@ -117,5 +131,35 @@ class EngineCore:
             return failed
         return self.scheduler.update(plan, output)
 
+    def _propose(self, plan: StepPlan) -> None:
+        """Fills the policy's budgets with draft trees (a drafter may propose fewer)."""
+        assert self.drafter is not None
+        plan.spec_draft_kind = self.drafter.kind
+        requests = [r for r in plan.requests if r.request_id in plan.spec_budgets]
+        budgets = [plan.spec_budgets[r.request_id] for r in requests]
+        for request, tree in zip(requests, self.drafter.propose(requests, budgets), strict=True):
+            if tree.num_drafts > 0:
+                plan.spec_trees[request.request_id] = tree
+                plan.num_spec_tokens[request.request_id] = tree.num_drafts
+
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+
+def _build_drafter(config: EngineConfig) -> Drafter:
+    """The drafter named by --speculative-config, with its options."""
+    spec = config.speculative
+    if spec.method == "ngram":
+        return make_drafter(
+            "ngram",
+            prompt_lookup_min=spec.prompt_lookup_min,
+            prompt_lookup_max=spec.prompt_lookup_max,
+        )
+    if spec.method == "tree":
+        return make_drafter(
+            "tree",
+            max_width=spec.max_tree_width,
+            min_match=spec.prompt_lookup_min,
+            max_match=spec.prompt_lookup_max,
+        )
+    raise ValueError(f"speculative method {spec.method!r} is not available yet")

@@ -7,7 +7,9 @@ Per scheduled request ``r`` with ``n = num_scheduled_tokens[r.request_id]``, the
 the tokens ``r.all_token_ids[r.num_computed_tokens : r.num_computed_tokens + n]`` at positions
 ``r.num_computed_tokens + i``, writing their K/V into the slots given by ``r.block_ids``
 (slot of position p = ``block_ids[p // block_size] * block_size + p % block_size``). Under
-speculation the runner additionally computes ``r.spec_token_ids`` after them (issue 3).
+speculation a decoding request's one scheduled token is the root of its draft tree
+(``spec_trees``): the runner computes the whole tree, verifies it, compacts the accepted path's
+K/V to consecutive positions, and returns the accepted drafts + one bonus token.
 
 A request *samples* this step when its scheduled tokens reach the end of its known tokens
 (``num_computed_tokens + n == num_tokens``); a prefill chunk that stops short samples nothing.
@@ -18,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from server.engine.request import Logprob, Request
+from server.spec.drafter import DraftKind
+from server.spec.tree import TokenTree
 
 
 @dataclass
@@ -32,8 +36,16 @@ class StepPlan:
     # Requests preempted since the last plan. Their KV is gone (they resume by recompute) but
     # their random generators must survive, or a seeded request would re-draw from the start.
     preempted_request_ids: set[str] = field(default_factory=set)
-    # request_id -> number of draft tokens (len(spec_token_ids)) verified this step.
+    # Speculative decoding. spec_budgets: request_id -> draft tokens the policy granted (KV
+    # slots and token budget are reserved for them). The engine core then asks the drafter to
+    # fill them: spec_trees holds each proposal (node 0 = the request's last known token, the
+    # one scheduled token of a decoding request) and num_spec_tokens its number of drafts.
+    spec_budgets: dict[str, int] = field(default_factory=dict)
+    spec_trees: dict[str, TokenTree] = field(default_factory=dict)
     num_spec_tokens: dict[str, int] = field(default_factory=dict)
+    # How the drafter made children ("deterministic": n-gram / suffix / top-k; "sampled":
+    # drawn from a draft distribution): sampled verification must use the matching rule.
+    spec_draft_kind: DraftKind = "deterministic"
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -61,8 +61,9 @@ class Request:
     num_cached_tokens: int = -1
     num_preemptions: int = 0
     stop_reason: int | str | None = None
-    # Draft tokens proposed for this step (speculative decoding fills these; [] otherwise).
-    spec_token_ids: list[int] = field(default_factory=list)
+    # Speculative decoding, over the request's life: draft tokens proposed / accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
     # Prefix-cache hashes of this request's full blocks, in order (block manager's bookkeeping).
     block_hashes: list[int] = field(default_factory=list)
     # Prompt logprobs gathered over prefill chunks until the first output carries them;

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.config import CacheConfig, SchedulerConfig
 from server.engine.block_manager import BlockManager
 from server.engine.outputs import EngineCoreOutput
 from server.engine.plan import RunnerOutput, StepPlan
 from server.engine.request import Request, RequestStatus
+from server.spec.policy import NoSpeculation, SpecPolicy, StepObservation
 
 
 @dataclass
@@ -38,6 +39,12 @@ class SchedulerStats:
     num_prompt_tokens_computed: int = 0
     num_generated_tokens: int = 0
     num_steps: int = 0
+    # Speculative decoding, as vLLM's spec_decode counters: verify steps that carried drafts,
+    # draft tokens proposed, draft tokens accepted, and accepted tokens by draft position.
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
     timestamp: float = 0.0
 
 
@@ -48,9 +55,13 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int,
+        policy: SpecPolicy | None = None,
+        max_spec_tokens: int = 0,
     ) -> None:
         self.config = scheduler_config
         self.max_model_len = max_model_len
+        self.policy: SpecPolicy = policy or NoSpeculation()
+        self.max_spec_tokens = max_spec_tokens
         self.block_manager = BlockManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
         )
@@ -64,6 +75,10 @@ class Scheduler:
         self._num_prompt_tokens_computed = 0
         self._num_generated_tokens = 0
         self._num_steps = 0
+        self._num_drafts = 0
+        self._num_draft_tokens = 0
+        self._num_accepted_tokens = 0
+        self._accepted_per_position = [0] * max_spec_tokens
 
     # --- requests in and out -----------------------------------------------------------------
 
@@ -93,14 +108,18 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
         num_tokens: dict[str, int] = {}
+        spec_budgets: dict[str, int] = {}
         preempted = False
+        wanted = self._speculation_budgets()
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             assert n > 0, "a running request always has a token to compute"
-            while not self.block_manager.allocate_slots(request, n):
+            # Draft tokens take token budget and KV slots like any other token.
+            k = min(wanted.get(request.request_id, 0), budget - n)
+            while not self.block_manager.allocate_slots(request, n + k):
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
                 preempted = True
@@ -109,7 +128,9 @@ class Scheduler:
             else:
                 scheduled.append(request)
                 num_tokens[request.request_id] = n
-                budget -= n
+                if k > 0:
+                    spec_budgets[request.request_id] = k
+                budget -= n + k
                 i += 1
 
         # New work waits while we are short of blocks: admitting it would only preempt again.
@@ -146,7 +167,42 @@ class Scheduler:
         if scheduled:
             finished, self._finished_ids = self._finished_ids, set()
             preempted_ids, self._preempted_ids = self._preempted_ids - finished, set()
-        return StepPlan(scheduled, num_tokens, finished, preempted_ids)
+        return StepPlan(scheduled, num_tokens, finished, preempted_ids, spec_budgets=spec_budgets)
+
+    def _speculation_budgets(self) -> dict[str, int]:
+        """Asks the policy for the draft budget of every running request that decodes."""
+        if self.max_spec_tokens == 0:
+            return {}
+        decoding: list[Request] = []
+        caps: list[int] = []
+        for r in self.running:
+            cap = self._speculation_cap(r)
+            if cap > 0:
+                decoding.append(r)
+                caps.append(cap)
+        if not decoding:
+            return {}
+        budgets = self.policy.allocate(decoding, caps)
+        return {
+            r.request_id: min(b, c)
+            for r, b, c in zip(decoding, budgets, caps, strict=True)
+            if b > 0
+        }
+
+    def _speculation_cap(self, request: Request) -> int:
+        """The most draft tokens this request can use this step (0 = it can't speculate)."""
+        if request.num_tokens - request.num_computed_tokens != 1:
+            return 0  # still prefilling: nothing to draft from yet
+        params = request.sampling_params
+        if params.has_penalties:
+            # Penalties depend on the tokens before each position, which differ along tree
+            # paths; such requests decode without speculation (documented in the README).
+            return 0
+        cap = self.max_spec_tokens
+        if params.max_speculative_tokens is not None:
+            cap = min(cap, params.max_speculative_tokens)
+        # Accepted drafts + the bonus token must fit in what the request may still output.
+        return max(0, min(cap, request.max_output_tokens - request.num_output_tokens - 1))
 
     def _lookup_prefix(self, request: Request) -> list[int]:
         return self.block_manager.find_cached_prefix(request)
@@ -167,6 +223,7 @@ class Scheduler:
     def update(self, plan: StepPlan, output: RunnerOutput) -> list[EngineCoreOutput]:
         """Consumes the runner's results: appends tokens, checks stops, frees finished work."""
         outputs: list[EngineCoreOutput] = []
+        observed: dict[str, tuple[int, int]] = {}
         self._num_steps += 1
         for request in plan.requests:
             if request.status != RequestStatus.RUNNING:
@@ -178,6 +235,13 @@ class Scheduler:
                 )
             request.num_computed_tokens += n
             sampled = output.sampled_token_ids.get(request.request_id)
+            num_drafts = plan.num_spec_tokens.get(request.request_id, 0)
+            if num_drafts and sampled:
+                accepted = len(sampled) - 1  # accepted drafts + one bonus/correction token
+                observed[request.request_id] = (num_drafts, accepted)
+                self._record_acceptance(request, num_drafts, accepted)
+                # The accepted drafts' K/V is in the cache now (compacted by the runner).
+                request.num_computed_tokens += accepted
             chunk_logprobs = output.prompt_logprobs.get(request.request_id)
             if chunk_logprobs and request.prompt_logprobs is not None:
                 request.prompt_logprobs.extend(chunk_logprobs)
@@ -187,6 +251,9 @@ class Scheduler:
             new_tokens, finish = self._append_tokens(request, sampled)
             self._num_generated_tokens += len(new_tokens)
             self.block_manager.cache_full_blocks(request)
+            if num_drafts:
+                # Slots of rejected drafts: give back whole blocks the request no longer needs.
+                self.block_manager.trim(request, request.num_tokens)
             logprobs = output.logprobs.get(request.request_id)
             if logprobs is not None:
                 logprobs = logprobs[: len(new_tokens)]
@@ -199,7 +266,24 @@ class Scheduler:
                 out.prompt_logprobs = [None, *request.prompt_logprobs]
                 request.prompt_logprobs = None
             outputs.append(out)
+        self.policy.observe(
+            StepObservation(
+                execute_time=output.execute_time,
+                num_batched_tokens=plan.total_num_scheduled_tokens,
+                num_requests=len(plan.requests),
+                acceptance=observed,
+            )
+        )
         return outputs
+
+    def _record_acceptance(self, request: Request, num_drafts: int, accepted: int) -> None:
+        request.num_draft_tokens += num_drafts
+        request.num_accepted_tokens += accepted
+        self._num_drafts += 1
+        self._num_draft_tokens += num_drafts
+        self._num_accepted_tokens += accepted
+        for position in range(accepted):
+            self._accepted_per_position[position] += 1
 
     def _append_tokens(
         self, request: Request, sampled: list[int]
@@ -236,6 +320,8 @@ class Scheduler:
             stop_reason=request.stop_reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=max(request.num_cached_tokens, 0),
+            num_draft_tokens=request.num_draft_tokens,
+            num_accepted_tokens=request.num_accepted_tokens,
         )
 
     def stats(self) -> SchedulerStats:
@@ -252,5 +338,9 @@ class Scheduler:
             num_prompt_tokens_computed=self._num_prompt_tokens_computed,
             num_generated_tokens=self._num_generated_tokens,
             num_steps=self._num_steps,
+            num_drafts=self._num_drafts,
+            num_draft_tokens=self._num_draft_tokens,
+            num_accepted_tokens=self._num_accepted_tokens,
+            accepted_per_position=list(self._accepted_per_position),
             timestamp=time.time(),
         )

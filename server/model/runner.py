@@ -28,6 +28,13 @@ from server.model.attention import (
 )
 from server.model.loader import load_model, resolve_device, resolve_model
 from server.model.sampler import compute_logprobs, sample
+from server.model.spec_step import (
+    compact_kv,
+    compaction_slots,
+    path_logprobs,
+    tree_positions,
+    verify_tree,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,10 @@ class _Batch:
     sample_rows: list[int]
     # request id -> (indices into logit_rows, target prompt token ids) for prompt logprobs.
     prompt_rows: dict[str, tuple[list[int], list[int]]]
+    # Requests verifying a draft tree, and the index into logit_rows of each one's root row
+    # (its n + 1 node rows follow in node order).
+    spec_requests: list[Request]
+    spec_rows: list[int]
 
 
 class ModelRunner:
@@ -174,9 +185,6 @@ class ModelRunner:
         out = RunnerOutput()
         if plan.is_empty:
             return out
-        if any(plan.num_spec_tokens.values()):
-            # The seam is _prepare(tree_masks=...); verification itself is a later issue.
-            raise NotImplementedError("speculative verification is not implemented yet")
         batch = self._prepare(plan)
         hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_cache)
         if batch.logit_rows:
@@ -190,6 +198,8 @@ class ModelRunner:
                 out.prompt_logprobs[rid] = compute_logprobs(
                     logits[torch.tensor(idx, device=self.device)], targets, num_top
                 )
+            if batch.spec_rows:
+                self._verify(plan, logits, batch, out)
         out.execute_time = time.perf_counter() - t0
         return out
 
@@ -201,6 +211,27 @@ class ModelRunner:
             out.sampled_token_ids[r.request_id] = [token]
             if lp is not None:
                 out.logprobs[r.request_id] = [lp]
+
+    def _verify(
+        self, plan: StepPlan, logits: torch.Tensor, batch: _Batch, out: RunnerOutput
+    ) -> None:
+        """Verifies every draft tree, then moves accepted K/V to consecutive slots."""
+        src: list[int] = []
+        dst: list[int] = []
+        for r, first_row in zip(batch.spec_requests, batch.spec_rows, strict=True):
+            tree = plan.spec_trees[r.request_id]
+            rows = logits[first_row : first_row + len(tree.token_ids)]  # [n+1, V]
+            result = verify_tree(rows, r, tree, self._generator(r), plan.spec_draft_kind)
+            out.sampled_token_ids[r.request_id] = result.tokens
+            num_top = r.sampling_params.logprobs
+            if num_top is not None:
+                out.logprobs[r.request_id] = path_logprobs(rows, result, num_top)
+            s, d = compaction_slots(
+                r.block_ids, self.block_size, r.num_computed_tokens, result.accepted_nodes
+            )
+            src += s
+            dst += d
+        compact_kv(self.kv_cache, src, dst)
 
     def _generator(self, r: Request) -> torch.Generator | None:
         """The request's own generator when it has a seed (created on first use), else None:
@@ -215,14 +246,11 @@ class ModelRunner:
             self._generators[r.request_id] = g
         return g
 
-    def _prepare(
-        self, plan: StepPlan, tree_masks: list[torch.Tensor | None] | None = None
-    ) -> _Batch:
-        """Flattens the plan's scheduled tokens into one batch.
+    def _prepare(self, plan: StepPlan) -> _Batch:
+        """Flattens the plan's scheduled tokens (and draft trees) into one batch.
 
-        Speculation seam: draft tokens will be appended after each request's scheduled tokens
-        (positions continuing, or prefix + depth for tree nodes) with `tree_masks` passed on to
-        the attention metadata; the tokens' cache slots are still prefix_len + index.
+        A draft tree's node i is rotated at position prefix_len + depth(i) but stored at cache
+        slot prefix_len + i, so the slot mapping follows from the block tables alone.
         """
         ids: list[int] = []
         positions: list[int] = []
@@ -233,11 +261,30 @@ class ModelRunner:
         sample_requests: list[Request] = []
         sample_rows: list[int] = []
         prompt_rows: dict[str, tuple[list[int], list[int]]] = {}
+        spec_requests: list[Request] = []
+        spec_rows: list[int] = []
+        masks: list[torch.Tensor | None] = []
         for r in plan.requests:
             n = plan.num_scheduled_tokens[r.request_id]
             start = r.num_computed_tokens
             assert n >= 1 and start + n <= r.num_tokens, (r.request_id, start, n, r.num_tokens)
             row0 = len(ids)
+            tree = plan.spec_trees.get(r.request_id)
+            if tree is not None:
+                # A decoding request's one known token is the tree's root; every node's logits
+                # are needed to verify it.
+                assert n == 1 and tree.token_ids[0] == r.all_token_ids[start]
+                ids.extend(tree.token_ids)
+                positions.extend(tree_positions(tree, start))
+                query_lens.append(len(tree.token_ids))
+                prefix_lens.append(start)
+                block_ids.append(r.block_ids)
+                masks.append(None if tree.is_chain else tree.ancestor_mask().to(self.device))
+                spec_requests.append(r)
+                spec_rows.append(len(logit_rows))
+                logit_rows.extend(range(row0, row0 + len(tree.token_ids)))
+                continue
+            masks.append(None)
             ids.extend(r.all_token_ids[start : start + n])
             positions.extend(range(start, start + n))
             query_lens.append(n)
@@ -254,6 +301,8 @@ class ModelRunner:
                 sample_requests.append(r)
                 sample_rows.append(len(logit_rows))
                 logit_rows.append(row0 + n - 1)
+        # A chain needs no mask: causal attention over its rows is exactly its ancestry.
+        tree_masks = masks if any(m is not None for m in masks) else None
         attn = build_attention_metadata(
             query_lens, prefix_lens, block_ids, self.block_size, self.device, tree_masks
         )
@@ -265,4 +314,6 @@ class ModelRunner:
             sample_requests=sample_requests,
             sample_rows=sample_rows,
             prompt_rows=prompt_rows,
+            spec_requests=spec_requests,
+            spec_rows=spec_rows,
         )
