@@ -34,7 +34,7 @@ def _random_parents(n: int, rng: random.Random) -> list[int]:
 
 
 def _setup(batch: int, prefix: int, nodes: int, dtype: torch.dtype, seed: int = 0) -> dict:
-    from kernels.tree_attention import ancestor_words
+    from kernels.tree_masks import ancestor_words
 
     rng = random.Random(seed)
     dev = "cuda"
@@ -66,7 +66,7 @@ def _setup(batch: int, prefix: int, nodes: int, dtype: torch.dtype, seed: int = 
 
 def _sdpa_inputs(s: dict) -> tuple[torch.Tensor, ...]:
     """Padded, gathered K/V and an explicit [R, 1, n, kv] mask (built once, not timed)."""
-    from kernels.tree_attention import tree_mask_dense
+    from kernels.tree_masks import tree_mask_dense
 
     batch, n, kv = s["bt"].shape[0], s["nodes"], s["kv_len"]
     pos = torch.arange(kv, device="cuda")
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton
     from triton.testing import do_bench
 
-    from kernels.tree_attention import tree_attention, tree_attention_ref
+    from kernels.tree_attention import tree_attention
+    from kernels.tree_attention_ref import tree_attention_ref
 
     dtype = torch.bfloat16
     batches, prefixes, trees = [1, 4, 16, 64], [512, 2048, 8192], [1, 4, 16, 64]

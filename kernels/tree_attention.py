@@ -27,6 +27,10 @@ Split-KV: with few requests and long prefixes, (q tiles x R x Hkv) programs leav
 each split writes a normalised partial output and its log2-sum-exp, and a second kernel merges
 them. The new-token (tree) part is handled by the last split, whose prefix range is the emptiest
 for requests shorter than the longest.
+
+Beside it: the plain-torch reference in kernels/tree_attention_ref.py and the mask-word helpers
+(ancestor_words, causal_mask_words, pack_mask_words, tree_mask_dense) in kernels/tree_masks.py,
+both free of triton.
 """
 
 from __future__ import annotations
@@ -575,73 +579,3 @@ def tree_attention(
             num_warps=4,
         )
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# reference
-
-
-def tree_mask_dense(mask_words: torch.Tensor, q_len: int) -> torch.Tensor:
-    """[q_len, W] int32 ancestor words -> [q_len, q_len] bool (row i sees new token j)."""
-    j = torch.arange(q_len, device=mask_words.device)
-    words = mask_words[:, j // 32].to(torch.int64)  # [q_len, q_len]
-    return ((words >> (j % 32)) & 1).bool()
-
-
-def tree_attention_ref(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cu_q: torch.Tensor,
-    prefix_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    mask_words: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Plain-torch reference of `tree_attention` (fp32 math, output in q's dtype)."""
-    _, hq, d = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    out = torch.zeros_like(q)
-    cu = cu_q.tolist()
-    for r in range(len(cu) - 1):
-        q0, q1 = cu[r], cu[r + 1]
-        n_new = q1 - q0
-        if n_new == 0:
-            continue
-        p = int(prefix_lens[r])
-        pos = torch.arange(p + n_new, device=q.device)
-        blocks = block_tables[r, pos // bs].long()
-        k = k_cache[blocks, pos % bs].float()  # [kv, Hkv, D]
-        v = v_cache[blocks, pos % bs].float()
-        allowed = torch.ones(n_new, p + n_new, dtype=torch.bool, device=q.device)
-        causal = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()
-        if mask_words is not None:
-            causal &= tree_mask_dense(mask_words[q0:q1], n_new)
-        allowed[:, p:] = causal
-        g = hq // hkv
-        k = k.repeat_interleave(g, dim=1)  # [kv, Hq, D]
-        v = v.repeat_interleave(g, dim=1)
-        s = torch.einsum("thd,nhd->htn", q[q0:q1].float(), k) * scale
-        s = s.masked_fill(~allowed, float("-inf"))
-        o = torch.einsum("htn,nhd->thd", s.softmax(-1), v)
-        out[q0:q1] = o.to(q.dtype)
-    return out
-
-
-def ancestor_words(parents: list[int], words: int | None = None) -> torch.Tensor:
-    """Topologically ordered parent list (parents[0] = -1, parents[i] < i) -> int32 [n, W]
-    ancestor-or-self bit words, W = ceil(n / 32) unless given."""
-    n = len(parents)
-    words = words if words is not None else max(1, triton.cdiv(n, 32))
-    bits = torch.zeros(n, words * 32, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        if i > 0 and not 0 <= p < i:
-            raise ValueError(f"parents must be topological (0 <= parent < index): node {i} -> {p}")
-        if i > 0:
-            bits[i] = bits[p]
-        bits[i, i] = True
-    weights = torch.tensor([1 << b for b in range(32)], dtype=torch.int64)
-    packed = (bits.view(n, words, 32).long() * weights).sum(-1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)

@@ -5,6 +5,14 @@ import os
 # See server/__init__.py: spinning OpenMP threads starve the live server under test.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import torch
+
+# Without a GPU, Triton kernels run under the interpreter (tests/kernels, and the "triton"
+# attention backend on CPU). Triton reads the variable when it is first imported, and the
+# engine may import it through server/model/attention.py, hence here, before any test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest

@@ -1,16 +1,10 @@
 """Kernel tests run for real on CUDA and under the Triton interpreter on CPU.
 
-TRITON_INTERPRET must be set before triton is first imported, hence here, at collection.
+TRITON_INTERPRET is set in tests/conftest.py (it must be in place before triton is imported).
 """
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from kernel_cases import TOL, chain_parents, make_case, random_parents, star_parents
 
-from kernels.tree_attention import tree_attention, tree_attention_ref
+from kernels.tree_attention import tree_attention
+from kernels.tree_attention_ref import tree_attention_ref
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
