@@ -1,0 +1,31 @@
+"""Speculative decoding: token trees, drafters and lossless verification.
+
+- ``tree``: ``TokenTree`` (node 0 = last verified token, drafts in topological order, masks).
+- ``drafter``: the ``Drafter`` protocol and the ``make_drafter`` registry.
+- ``ngram`` / ``suffix_tree``: model-free drafters (prompt lookup chain, suffix-match tree).
+- ``verify``: greedy, chain rejection sampling, and tree multi-step / deterministic rules.
+
+Imports point down only: engine -> spec -> model (sampler) / engine.request.
+"""
+
+from server.spec.drafter import Drafter, make_drafter, register_drafter
+from server.spec.tree import TokenTree
+from server.spec.verify import (
+    VerifyResult,
+    verify,
+    verify_chain_sampled,
+    verify_greedy,
+    verify_tree_sampled,
+)
+
+__all__ = [
+    "Drafter",
+    "TokenTree",
+    "VerifyResult",
+    "make_drafter",
+    "register_drafter",
+    "verify",
+    "verify_chain_sampled",
+    "verify_greedy",
+    "verify_tree_sampled",
+]

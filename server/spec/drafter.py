@@ -1,0 +1,84 @@
+"""The drafter interface and the registry that picks a drafter by name from config.
+
+A drafter turns each request's context (``Request.all_token_ids``) into a ``TokenTree`` whose
+root is ``all_token_ids[-1]`` and whose drafts continue after it, using at most ``budgets[i]``
+draft nodes for ``requests[i]`` (0 = plain decode, the root alone). The speculation policy picks
+the budgets; the drafter never exceeds them.
+
+``kind`` tells verification how children were drafted, because lossless sampled verification
+depends on it (see server/spec/verify.py): "deterministic" = children are a function of the
+context (n-gram lookup, top-k), "sampled" = children drawn i.i.d. from the drafter's
+distribution q, which the drafter must then also return for verification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal, Protocol, runtime_checkable
+
+from server.engine.request import Request
+from server.spec.tree import TokenTree
+
+DraftKind = Literal["deterministic", "sampled"]
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    name: str
+    kind: DraftKind
+
+    def propose(self, requests: list[Request], budgets: list[int]) -> list[TokenTree]:
+        """One tree per request, ``trees[i].num_drafts <= budgets[i]``."""
+        ...
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Drop per-request state of finished requests (a no-op for stateless drafters)."""
+        ...
+
+
+DrafterFactory = Callable[..., Drafter]
+_REGISTRY: dict[str, DrafterFactory] = {}
+
+
+def register_drafter(name: str, factory: DrafterFactory) -> None:
+    """Make ``make_drafter(name, ...)`` build drafters with ``factory(**options)``."""
+    if name in _REGISTRY and _REGISTRY[name] is not factory:
+        raise ValueError(f"a drafter named {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def available_drafters() -> list[str]:
+    _register_builtins()
+    return sorted(_REGISTRY)
+
+
+def make_drafter(name: str, **options: object) -> Drafter:
+    """Build the drafter registered as ``name`` ("ngram", "tree", ...) with its options."""
+    _register_builtins()
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ValueError(f"unknown drafter {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+    try:
+        return factory(**options)
+    except TypeError as exc:  # an option the drafter does not take
+        raise ValueError(f"bad options for drafter {name!r}: {exc}") from exc
+
+
+def check_budgets(requests: list[Request], budgets: list[int]) -> None:
+    if len(requests) != len(budgets):
+        raise ValueError(
+            f"one budget per request: {len(requests)} requests, {len(budgets)} budgets"
+        )
+    if any(b < 0 for b in budgets):
+        raise ValueError(f"budgets must be >= 0, got {budgets}")
+    if any(not r.all_token_ids for r in requests):
+        raise ValueError("a request with no tokens has no root token to draft from")
+
+
+def _register_builtins() -> None:
+    # Imported here: the drafter modules import this one for the protocol.
+    from server.spec.ngram import NgramDrafter
+    from server.spec.suffix_tree import SuffixTreeDrafter
+
+    _REGISTRY.setdefault("ngram", NgramDrafter)
+    _REGISTRY.setdefault("tree", SuffixTreeDrafter)

@@ -1,0 +1,57 @@
+"""Prompt lookup (vLLM's "ngram" speculation): continue the context the way it went before.
+
+For n from ``prompt_lookup_max`` down to ``prompt_lookup_min``: find the most recent earlier
+occurrence of the context's last n tokens and propose the tokens that followed it, as a chain.
+Free to run (no model), deterministic, and strong on inputs that repeat themselves (code edits,
+summaries quoting the prompt, structured output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from server.engine.request import Request
+from server.spec.drafter import DraftKind, check_budgets
+from server.spec.history import TokenHistory, continuation, suffix_matches
+from server.spec.tree import TokenTree
+
+
+class NgramDrafter:
+    name = "ngram"
+    kind: DraftKind = "deterministic"
+
+    def __init__(self, prompt_lookup_min: int = 1, prompt_lookup_max: int = 4) -> None:
+        if not 1 <= prompt_lookup_min <= prompt_lookup_max:
+            raise ValueError(
+                "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                f"{prompt_lookup_min} and {prompt_lookup_max}"
+            )
+        self.prompt_lookup_min = prompt_lookup_min
+        self.prompt_lookup_max = prompt_lookup_max
+        self._history = TokenHistory()
+
+    def propose(self, requests: list[Request], budgets: list[int]) -> list[TokenTree]:
+        check_budgets(requests, budgets)
+        return [self._propose_one(r, b) for r, b in zip(requests, budgets, strict=True)]
+
+    def draft_tokens(self, request: Request, budget: int) -> list[int]:
+        """The chain's draft tokens (<= budget; [] when nothing matches)."""
+        if budget <= 0:
+            return []
+        tokens = self._history.tokens(request)
+        ends, lengths = suffix_matches(tokens, self.prompt_lookup_max)
+        if len(ends) == 0:
+            return []
+        best = int(lengths.max())
+        if best < self.prompt_lookup_min:
+            return []
+        # The longest n that matches anywhere wins; among its occurrences the latest one.
+        # ends is ascending, so the last index with the best length is the most recent.
+        end = int(ends[lengths == best][-1])
+        return continuation(tokens, end, budget)
+
+    def _propose_one(self, request: Request, budget: int) -> TokenTree:
+        return TokenTree.chain(request.all_token_ids[-1], self.draft_tokens(request, budget))
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        self._history.release(request_ids)
