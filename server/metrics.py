@@ -60,11 +60,30 @@ class EngineStatsCollector(Collector):
             ),
             ("specd:generation_tokens", "Tokens generated.", s.num_generated_tokens),
             ("specd:engine_steps", "Engine steps run.", s.num_steps),
+            (
+                "specd:spec_decode_num_drafts",
+                "Verify steps that carried draft tokens.",
+                s.num_drafts,
+            ),
+            ("specd:spec_decode_num_draft_tokens", "Draft tokens proposed.", s.num_draft_tokens),
+            (
+                "specd:spec_decode_num_accepted_tokens",
+                "Draft tokens accepted.",
+                s.num_accepted_tokens,
+            ),
         ]
         for name, doc, v in counters:
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric(value, float(v))
             yield c
+        per_position = CounterMetricFamily(
+            "specd:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in the draft (0 = first).",
+            labels=[*labels, "position"],
+        )
+        for position, accepted in enumerate(s.accepted_per_position):
+            per_position.add_metric([*value, str(position)], float(accepted))
+        yield per_position
 
 
 def build_registry(model_name: str, read_stats: Callable[[], SchedulerStats]) -> CollectorRegistry:

@@ -169,11 +169,31 @@ class PromptTokensDetails(OpenAIModel):
     cached_tokens: int = 0
 
 
+class SpeculationUsage(OpenAIModel):
+    """specd extension: how speculative decoding went for this request."""
+
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float = 0.0
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    # null when no draft token was proposed for the request.
+    speculation: SpeculationUsage | None = None
+
+    @staticmethod
+    def speculation_of(draft_tokens: int, accepted_tokens: int) -> SpeculationUsage | None:
+        if draft_tokens == 0:
+            return None
+        return SpeculationUsage(
+            draft_tokens=draft_tokens,
+            accepted_tokens=accepted_tokens,
+            acceptance_rate=round(accepted_tokens / draft_tokens, 4),
+        )
 
 
 class CompletionLogprobs(OpenAIModel):

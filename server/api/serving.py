@@ -44,12 +44,16 @@ class ChoiceUsage:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
     texts: list[str] = field(default_factory=list)
 
     def update(self, out: RequestOutput) -> None:
         self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = max(out.num_cached_tokens, self.num_cached_tokens)
         self.num_output_tokens = out.num_output_tokens
+        self.num_draft_tokens = max(out.num_draft_tokens, self.num_draft_tokens)
+        self.num_accepted_tokens = max(out.num_accepted_tokens, self.num_accepted_tokens)
         if out.new_text:
             self.texts.append(out.new_text)
 

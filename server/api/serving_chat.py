@@ -126,6 +126,10 @@ class ChatServer:
             completion_tokens=completion,
             total_tokens=num_prompt_tokens + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=usages[0].num_cached_tokens),
+            speculation=UsageInfo.speculation_of(
+                sum(u.num_draft_tokens for u in usages),
+                sum(u.num_accepted_tokens for u in usages),
+            ),
         )
 
     # -- non-streaming -------------------------------------------------------------------------

@@ -183,6 +183,10 @@ class CompletionServer:
             completion_tokens=completion,
             total_tokens=prompt + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+            speculation=UsageInfo.speculation_of(
+                sum(c.usage.num_draft_tokens for c in choices),
+                sum(c.usage.num_accepted_tokens for c in choices),
+            ),
         )
 
     # -- non-streaming -------------------------------------------------------------------------
