@@ -17,6 +17,7 @@ from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerStats
 from server.model.runner import ModelRunner
+from server.spec.draft_model import draft_kv_bytes_per_block
 from server.spec.drafter import Drafter, make_drafter
 from server.spec.policy import make_policy
 
@@ -37,7 +38,14 @@ class EngineInfo:
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.runner = ModelRunner(config)
+        spec = config.speculative
+        draft_kv = 0
+        if spec.enabled and spec.method == "draft_model":
+            assert spec.model is not None  # SpeculativeConfig checks it
+            draft_kv = draft_kv_bytes_per_block(
+                spec.model, config.model.dtype, config.model.device, config.cache.block_size
+            )
+        self.runner = ModelRunner(config, draft_kv_bytes_per_block=draft_kv)
         block_size = config.cache.block_size
         capacity = self.runner.num_blocks * block_size
         max_model_len = self.runner.max_model_len
@@ -56,10 +64,9 @@ class EngineCore:
             vocab_size=self.runner.vocab_size,
             eos_token_ids=frozenset(self.runner.eos_token_ids),
         )
-        spec = config.speculative
         self.drafter: Drafter | None = None
         if spec.enabled:
-            self.drafter = _build_drafter(config)
+            self.drafter = _build_drafter(config, self.runner)
         self.scheduler = Scheduler(
             config.scheduler,
             config.cache,
@@ -116,6 +123,10 @@ class EngineCore:
         if plan.is_empty:
             return []
         try:
+            if self.drafter is not None:
+                # Before proposing: a preempted request's draft K/V went with its blocks.
+                self.drafter.release(plan.finished_request_ids)
+                self.drafter.reset(plan.preempted_request_ids)
             if plan.spec_budgets:
                 self._propose(plan)
             output = self.runner.execute(plan)
@@ -139,16 +150,49 @@ class EngineCore:
         budgets = [plan.spec_budgets[r.request_id] for r in requests]
         for request, tree in zip(requests, self.drafter.propose(requests, budgets), strict=True):
             if tree.num_drafts > 0:
-                plan.spec_trees[request.request_id] = tree
-                plan.num_spec_tokens[request.request_id] = tree.num_drafts
+                rid = request.request_id
+                plan.spec_trees[rid] = tree
+                plan.num_spec_tokens[rid] = tree.num_drafts
+                q = self.drafter.draft_probs(rid)
+                if q is not None:
+                    plan.spec_draft_probs[rid] = q
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
 
-def _build_drafter(config: EngineConfig) -> Drafter:
-    """The drafter named by --speculative-config, with its options."""
+def _build_drafter(config: EngineConfig, runner: ModelRunner) -> Drafter:
+    """The drafter named by --speculative-config, with its options.
+
+    Model drafters run over the target's block tables: their caches take the target runner's
+    num_blocks / block_size, and their dtype, device and attention backend are the target's.
+    """
     spec = config.speculative
+    if spec.method == "draft_model":
+        assert spec.model is not None  # SpeculativeConfig checks it
+        return make_drafter(
+            "draft_model",
+            model=spec.model,
+            target_model=config.model.model,
+            target_tokenizer=runner.tokenizer,
+            target_eos_token_ids=frozenset(runner.eos_token_ids),
+            target_vocab_size=runner.vocab_size,
+            dtype=config.model.dtype,
+            device=str(runner.device),
+            attention_backend=config.attention_backend,
+            num_blocks=runner.num_blocks,
+            block_size=runner.block_size,
+        )
+    if spec.method == "synthetic":
+        return make_drafter(
+            "synthetic",
+            model=runner.model,
+            kv_cache=runner.kv_cache,
+            num_blocks=runner.num_blocks,
+            block_size=runner.block_size,
+            target_vocab_size=runner.vocab_size,
+            acceptance_rate=spec.acceptance_rate,
+        )
     if spec.method == "ngram":
         return make_drafter(
             "ngram",
@@ -162,4 +206,4 @@ def _build_drafter(config: EngineConfig) -> Drafter:
             min_match=spec.prompt_lookup_min,
             max_match=spec.prompt_lookup_max,
         )
-    raise ValueError(f"speculative method {spec.method!r} is not available yet")
+    raise ValueError(f"unknown speculative method {spec.method!r}")

@@ -1,7 +1,8 @@
 """The contracts between scheduler and runner: StepPlan (what to compute) and RunnerOutput.
 
 Plan / execute / update: ``Scheduler.schedule() -> StepPlan``, ``ModelRunner.execute(plan) ->
-RunnerOutput``, ``Scheduler.update(plan, output)``. Neither object holds tensors.
+RunnerOutput``, ``Scheduler.update(plan, output)``. Neither object holds tensors, except the
+draft distributions a sampling drafter hands to verification (``spec_draft_probs``).
 
 Per scheduled request ``r`` with ``n = num_scheduled_tokens[r.request_id]``, the runner computes
 the tokens ``r.all_token_ids[r.num_computed_tokens : r.num_computed_tokens + n]`` at positions
@@ -18,6 +19,8 @@ A request *samples* this step when its scheduled tokens reach the end of its kno
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from torch import Tensor
 
 from server.engine.request import Logprob, Request
 from server.spec.drafter import DraftKind
@@ -46,6 +49,10 @@ class StepPlan:
     # How the drafter made children ("deterministic": n-gram / suffix / top-k; "sampled":
     # drawn from a draft distribution): sampled verification must use the matching rule.
     spec_draft_kind: DraftKind = "deterministic"
+    # "sampled" drafts of non-greedy requests: request_id -> [n + 1, V] float32 on the model's
+    # device, row i = the draft distribution node i's child was drawn from (the leaf's row is
+    # unused). Rejection sampling needs q to stay lossless; greedy requests have no entry.
+    spec_draft_probs: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

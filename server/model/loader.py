@@ -194,3 +194,21 @@ def load_weights(model: CausalLM, path: Path, dtype: torch.dtype, device: torch.
     missing = model.finish_loading(loaded)
     if missing:
         raise ValueError(f"{path}: checkpoint lacks weights for {sorted(missing)[:8]} ...")
+
+
+def eos_token_ids(path: Path, hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    """EOS ids from generation_config.json, config.json and the tokenizer, united."""
+    ids: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+
+    gen = Path(path) / "generation_config.json"
+    if gen.is_file():
+        add(json.loads(gen.read_text()).get("eos_token_id"))
+    add(getattr(hf_config, "eos_token_id", None))
+    add(getattr(tokenizer, "eos_token_id", None))
+    return frozenset(ids)

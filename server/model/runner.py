@@ -9,12 +9,9 @@ admission: the block tables it gets are trusted to be large enough.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -26,7 +23,7 @@ from server.model.attention import (
     build_attention_metadata,
     get_attention_backend,
 )
-from server.model.loader import load_model, resolve_device, resolve_model
+from server.model.loader import eos_token_ids, load_model, resolve_device, resolve_model
 from server.model.sampler import compute_logprobs, sample
 from server.model.spec_step import (
     compact_kv,
@@ -66,9 +63,12 @@ class _Batch:
 
 
 class ModelRunner:
-    def __init__(self, engine_config: EngineConfig) -> None:
+    def __init__(self, engine_config: EngineConfig, draft_kv_bytes_per_block: int = 0) -> None:
+        """draft_kv_bytes_per_block: a draft model's cache indexed by the same block ids (see
+        server/spec/draft_runner.py) shares the KV memory budget, so each block costs both."""
         mc = engine_config.model
         self.config = engine_config
+        self.draft_kv_bytes_per_block = draft_kv_bytes_per_block
         self.device = resolve_device(mc.device)
         self.model_path = resolve_model(mc.model)
         backend = get_attention_backend(engine_config.attention_backend, self.device)
@@ -80,7 +80,7 @@ class ModelRunner:
         self.vocab_size: int = spec.vocab_size
         self.block_size: int = engine_config.cache.block_size
         self.max_model_len = self._max_model_len(mc.max_model_len)
-        self.eos_token_ids = self._eos_token_ids()
+        self.eos_token_ids = eos_token_ids(self.model_path, self.hf_config, self.tokenizer)
         self.num_blocks = self._num_blocks()
         # [num_layers, 2 (K, V), num_blocks, block_size, Hk, D]
         self.kv_cache = torch.zeros(
@@ -133,23 +133,6 @@ class ModelRunner:
             )
         return requested
 
-    def _eos_token_ids(self) -> frozenset[int]:
-        """EOS ids from generation_config.json, config.json and the tokenizer, united."""
-        ids: set[int] = set()
-
-        def add(value: Any) -> None:
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, list | tuple):
-                ids.update(v for v in value if isinstance(v, int))
-
-        gen = Path(self.model_path) / "generation_config.json"
-        if gen.is_file():
-            add(json.loads(gen.read_text()).get("eos_token_id"))
-        add(getattr(self.hf_config, "eos_token_id", None))
-        add(getattr(self.tokenizer, "eos_token_id", None))
-        return frozenset(ids)
-
     def kv_bytes_per_block(self) -> int:
         s = self.model.spec
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -166,11 +149,12 @@ class ModelRunner:
                 budget = int(free * _CUDA_FREE_FRACTION)
             else:
                 budget = _CPU_DEFAULT_KV_BYTES
-        blocks = budget // self.kv_bytes_per_block()
+        per_block = self.kv_bytes_per_block() + self.draft_kv_bytes_per_block
+        blocks = budget // per_block
         if blocks < 2:
             raise ValueError(
                 f"kv_cache_memory {budget} bytes holds {blocks} blocks "
-                f"({self.kv_bytes_per_block()} bytes each); raise --kv-cache-memory"
+                f"({per_block} bytes each, draft model's K/V included); raise --kv-cache-memory"
             )
         return int(blocks)
 
@@ -221,7 +205,14 @@ class ModelRunner:
         for r, first_row in zip(batch.spec_requests, batch.spec_rows, strict=True):
             tree = plan.spec_trees[r.request_id]
             rows = logits[first_row : first_row + len(tree.token_ids)]  # [n+1, V]
-            result = verify_tree(rows, r, tree, self._generator(r), plan.spec_draft_kind)
+            result = verify_tree(
+                rows,
+                r,
+                tree,
+                self._generator(r),
+                plan.spec_draft_kind,
+                draft_probs=plan.spec_draft_probs.get(r.request_id),
+            )
             out.sampled_token_ids[r.request_id] = result.tokens
             num_top = r.sampling_params.logprobs
             if num_top is not None:

@@ -3,6 +3,8 @@
 - ``tree``: ``TokenTree`` (node 0 = last verified token, drafts in topological order, masks).
 - ``drafter``: the ``Drafter`` protocol and the ``make_drafter`` registry.
 - ``ngram`` / ``suffix_tree``: model-free drafters (prompt lookup chain, suffix-match tree).
+- ``draft_model`` (+ ``draft_runner``: its paged K/V over the target's block ids): a small LM
+  sharing the target's tokenizer drafts chains. ``synthetic``: benchmarks and tests only.
 - ``verify``: greedy, chain rejection sampling, and tree multi-step / deterministic rules.
 
 Imports point down only: engine -> spec -> model (sampler) / engine.request.

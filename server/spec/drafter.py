@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Literal, Protocol, runtime_checkable
 
+from torch import Tensor
+
 from server.engine.request import Request
 from server.spec.tree import TokenTree
 
@@ -29,6 +31,17 @@ class Drafter(Protocol):
 
     def propose(self, requests: list[Request], budgets: list[int]) -> list[TokenTree]:
         """One tree per request, ``trees[i].num_drafts <= budgets[i]``."""
+        ...
+
+    def draft_probs(self, request_id: str) -> Tensor | None:
+        """Kind "sampled": the [n + 1, V] draft distributions of the request's last proposal
+        (row i = the q node i's children were drawn from); None for deterministic drafters
+        and for requests verified greedily."""
+        ...
+
+    def reset(self, request_ids: Iterable[str]) -> None:
+        """The requests were preempted: their K/V is gone (state tied to the cache must go;
+        token histories and random generators stay)."""
         ...
 
     def release(self, request_ids: Iterable[str]) -> None:
@@ -77,8 +90,12 @@ def check_budgets(requests: list[Request], budgets: list[int]) -> None:
 
 def _register_builtins() -> None:
     # Imported here: the drafter modules import this one for the protocol.
+    from server.spec.draft_model import load_draft_model_drafter
     from server.spec.ngram import NgramDrafter
     from server.spec.suffix_tree import SuffixTreeDrafter
+    from server.spec.synthetic import SyntheticDrafter
 
     _REGISTRY.setdefault("ngram", NgramDrafter)
     _REGISTRY.setdefault("tree", SuffixTreeDrafter)
+    _REGISTRY.setdefault("draft_model", load_draft_model_drafter)
+    _REGISTRY.setdefault("synthetic", SyntheticDrafter)

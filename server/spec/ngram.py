@@ -55,3 +55,9 @@ class NgramDrafter:
 
     def release(self, request_ids: Iterable[str]) -> None:
         self._history.release(request_ids)
+
+    def reset(self, request_ids: Iterable[str]) -> None:
+        pass  # token histories survive preemption (the tokens do)
+
+    def draft_probs(self, request_id: str) -> None:
+        return None  # deterministic drafts

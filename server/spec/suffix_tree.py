@@ -52,6 +52,12 @@ class SuffixTreeDrafter:
     def release(self, request_ids: Iterable[str]) -> None:
         self._history.release(request_ids)
 
+    def reset(self, request_ids: Iterable[str]) -> None:
+        pass  # token histories survive preemption (the tokens do)
+
+    def draft_probs(self, request_id: str) -> None:
+        return None  # deterministic drafts
+
     def _propose_one(self, request: Request, budget: int) -> TokenTree:
         root = request.all_token_ids[-1]
         if budget <= 0:
