@@ -18,10 +18,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from server.model.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
-from server.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rotary, rope_parameters
+from server.model.layers import (
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLUMLP,
+    apply_rotary,
+    linear,
+    rope_parameters,
+)
 
 
 @dataclass(frozen=True)
@@ -116,10 +123,8 @@ class Attention(nn.Module):
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
         self.scale = spec.head_dim**-0.5
-        self.qkv_proj = nn.Linear(
-            spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias
-        )
-        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
+        self.qkv_proj = Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
 
@@ -184,7 +189,7 @@ class CausalLM(nn.Module):
         self.lm_head = (
             None
             if spec.tie_word_embeddings
-            else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            else Linear(spec.hidden_size, spec.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(spec.head_dim, spec.rope)
         self.backend: AttentionBackend = backend or TorchAttentionBackend()
@@ -224,7 +229,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, V]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
     # ---- weight loading -------------------------------------------------------------------
 

@@ -75,10 +75,29 @@ def tokens_of(results: list[Completion]) -> list[list[int]]:
 def test_greedy_identity_on_tiny_models(
     spec: SpeculativeConfig, arch: str, tiny_model_dirs: dict[str, Path]
 ) -> None:
+    check_greedy_identity(tiny_model_dirs[arch], spec)
+
+
+@pytest.mark.parametrize("method", ["draft_model", "synthetic"])
+def test_greedy_identity_with_model_drafters(
+    method: str, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.spec.test_draft_model import noisy_copy
+
+    if method == "draft_model":
+        draft = noisy_copy(tiny_llama_dir, tmp_path_factory.mktemp("draft") / "d", 0.05)
+        spec = SpeculativeConfig(method="draft_model", model=str(draft), num_speculative_tokens=4)
+    else:
+        spec = SpeculativeConfig(method="synthetic", num_speculative_tokens=4, acceptance_rate=0.6)
+    check_greedy_identity(tiny_llama_dir, spec)
+
+
+def check_greedy_identity(model_dir: Path, spec: SpeculativeConfig) -> None:
+    """32 concurrent prompts, repetitive and free-form, against no speculation."""
     prompts = repetitive_token_prompts(32)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    plain = make_engine(tiny_model_dirs[arch]).generate(prompts, params)
-    engine = make_engine(tiny_model_dirs[arch], spec)
+    plain = make_engine(model_dir).generate(prompts, params)
+    engine = make_engine(model_dir, spec)
     speculative = engine.generate(prompts, params)
     assert tokens_of(speculative) == tokens_of(plain)
     stats = engine.core.stats()
@@ -203,16 +222,7 @@ def test_greedy_identity_on_the_embedded_model() -> None:
     """32 prompts (code edits, reformatting, quoting summaries, extraction + free-form chat)."""
     prompts_text = load_prompts("repetitive.jsonl", 20) + load_prompts("chat.jsonl", 12)
     base = make_engine("smollm2-135m-instruct", dtype="float32", block_size=16, budget=512)
-    tok = base.tokenizer
-    prompts = [
-        tok.encode(
-            tok.apply_chat_template(
-                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
-            ),
-            add_special_tokens=False,
-        )
-        for t in prompts_text
-    ]
+    prompts = encode_chat(base, prompts_text)
     params = SamplingParams(max_tokens=32, temperature=0.0)
     plain = tokens_of(base.generate(prompts, params))
     del base
@@ -222,3 +232,45 @@ def test_greedy_identity_on_the_embedded_model() -> None:
         )
         assert tokens_of(engine.generate(prompts, params)) == plain, spec.method
         assert engine.core.stats().num_accepted_tokens > 0
+
+
+@pytest.mark.slow
+def test_model_drafters_on_the_embedded_model() -> None:
+    """draft_model with draft = target accepts every greedy draft; synthetic keeps outputs.
+
+    12 prompts: each draft token costs a forward of the full model here, on CPU.
+    """
+    texts = load_prompts("repetitive.jsonl", 6) + load_prompts("chat.jsonl", 6)
+    base = make_engine("smollm2-135m-instruct", dtype="float32", block_size=16, budget=512)
+    prompts = encode_chat(base, texts)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    plain = tokens_of(base.generate(prompts, params))
+    del base
+    specs = [
+        SpeculativeConfig(method="draft_model", model="smollm2-135m-instruct",
+                          num_speculative_tokens=3),
+        SpeculativeConfig(method="synthetic", num_speculative_tokens=3, acceptance_rate=0.5),
+    ]  # fmt: skip
+    for spec in specs:
+        engine = make_engine(
+            "smollm2-135m-instruct", spec, dtype="float32", block_size=16, budget=512
+        )
+        assert tokens_of(engine.generate(prompts, params)) == plain, spec.method
+        stats = engine.core.stats()
+        if spec.method == "draft_model":
+            assert stats.num_accepted_tokens == stats.num_draft_tokens > 0
+        else:
+            assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+def encode_chat(engine: OfflineEngine, texts: list[str]) -> list[list[int]]:
+    tok = engine.tokenizer
+    return [
+        tok.encode(
+            tok.apply_chat_template(
+                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
+            ),
+            add_special_tokens=False,
+        )
+        for t in texts
+    ]
