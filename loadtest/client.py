@@ -116,6 +116,9 @@ async def _stream(
                 text_parts.append(chunk.text)
             if chunk.finish_reason:
                 rec.finish_reason = chunk.finish_reason
+                if rec.num_chunks == 0:
+                    # Finished without text (e.g. EOS first): that chunk is the first "token".
+                    rec.ttft, last = now - st, now
             if chunk.completion_tokens is not None:
                 usage_tokens = chunk.completion_tokens
             if chunk.prompt_tokens is not None:
@@ -126,6 +129,6 @@ async def _stream(
             rec.output_len, rec.token_source = usage_tokens, "usage"
         else:
             rec.output_len, rec.token_source = rec.num_chunks, "chunks"
-        if not rec.error and rec.num_chunks == 0 and rec.output_len > 0:
-            rec.error = "stream ended without any text chunk"
+        if not rec.error and rec.finish_reason is None and rec.num_chunks == 0:
+            rec.error = "stream ended without any text or finish_reason"
         rec.success = not rec.error

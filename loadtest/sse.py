@@ -87,7 +87,7 @@ def interpret(data: str) -> Chunk:
         return Chunk(error=f"unparseable SSE data ({e}): {data[:200]!r}")
     if not isinstance(obj, dict):
         return Chunk(error=f"SSE data is not a JSON object: {data[:200]!r}")
-    if "error" in obj and obj["error"]:
+    if obj.get("error"):
         return Chunk(error=error_message(obj))
     text = ""
     finish = None
