@@ -23,7 +23,7 @@ from server.model.layers import linear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 LAYERS = 30
-ROWS = [1, 2, 3, 4, 5, 8, 16, 64]
+ROWS = [1, 2, 3, 4, 5, 8, 16, 64, 65, 256, 1024]
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
