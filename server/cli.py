@@ -139,7 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from server.api.app import serve
 
-        asyncio.run(serve(config))
+        try:
+            asyncio.run(serve(config))
+        except KeyboardInterrupt:
+            # uvicorn drained HTTP and the engine was shut down; it re-raises the SIGINT it
+            # caught so the process ends as interrupted. That is a normal stop, not an error.
+            logging.getLogger("specd").info("stopped")
     return 0
 
 

@@ -124,4 +124,4 @@ async def serve(config: SpecdConfig) -> None:
         )
         await server.serve()
     finally:
-        await client.shutdown()
+        client.shutdown_now()

@@ -117,11 +117,16 @@ class AsyncEngineClient:
         return cls(config, tokenizer, first.info, core_in_send, core_out_recv, worker)
 
     async def shutdown(self) -> None:
+        self.shutdown_now()
+
+    def shutdown_now(self, timeout: float = 10.0) -> None:
+        """Stops the engine core. Synchronous on purpose: it runs while uvicorn re-raises the
+        SIGINT it caught, when an awaited shutdown would be cancelled half-way."""
         if self._dead is None:
+            self._dead = "shut down"
             with contextlib.suppress(OSError):
                 self._to_core.send(Shutdown())
-        self._dead = self._dead or "shut down"
-        await asyncio.to_thread(self._worker.join, 10)
+        self._worker.join(timeout)
         if isinstance(self._worker, mp.process.BaseProcess) and self._worker.is_alive():
             self._worker.kill()
 
@@ -204,8 +209,9 @@ class AsyncEngineClient:
         while True:
             try:
                 msg = self._from_core.recv()
-            except (EOFError, OSError):
-                self._loop.call_soon_threadsafe(self._on_core_gone)
+            except Exception:  # EOF, a closed pipe, or a torn message as the core exits
+                if self._dead is None and not self._loop.is_closed():
+                    self._loop.call_soon_threadsafe(self._on_core_gone)
                 return
             if isinstance(msg, StepOutputs):
                 self._loop.call_soon_threadsafe(self._dispatch, msg)

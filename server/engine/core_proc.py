@@ -9,6 +9,8 @@ sends ``AddRequest`` / ``AbortRequests`` / ``Shutdown``; the core answers once w
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -62,6 +64,10 @@ class StepOutputs:
 
 def run_engine_core(config: EngineConfig, inbox: Connection, outbox: Connection) -> None:
     """The engine loop. Blocks on the inbox only while there is no work."""
+    if threading.current_thread() is threading.main_thread():
+        # Its own process: a terminal's Ctrl-C reaches the whole process group, but only the
+        # API process decides when to stop (it sends Shutdown after draining HTTP).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
