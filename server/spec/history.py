@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from server.engine.request import Request
+from server.spec.drafter import DraftKind, check_budgets
+from server.spec.tree import TokenTree
 
 
 class TokenHistory:
@@ -102,3 +104,29 @@ def ordered_candidates(ends: np.ndarray, lengths: np.ndarray, min_match: int) ->
     # lexsort sorts by the last key first; negate for descending.
     order = np.lexsort((-ends[keep], -lengths[keep]))
     return keep[order].tolist()
+
+
+class HistoryDrafter:
+    """What the model-free drafters share: a token history per request, deterministic drafts,
+    one tree per request from ``_propose_one`` (subclasses implement it)."""
+
+    kind: DraftKind = "deterministic"
+
+    def __init__(self) -> None:
+        self._history = TokenHistory()
+
+    def propose(self, requests: list[Request], budgets: list[int]) -> list[TokenTree]:
+        check_budgets(requests, budgets)
+        return [self._propose_one(r, b) for r, b in zip(requests, budgets, strict=True)]
+
+    def _propose_one(self, request: Request, budget: int) -> TokenTree:
+        raise NotImplementedError
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        self._history.release(request_ids)
+
+    def reset(self, request_ids: Iterable[str]) -> None:
+        pass  # token histories survive preemption (the tokens do)
+
+    def draft_probs(self, request_id: str) -> None:
+        return None  # deterministic drafts

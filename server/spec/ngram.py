@@ -8,17 +8,13 @@ summaries quoting the prompt, structured output).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from server.engine.request import Request
-from server.spec.drafter import DraftKind, check_budgets
-from server.spec.history import TokenHistory, continuation, suffix_matches
+from server.spec.history import HistoryDrafter, continuation, suffix_matches
 from server.spec.tree import TokenTree
 
 
-class NgramDrafter:
+class NgramDrafter(HistoryDrafter):
     name = "ngram"
-    kind: DraftKind = "deterministic"
 
     def __init__(self, prompt_lookup_min: int = 1, prompt_lookup_max: int = 4) -> None:
         if not 1 <= prompt_lookup_min <= prompt_lookup_max:
@@ -28,11 +24,7 @@ class NgramDrafter:
             )
         self.prompt_lookup_min = prompt_lookup_min
         self.prompt_lookup_max = prompt_lookup_max
-        self._history = TokenHistory()
-
-    def propose(self, requests: list[Request], budgets: list[int]) -> list[TokenTree]:
-        check_budgets(requests, budgets)
-        return [self._propose_one(r, b) for r, b in zip(requests, budgets, strict=True)]
+        super().__init__()
 
     def draft_tokens(self, request: Request, budget: int) -> list[int]:
         """The chain's draft tokens (<= budget; [] when nothing matches)."""
@@ -52,12 +44,3 @@ class NgramDrafter:
 
     def _propose_one(self, request: Request, budget: int) -> TokenTree:
         return TokenTree.chain(request.all_token_ids[-1], self.draft_tokens(request, budget))
-
-    def release(self, request_ids: Iterable[str]) -> None:
-        self._history.release(request_ids)
-
-    def reset(self, request_ids: Iterable[str]) -> None:
-        pass  # token histories survive preemption (the tokens do)
-
-    def draft_probs(self, request_id: str) -> None:
-        return None  # deterministic drafts

@@ -14,11 +14,9 @@ Children are a deterministic function of the context ("deterministic" kind, like
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
 
 from server.engine.request import Request
-from server.spec.drafter import DraftKind, check_budgets
-from server.spec.history import TokenHistory, continuation, ordered_candidates, suffix_matches
+from server.spec.history import HistoryDrafter, continuation, ordered_candidates, suffix_matches
 from server.spec.tree import TokenTree
 
 # Occurrences considered per request (longest match first, then latest): bounds the Python
@@ -31,9 +29,8 @@ _LENGTH_BASE = 2.0
 _DEPTH_DECAY = 0.8
 
 
-class SuffixTreeDrafter:
+class SuffixTreeDrafter(HistoryDrafter):
     name = "tree"
-    kind: DraftKind = "deterministic"
 
     def __init__(self, max_width: int = 4, min_match: int = 1, max_match: int = 8) -> None:
         if max_width < 1:
@@ -43,20 +40,7 @@ class SuffixTreeDrafter:
         self.max_width = max_width
         self.min_match = min_match
         self.max_match = max_match
-        self._history = TokenHistory()
-
-    def propose(self, requests: list[Request], budgets: list[int]) -> list[TokenTree]:
-        check_budgets(requests, budgets)
-        return [self._propose_one(r, b) for r, b in zip(requests, budgets, strict=True)]
-
-    def release(self, request_ids: Iterable[str]) -> None:
-        self._history.release(request_ids)
-
-    def reset(self, request_ids: Iterable[str]) -> None:
-        pass  # token histories survive preemption (the tokens do)
-
-    def draft_probs(self, request_id: str) -> None:
-        return None  # deterministic drafts
+        super().__init__()
 
     def _propose_one(self, request: Request, budget: int) -> TokenTree:
         root = request.all_token_ids[-1]
