@@ -15,7 +15,12 @@ from starlette.requests import Request
 
 from server.api.errors import APIError, BadRequest
 from server.api.logprobs import TokenStrings
-from server.api.protocol import ChatMessage, SamplingFields
+from server.api.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    SamplingFields,
+    TokenizeRequest,
+)
 from server.config import ServerConfig
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import InvalidParamError, SamplingParams
@@ -164,6 +169,17 @@ class ServingContext:
             ) from e
         assert isinstance(text, str), type(text)
         return text
+
+    def chat_prompt_ids(self, body: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+        """The token ids of a request's messages rendered with the model's chat template."""
+        assert body.messages is not None
+        text = self.render_chat(
+            body.messages,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            chat_template_kwargs=body.chat_template_kwargs,
+        )
+        return self.encode_chat(text)
 
     def encode_chat(self, text: str) -> list[int]:
         # The template already wrote BOS (and every other special token) where the model wants

@@ -55,13 +55,7 @@ class ChatServer:
         ctx = self.ctx
         ctx.check_model(body.model)
         self._check_unsupported(body)
-        text = ctx.render_chat(
-            body.messages,
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            chat_template_kwargs=body.chat_template_kwargs,
-        )
-        prompt_ids = ctx.encode_chat(text)
+        prompt_ids = ctx.chat_prompt_ids(body)
         if not prompt_ids:
             raise BadRequest("The rendered chat prompt is empty", param="messages")
         requested = (

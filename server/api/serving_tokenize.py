@@ -26,13 +26,7 @@ class TokenizeServer:
         if (body.prompt is None) == (body.messages is None):
             raise BadRequest("Send exactly one of 'prompt' or 'messages'", param="prompt")
         if body.messages is not None:
-            text = ctx.render_chat(
-                body.messages,
-                add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message,
-                chat_template_kwargs=body.chat_template_kwargs,
-            )
-            tokens = ctx.encode_chat(text)
+            tokens = ctx.chat_prompt_ids(body)
         else:
             assert body.prompt is not None
             tokens = ctx.encode(body.prompt, add_special_tokens=body.add_special_tokens)
