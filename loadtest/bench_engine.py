@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -25,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from loadtest import report
 from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from server.engine.offline import OfflineEngine
 from server.engine.sampling_params import SamplingParams
@@ -43,25 +41,17 @@ PROMPTS = [
 
 
 def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
+    """The host as the sweep reports describe it (loadtest.report), plus what offline
+    benchmarks add: torch's version and threads, and the time of the run."""
+    host = report.machine_info()
+    git = report.git_info()
     return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
+        "cpu": str(host["cpu_model"]),
+        "cores": str(host["usable_cores"]),
         "torch": torch.__version__,
         "torch_threads": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-        "git_commit": commit,
+        "python": str(host["python"]),
+        "git_commit": git["commit"][:7] + (" (dirty)" if git["dirty"] == "yes" else ""),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

@@ -54,8 +54,8 @@ class _Batch:
     # Per sampling request: index into logit_rows of its last row.
     sample_requests: list[Request]
     sample_rows: list[int]
-    # request id -> (indices into logit_rows, target prompt token ids) for prompt logprobs.
-    prompt_rows: dict[str, tuple[list[int], list[int]]]
+    # (request, indices into logit_rows, target prompt token ids) for prompt logprobs.
+    prompt_rows: list[tuple[Request, list[int], list[int]]]
     # Requests verifying a draft tree, and the index into logit_rows of each one's root row
     # (its n + 1 node rows follow in node order).
     spec_requests: list[Request]
@@ -176,10 +176,9 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])  # [N, V] float32
             if batch.sample_requests:
                 self._sample(logits, batch, out)
-            for rid, (idx, targets) in batch.prompt_rows.items():
-                r = next(r for r in plan.requests if r.request_id == rid)
+            for r, idx, targets in batch.prompt_rows:
                 num_top = r.sampling_params.prompt_logprobs or 0
-                out.prompt_logprobs[rid] = compute_logprobs(
+                out.prompt_logprobs[r.request_id] = compute_logprobs(
                     logits[torch.tensor(idx, device=self.device)], targets, num_top
                 )
             if batch.spec_rows:
@@ -251,7 +250,7 @@ class ModelRunner:
         logit_rows: list[int] = []
         sample_requests: list[Request] = []
         sample_rows: list[int] = []
-        prompt_rows: dict[str, tuple[list[int], list[int]]] = {}
+        prompt_rows: list[tuple[Request, list[int], list[int]]] = []
         spec_requests: list[Request] = []
         spec_rows: list[int] = []
         masks: list[torch.Tensor | None] = []
@@ -287,7 +286,7 @@ class ModelRunner:
                 if last > start:
                     idx = list(range(len(logit_rows), len(logit_rows) + last - start))
                     logit_rows.extend(range(row0, row0 + last - start))
-                    prompt_rows[r.request_id] = (idx, r.all_token_ids[start + 1 : last + 1])
+                    prompt_rows.append((r, idx, r.all_token_ids[start + 1 : last + 1]))
             if plan.samples(r):
                 sample_requests.append(r)
                 sample_rows.append(len(logit_rows))

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from tests.api.live_server import LiveServer, run_server
-from tests.tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny_llama")))
+def tiny_model_dir(tiny_llama_dir: Path) -> str:
+    """The suite's tiny Llama (tests/conftest.py), as the path string `--model` takes."""
+    return str(tiny_llama_dir)
 
 
 @pytest.fixture(scope="session")
