@@ -17,9 +17,9 @@ from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerStats
 from server.model.runner import ModelRunner
-from server.spec.draft_model import draft_kv_bytes_per_block
-from server.spec.drafter import Drafter, make_drafter
-from server.spec.policy import make_policy
+from server.spec_decode.draft_model import draft_kv_bytes_per_block
+from server.spec_decode.drafter import Drafter, make_drafter
+from server.spec_decode.policy import make_policy
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from server.engine.request import Logprob, Request
-from server.spec.drafter import DraftKind
-from server.spec.tree import TokenTree
+from server.spec_decode.drafter import DraftKind
+from server.spec_decode.tree import TokenTree
 
 
 @dataclass

@@ -21,7 +21,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.outputs import EngineCoreOutput
 from server.engine.plan import RunnerOutput, StepPlan
 from server.engine.request import Request, RequestStatus
-from server.spec.policy import NoSpeculation, SpecPolicy, StepObservation
+from server.spec_decode.policy import NoSpeculation, SpecPolicy, StepObservation
 
 
 @dataclass

@@ -65,7 +65,8 @@ class _Batch:
 class ModelRunner:
     def __init__(self, engine_config: EngineConfig, draft_kv_bytes_per_block: int = 0) -> None:
         """draft_kv_bytes_per_block: a draft model's cache indexed by the same block ids (see
-        server/spec/draft_runner.py) shares the KV memory budget, so each block costs both."""
+        server/spec_decode/draft_runner.py) shares the KV memory budget, so each block costs
+        both."""
         mc = engine_config.model
         self.config = engine_config
         self.draft_kv_bytes_per_block = draft_kv_bytes_per_block

@@ -17,9 +17,9 @@ import torch
 
 from server.engine.request import Logprob, Request
 from server.model.sampler import compute_logprobs, processed_probs
-from server.spec.drafter import DraftKind
-from server.spec.tree import TokenTree
-from server.spec.verify import VerifyResult, verify
+from server.spec_decode.drafter import DraftKind
+from server.spec_decode.tree import TokenTree
+from server.spec_decode.verify import VerifyResult, verify
 
 
 def tree_positions(tree: TokenTree, prefix_len: int) -> list[int]:

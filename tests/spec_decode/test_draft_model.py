@@ -21,9 +21,13 @@ from server.engine.sampling_params import SamplingParams
 from server.model.attention import TorchAttentionBackend
 from server.model.loader import load_model
 from server.model.sampler import processed_probs
-from server.spec.draft_model import DraftModelDrafter, check_same_tokenizer
-from server.spec.draft_runner import DraftRunner
-from tests.spec.test_engine_speculation import make_engine, repetitive_token_prompts, tokens_of
+from server.spec_decode.draft_model import DraftModelDrafter, check_same_tokenizer
+from server.spec_decode.draft_runner import DraftRunner
+from tests.spec_decode.test_engine_speculation import (
+    make_engine,
+    repetitive_token_prompts,
+    tokens_of,
+)
 from tests.tiny_models import make_tokenizer, tiny_config
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)

@@ -28,8 +28,8 @@ import torch
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.model.sampler import processed_probs
-from server.spec.tree import TokenTree
-from server.spec.verify import VerifyResult, verify_chain_sampled, verify_tree_sampled
+from server.spec_decode.tree import TokenTree
+from server.spec_decode.verify import VerifyResult, verify_chain_sampled, verify_tree_sampled
 
 V = 5
 MAX_CONTEXT = 3

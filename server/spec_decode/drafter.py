@@ -6,7 +6,7 @@ draft nodes for ``requests[i]`` (0 = plain decode, the root alone). The speculat
 the budgets; the drafter never exceeds them.
 
 ``kind`` tells verification how children were drafted, because lossless sampled verification
-depends on it (see server/spec/verify.py): "deterministic" = children are a function of the
+depends on it (see server/spec_decode/verify.py): "deterministic" = children are a function of the
 context (n-gram lookup, top-k), "sampled" = children drawn i.i.d. from the drafter's
 distribution q, which the drafter must then also return for verification.
 """
@@ -19,7 +19,7 @@ from typing import Literal, Protocol, runtime_checkable
 from torch import Tensor
 
 from server.engine.request import Request
-from server.spec.tree import TokenTree
+from server.spec_decode.tree import TokenTree
 
 DraftKind = Literal["deterministic", "sampled"]
 
@@ -90,10 +90,10 @@ def check_budgets(requests: list[Request], budgets: list[int]) -> None:
 
 def _register_builtins() -> None:
     # Imported here: the drafter modules import this one for the protocol.
-    from server.spec.draft_model import load_draft_model_drafter
-    from server.spec.ngram import NgramDrafter
-    from server.spec.suffix_tree import SuffixTreeDrafter
-    from server.spec.synthetic import SyntheticDrafter
+    from server.spec_decode.draft_model import load_draft_model_drafter
+    from server.spec_decode.ngram import NgramDrafter
+    from server.spec_decode.suffix_tree import SuffixTreeDrafter
+    from server.spec_decode.synthetic import SyntheticDrafter
 
     _REGISTRY.setdefault("ngram", NgramDrafter)
     _REGISTRY.setdefault("tree", SuffixTreeDrafter)

@@ -1,7 +1,7 @@
 """Draft-model speculation: a small causal LM sharing the target's tokenizer drafts a chain.
 
 Per step, for the requests with a budget: one batched draft forward catches each request's
-draft K/V up to its root token (``server.spec.draft_runner`` says which tokens are missing),
+draft K/V up to its root token (``server.spec_decode.draft_runner`` says which tokens are missing),
 then one batched forward per draft depth over the requests still drafting. Greedy requests
 draft the draft's argmax (after their logit bias); sampled requests draw from the draft's
 processed distribution q (same temperature / top-k / top-p as the request), and ``draft_probs``
@@ -29,9 +29,9 @@ from server.model.loader import (
     resolve_model,
 )
 from server.model.sampler import draw, processed_probs
-from server.spec.draft_runner import DraftChunk, DraftRunner
-from server.spec.drafter import DraftKind, check_budgets
-from server.spec.tree import TokenTree
+from server.spec_decode.draft_runner import DraftChunk, DraftRunner
+from server.spec_decode.drafter import DraftKind, check_budgets
+from server.spec_decode.tree import TokenTree
 
 logger = logging.getLogger(__name__)
 

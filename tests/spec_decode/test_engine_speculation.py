@@ -2,8 +2,8 @@
 
 Greedy identity is the contract: with any drafter, budget, batch composition or preemption,
 every request gets exactly the tokens plain greedy decoding gives. Sampled requests keep the
-target distribution (tests/spec/test_verify.py checks the rules statistically); here they must
-stay reproducible under a seed.
+target distribution (tests/spec_decode/test_verify.py checks the rules statistically); here
+they must stay reproducible under a seed.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_greedy_identity_on_tiny_models(
 def test_greedy_identity_with_model_drafters(
     method: str, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from tests.spec.test_draft_model import noisy_copy
+    from tests.spec_decode.test_draft_model import noisy_copy
 
     if method == "draft_model":
         draft = noisy_copy(tiny_llama_dir, tmp_path_factory.mktemp("draft") / "d", 0.05)

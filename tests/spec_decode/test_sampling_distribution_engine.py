@@ -21,8 +21,8 @@ import pytest
 
 from server.config import SpeculativeConfig
 from server.engine.sampling_params import SamplingParams
-from tests.spec.test_draft_model import noisy_copy
-from tests.spec.test_engine_speculation import make_engine
+from tests.spec_decode.test_draft_model import noisy_copy
+from tests.spec_decode.test_engine_speculation import make_engine
 
 N = 3000
 
@@ -78,5 +78,5 @@ def test_sampled_outputs_follow_the_target_distribution(
     assert accepted > N // 4, "too few accepted drafts for the check to mean anything"
     tv = total_variation(reference, samples)
     # Two empirical samples of the same distribution differ by about `noise`; a biased rule
-    # shifts the joint by far more (tests/spec/test_verify_statistics.py measures 0.16-0.27).
+    # shifts the joint by far more (tests/spec_decode/test_verify_statistics.py measures 0.16-0.27).
     assert tv < max(2 * noise, 0.04), f"TV {tv:.3f} vs noise floor {noise:.3f}"

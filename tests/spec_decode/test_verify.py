@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.spec.tree import TokenTree
-from server.spec.verify import (
+from server.spec_decode.tree import TokenTree
+from server.spec_decode.verify import (
     VerifyResult,
     verify,
     verify_chain_sampled,

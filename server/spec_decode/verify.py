@@ -27,7 +27,7 @@ Which tree rule (see ``verify_tree_sampled``):
   renormalise and try the next. It is exact for *any* set of children chosen independently of
   the verification's random numbers, so it is also exact for sampled children, but it then
   accepts with p(x) instead of min(1, p(x)/q(x)) and wastes drafts. Wrong in the sense of
-  needlessly slow, not biased (tests/spec/test_verify_statistics.py measures both).
+  needlessly slow, not biased (tests/spec_decode/test_verify_statistics.py measures both).
 
 Sampled children must be i.i.d. *with replacement* and kept as drafted: merging duplicate
 siblings (as ``TokenTree.from_paths`` does) or pruning children by their values changes the
@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from server.model.sampler import draw
-from server.spec.tree import TokenTree
+from server.spec_decode.tree import TokenTree
 
 TreeMode = Literal["sampled", "deterministic"]
 

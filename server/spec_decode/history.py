@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from server.engine.request import Request
-from server.spec.drafter import DraftKind, check_budgets
-from server.spec.tree import TokenTree
+from server.spec_decode.drafter import DraftKind, check_budgets
+from server.spec_decode.tree import TokenTree
 
 
 class TokenHistory:

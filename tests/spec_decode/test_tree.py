@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.spec.tree import TokenTree
+from server.spec_decode.tree import TokenTree
 
 
 def brute_ancestor_mask(tree: TokenTree) -> torch.Tensor:

@@ -24,9 +24,9 @@ import torch
 from server.engine.request import Request
 from server.model.llama import CausalLM
 from server.model.sampler import processed_probs
-from server.spec.draft_model import DraftModelDrafter
-from server.spec.draft_runner import DraftRunner
-from server.spec.drafter import DraftKind
+from server.spec_decode.draft_model import DraftModelDrafter
+from server.spec_decode.draft_runner import DraftRunner
+from server.spec_decode.drafter import DraftKind
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ import pytest
 
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
-from server.spec.drafter import Drafter, available_drafters, make_drafter
-from server.spec.history import TokenHistory, continuation, suffix_matches
-from server.spec.ngram import NgramDrafter
-from server.spec.suffix_tree import SuffixTreeDrafter
-from server.spec.tree import TokenTree
+from server.spec_decode.drafter import Drafter, available_drafters, make_drafter
+from server.spec_decode.history import TokenHistory, continuation, suffix_matches
+from server.spec_decode.ngram import NgramDrafter
+from server.spec_decode.suffix_tree import SuffixTreeDrafter
+from server.spec_decode.tree import TokenTree
 
 _ids = itertools.count()
 

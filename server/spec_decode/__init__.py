@@ -7,12 +7,12 @@
   sharing the target's tokenizer drafts chains. ``synthetic``: benchmarks and tests only.
 - ``verify``: greedy, chain rejection sampling, and tree multi-step / deterministic rules.
 
-Imports point down only: engine -> spec -> model (sampler) / engine.request.
+Imports point down only: engine -> spec_decode -> model (sampler) / engine.request.
 """
 
-from server.spec.drafter import Drafter, make_drafter, register_drafter
-from server.spec.tree import TokenTree
-from server.spec.verify import (
+from server.spec_decode.drafter import Drafter, make_drafter, register_drafter
+from server.spec_decode.tree import TokenTree
+from server.spec_decode.verify import (
     VerifyResult,
     verify,
     verify_chain_sampled,

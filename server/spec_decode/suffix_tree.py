@@ -16,8 +16,13 @@ from __future__ import annotations
 import heapq
 
 from server.engine.request import Request
-from server.spec.history import HistoryDrafter, continuation, ordered_candidates, suffix_matches
-from server.spec.tree import TokenTree
+from server.spec_decode.history import (
+    HistoryDrafter,
+    continuation,
+    ordered_candidates,
+    suffix_matches,
+)
+from server.spec_decode.tree import TokenTree
 
 # Occurrences considered per request (longest match first, then latest): bounds the Python
 # work to _MAX_CANDIDATES * budget trie insertions however common the last token is.

@@ -9,8 +9,8 @@ summaries quoting the prompt, structured output).
 from __future__ import annotations
 
 from server.engine.request import Request
-from server.spec.history import HistoryDrafter, continuation, suffix_matches
-from server.spec.tree import TokenTree
+from server.spec_decode.history import HistoryDrafter, continuation, suffix_matches
+from server.spec_decode.tree import TokenTree
 
 
 class NgramDrafter(HistoryDrafter):
