@@ -97,8 +97,13 @@ class SpeculativeConfig:
     model: str | None = None
     # synthetic (benchmarks and tests only): probability that a draft token is the target's own.
     acceptance_rate: float = 0.8
-    # Who picks each request's budget every step: none, fixed (= num_speculative_tokens).
-    policy: str = "fixed"
+    # Who picks each request's budget every step: goodput (per-request budgets that maximise
+    # the batch's goodput), smartspec_uniform (one k for the batch), fixed (every request
+    # gets num_speculative_tokens), none.
+    policy: str = "goodput"
+    # Seconds of start-up profile that seeds the cost model of goodput / smartspec_uniform
+    # (0 = none: the model then learns from the first served steps alone).
+    cost_profile_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if self.method not in (None, "ngram", "tree", "draft_model", "synthetic"):
@@ -116,6 +121,8 @@ class SpeculativeConfig:
             raise ValueError("max_tree_width must be >= 1")
         if not 0.0 <= self.acceptance_rate <= 1.0:
             raise ValueError("acceptance_rate must be in [0, 1]")
+        if self.cost_profile_seconds < 0:
+            raise ValueError("cost_profile_seconds must be >= 0")
 
     @property
     def enabled(self) -> bool:

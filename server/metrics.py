@@ -9,10 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from server.engine.scheduler import SchedulerStats
+from server.engine.speculation import SpeculationStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -84,6 +91,87 @@ class EngineStatsCollector(Collector):
         for position, accepted in enumerate(s.accepted_per_position):
             per_position.add_metric([*value, str(position)], float(accepted))
         yield per_position
+        if s.speculation is not None:
+            yield from _policy_metrics(s.speculation, labels, value)
+
+
+def _policy_metrics(
+    spec: SpeculationStats, labels: list[str], value: list[str]
+) -> Iterator[Metric]:
+    """The speculation policy's own: chosen budgets, its step-time predictions, its goodput."""
+    p = spec.policy
+    info = InfoMetricFamily(
+        "specd:spec_decode_policy", "The active speculation policy.", labels=labels
+    )
+    info.add_metric(value, {"policy": p.name})
+    yield info
+    # Cumulative buckets le=0, 1, ..., k: requests given at most that many draft tokens.
+    budget = HistogramMetricFamily(
+        "specd:spec_decode_budget",
+        "Draft tokens verified per decoding request per step (0 = plain decode), over "
+        "requests that could speculate.",
+        labels=labels,
+    )
+    cumulative, buckets = 0, []
+    for b, count in enumerate(spec.budget_counts):
+        cumulative += count
+        buckets.append((str(b), float(cumulative)))
+    buckets.append(("+Inf", float(cumulative)))
+    budget.add_metric(value, buckets, float(spec.budget_sum))
+    yield budget
+    counters = [
+        (
+            "specd:spec_decode_policy_steps",
+            "Steps whose time the policy's cost model predicted before they ran.",
+            p.num_predicted_steps,
+        ),
+        (
+            "specd:spec_decode_predicted_step_seconds",
+            "Predicted step time, summed over those steps.",
+            p.predicted_seconds_total,
+        ),
+        (
+            "specd:spec_decode_measured_step_seconds",
+            "Measured step time (schedule to update), summed over those steps.",
+            p.measured_seconds_total,
+        ),
+    ]
+    for name, doc, v in counters:
+        c = CounterMetricFamily(name, doc, labels=labels)
+        c.add_metric(value, float(v))
+        yield c
+    gauges = [
+        (
+            "specd:spec_decode_estimated_goodput_tokens_per_second",
+            "Expected emitted tokens per second of the policy's last allocation.",
+            p.estimated_goodput,
+        ),
+        (
+            "specd:spec_decode_cost_model_relative_error",
+            "Median relative error of the cost model's recent held-out step-time predictions.",
+            p.cost_model_relative_error,
+        ),
+    ]
+    for name, doc, v in gauges:
+        g = GaugeMetricFamily(name, doc, labels=labels)
+        g.add_metric(value, float(v))
+        yield g
+    coef = GaugeMetricFamily(
+        "specd:spec_decode_cost_model_coefficient",
+        "The step-time cost model's fitted coefficients (seconds per unit of each feature).",
+        labels=[*labels, "feature"],
+    )
+    for feature, c in p.cost_model_coefficients.items():
+        coef.add_metric([*value, feature], c)
+    yield coef
+    acceptance = GaugeMetricFamily(
+        "specd:spec_decode_estimated_acceptance",
+        "The policy's global estimate of P(draft accepted | parent accepted), by position.",
+        labels=[*labels, "position"],
+    )
+    for position, prob in enumerate(p.acceptance_by_depth):
+        acceptance.add_metric([*value, str(position)], prob)
+    yield acceptance
 
 
 def build_registry(model_name: str, read_stats: Callable[[], SchedulerStats]) -> CollectorRegistry:

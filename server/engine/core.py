@@ -7,19 +7,22 @@ in-process for offline use (``server.engine.offline``) and tests.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from dataclasses import dataclass
 
 from server.config import EngineConfig
+from server.engine.cost_profile import profile_step_costs
 from server.engine.outputs import EngineCoreOutput
-from server.engine.plan import StepPlan
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerStats
+from server.engine.speculation import Speculator
 from server.model.runner import ModelRunner
+from server.spec_decode.cost_model import CostModel
 from server.spec_decode.draft_model import draft_kv_bytes_per_block
 from server.spec_decode.drafter import Drafter, make_drafter
-from server.spec_decode.policy import make_policy
+from server.spec_decode.policy import PolicyContext, make_policy, needs_cost_model
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +68,43 @@ class EngineCore:
             eos_token_ids=frozenset(self.runner.eos_token_ids),
         )
         self.drafter: Drafter | None = None
+        self.speculator: Speculator | None = None
         if spec.enabled:
             self.drafter = _build_drafter(config, self.runner)
+            self.speculator = Speculator(
+                self.drafter,
+                make_policy(spec.policy, self._policy_context(self.drafter)),
+                spec.num_speculative_tokens,
+            )
         self.scheduler = Scheduler(
             config.scheduler,
             config.cache,
             self.runner.num_blocks,
             max_model_len,
-            policy=make_policy(spec.policy) if self.drafter else None,
             max_spec_tokens=spec.num_speculative_tokens if self.drafter else 0,
+        )
+
+    def _policy_context(self, drafter: Drafter) -> PolicyContext:
+        """The policy's inputs; cost-aware policies get a cost model seeded by a profile."""
+        spec = self.config.speculative
+        cost_model = None
+        if needs_cost_model(spec.policy):
+            cost_model = CostModel()
+            cost_model.add_profile(
+                profile_step_costs(
+                    self.runner,
+                    drafter,
+                    spec.num_speculative_tokens,
+                    self.config.scheduler.max_num_seqs,
+                    self.config.scheduler.max_num_batched_tokens,
+                    spec.cost_profile_seconds,
+                )
+            )
+        return PolicyContext(
+            max_spec_tokens=spec.num_speculative_tokens,
+            free_proposals=drafter.free_proposals,
+            score_edges=drafter.score_edges,
+            cost_model=cost_model,
         )
 
     def add_request(
@@ -119,6 +150,7 @@ class EngineCore:
         return self.scheduler.has_unfinished
 
     def step(self) -> list[EngineCoreOutput]:
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -127,8 +159,8 @@ class EngineCore:
                 # Before proposing: a preempted request's draft K/V went with its blocks.
                 self.drafter.release(plan.finished_request_ids)
                 self.drafter.reset(plan.preempted_request_ids)
-            if plan.spec_budgets:
-                self._propose(plan)
+            if self.speculator is not None:
+                self.speculator.fill(plan)
             output = self.runner.execute(plan)
         except Exception:
             # One bad step must not end the loop: fail the requests it carried, keep serving.
@@ -140,25 +172,17 @@ class EngineCore:
             for out in failed:
                 out.error = "internal error in the engine step: " + message.splitlines()[-1]
             return failed
-        return self.scheduler.update(plan, output)
-
-    def _propose(self, plan: StepPlan) -> None:
-        """Fills the policy's budgets with draft trees (a drafter may propose fewer)."""
-        assert self.drafter is not None
-        plan.spec_draft_kind = self.drafter.kind
-        requests = [r for r in plan.requests if r.request_id in plan.spec_budgets]
-        budgets = [plan.spec_budgets[r.request_id] for r in requests]
-        for request, tree in zip(requests, self.drafter.propose(requests, budgets), strict=True):
-            if tree.num_drafts > 0:
-                rid = request.request_id
-                plan.spec_trees[rid] = tree
-                plan.num_spec_tokens[rid] = tree.num_drafts
-                q = self.drafter.draft_probs(rid)
-                if q is not None:
-                    plan.spec_draft_probs[rid] = q
+        outputs = self.scheduler.update(plan, output)
+        if self.speculator is not None:
+            # The whole step's wall time: what the policy's goodput is measured against.
+            self.speculator.observe(plan, output, time.perf_counter() - start)
+        return outputs
 
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        if self.speculator is not None:
+            stats.speculation = self.speculator.stats()
+        return stats
 
 
 def _build_drafter(config: EngineConfig, runner: ModelRunner) -> Drafter:

@@ -39,10 +39,11 @@ class StepPlan:
     # Requests preempted since the last plan. Their KV is gone (they resume by recompute) but
     # their random generators must survive, or a seeded request would re-draw from the start.
     preempted_request_ids: set[str] = field(default_factory=set)
-    # Speculative decoding. spec_budgets: request_id -> draft tokens the policy granted (KV
-    # slots and token budget are reserved for them). The engine core then asks the drafter to
-    # fill them: spec_trees holds each proposal (node 0 = the request's last known token, the
-    # one scheduled token of a decoding request) and num_spec_tokens its number of drafts.
+    # Speculative decoding. spec_budgets: request_id -> draft slots the scheduler reserved
+    # (token budget and KV slots) for a decoding request that may speculate: its cap. The
+    # engine core's Speculator then asks the policy how many to use and the drafter to fill
+    # them: spec_trees holds each proposal to verify (node 0 = the request's last known token,
+    # the one scheduled token of a decoding request) and num_spec_tokens its number of drafts.
     spec_budgets: dict[str, int] = field(default_factory=dict)
     spec_trees: dict[str, TokenTree] = field(default_factory=dict)
     num_spec_tokens: dict[str, int] = field(default_factory=dict)
@@ -78,5 +79,8 @@ class RunnerOutput:
     # step, in prompt order (only for requests that asked for prompt_logprobs). The first
     # prompt token has none.
     prompt_logprobs: dict[str, list[Logprob]] = field(default_factory=dict)
-    # Seconds the forward + sampling took (the goodput policy's cost model fits on these).
+    # request_id -> draft nodes accepted by verification, in path order (root excluded): the
+    # policy's acceptance estimates learn from which nodes of each tree were accepted.
+    spec_accepted_nodes: dict[str, list[int]] = field(default_factory=dict)
+    # Seconds the forward + sampling took.
     execute_time: float = 0.0

@@ -21,7 +21,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.outputs import EngineCoreOutput
 from server.engine.plan import RunnerOutput, StepPlan
 from server.engine.request import Request, RequestStatus
-from server.spec_decode.policy import NoSpeculation, SpecPolicy, StepObservation
+from server.engine.speculation import SpeculationStats
 
 
 @dataclass
@@ -45,6 +45,8 @@ class SchedulerStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    # The speculation policy's numbers (filled in by the engine core when speculating).
+    speculation: SpeculationStats | None = None
     timestamp: float = 0.0
 
 
@@ -55,12 +57,13 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int,
-        policy: SpecPolicy | None = None,
         max_spec_tokens: int = 0,
     ) -> None:
+        """max_spec_tokens: the most draft tokens one request may verify per step (0 = no
+        speculation). The scheduler reserves token budget and KV slots for up to that many
+        per decoding request; the speculation policy then decides how many are used."""
         self.config = scheduler_config
         self.max_model_len = max_model_len
-        self.policy: SpecPolicy = policy or NoSpeculation()
         self.max_spec_tokens = max_spec_tokens
         self.block_manager = BlockManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
@@ -110,16 +113,18 @@ class Scheduler:
         num_tokens: dict[str, int] = {}
         spec_budgets: dict[str, int] = {}
         preempted = False
-        wanted = self._speculation_budgets()
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             assert n > 0, "a running request always has a token to compute"
-            # Draft tokens take token budget and KV slots like any other token.
-            k = min(wanted.get(request.request_id, 0), budget - n)
-            while not self.block_manager.allocate_slots(request, n + k):
+            # Draft tokens take token budget and KV slots like any other token. Speculation
+            # never preempts anyone: short of blocks, the request decodes plainly instead.
+            k = min(self._speculation_cap(request), budget - n)
+            if k > 0 and not self.block_manager.allocate_slots(request, n + k):
+                k = 0
+            while k == 0 and not self.block_manager.allocate_slots(request, n):
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
                 preempted = True
@@ -169,29 +174,9 @@ class Scheduler:
             preempted_ids, self._preempted_ids = self._preempted_ids - finished, set()
         return StepPlan(scheduled, num_tokens, finished, preempted_ids, spec_budgets=spec_budgets)
 
-    def _speculation_budgets(self) -> dict[str, int]:
-        """Asks the policy for the draft budget of every running request that decodes."""
-        if self.max_spec_tokens == 0:
-            return {}
-        decoding: list[Request] = []
-        caps: list[int] = []
-        for r in self.running:
-            cap = self._speculation_cap(r)
-            if cap > 0:
-                decoding.append(r)
-                caps.append(cap)
-        if not decoding:
-            return {}
-        budgets = self.policy.allocate(decoding, caps)
-        return {
-            r.request_id: min(b, c)
-            for r, b, c in zip(decoding, budgets, caps, strict=True)
-            if b > 0
-        }
-
     def _speculation_cap(self, request: Request) -> int:
         """The most draft tokens this request can use this step (0 = it can't speculate)."""
-        if request.num_tokens - request.num_computed_tokens != 1:
+        if self.max_spec_tokens == 0 or request.num_tokens - request.num_computed_tokens != 1:
             return 0  # still prefilling: nothing to draft from yet
         params = request.sampling_params
         if params.has_penalties:
@@ -223,7 +208,6 @@ class Scheduler:
     def update(self, plan: StepPlan, output: RunnerOutput) -> list[EngineCoreOutput]:
         """Consumes the runner's results: appends tokens, checks stops, frees finished work."""
         outputs: list[EngineCoreOutput] = []
-        observed: dict[str, tuple[int, int]] = {}
         self._num_steps += 1
         for request in plan.requests:
             if request.status != RequestStatus.RUNNING:
@@ -238,7 +222,6 @@ class Scheduler:
             num_drafts = plan.num_spec_tokens.get(request.request_id, 0)
             if num_drafts and sampled:
                 accepted = len(sampled) - 1  # accepted drafts + one bonus/correction token
-                observed[request.request_id] = (num_drafts, accepted)
                 self._record_acceptance(request, num_drafts, accepted)
                 # The accepted drafts' K/V is in the cache now (compacted by the runner).
                 request.num_computed_tokens += accepted
@@ -251,8 +234,9 @@ class Scheduler:
             new_tokens, finish = self._append_tokens(request, sampled)
             self._num_generated_tokens += len(new_tokens)
             self.block_manager.cache_full_blocks(request)
-            if num_drafts:
-                # Slots of rejected drafts: give back whole blocks the request no longer needs.
+            if request.request_id in plan.spec_budgets:
+                # Slots reserved for drafts that were not proposed, pruned or rejected: give
+                # back whole blocks the request no longer needs.
                 self.block_manager.trim(request, request.num_tokens)
             logprobs = output.logprobs.get(request.request_id)
             if logprobs is not None:
@@ -266,14 +250,6 @@ class Scheduler:
                 out.prompt_logprobs = [None, *request.prompt_logprobs]
                 request.prompt_logprobs = None
             outputs.append(out)
-        self.policy.observe(
-            StepObservation(
-                execute_time=output.execute_time,
-                num_batched_tokens=plan.total_num_scheduled_tokens,
-                num_requests=len(plan.requests),
-                acceptance=observed,
-            )
-        )
         return outputs
 
     def _record_acceptance(self, request: Request, num_drafts: int, accepted: int) -> None:

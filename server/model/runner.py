@@ -214,6 +214,7 @@ class ModelRunner:
                 draft_probs=plan.spec_draft_probs.get(r.request_id),
             )
             out.sampled_token_ids[r.request_id] = result.tokens
+            out.spec_accepted_nodes[r.request_id] = list(result.accepted_nodes)
             num_top = r.sampling_params.logprobs
             if num_top is not None:
                 out.logprobs[r.request_id] = path_logprobs(rows, result, num_top)

@@ -30,7 +30,7 @@ from server.model.loader import (
 )
 from server.model.sampler import draw, processed_probs
 from server.spec_decode.draft_runner import DraftChunk, DraftRunner
-from server.spec_decode.drafter import DraftKind, check_budgets
+from server.spec_decode.drafter import DraftKind, DraftWork, check_budgets
 from server.spec_decode.tree import TokenTree
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ class DraftModelDrafter:
 
     name = "draft_model"
     kind: DraftKind = "sampled"
+    # Every draft token is a draft-model forward: the policy sets budgets before drafting.
+    free_proposals = False
+    score_edges: tuple[float, ...] | None = None
 
     def __init__(self, runner: DraftRunner) -> None:
         self.runner = runner
@@ -55,6 +58,7 @@ class DraftModelDrafter:
         # Seeded requests' private draft generators; kept across preemption (a recompute must
         # not replay draws already used), dropped when the request finishes.
         self._generators: dict[str, torch.Generator] = {}
+        self.last_work = DraftWork()
 
     # ---- Drafter protocol ---------------------------------------------------------------
 
@@ -65,8 +69,10 @@ class DraftModelDrafter:
         drafting = [i for i, b in enumerate(budgets) if b > 0]
         drafts: dict[int, list[int]] = {i: [] for i in drafting}
         q_rows: dict[int, list[torch.Tensor]] = {i: [] for i in drafting}
+        forwards = draft_rows = 0
         if drafting:
             chunks = [self.runner.catch_up_chunk(requests[i]) for i in drafting]
+            forwards, draft_rows = 1, sum(len(c.token_ids) for c in chunks)
             logits = self.runner.forward(chunks)  # [B, V]: rows predict each draft's 1st token
             active = drafting
             while True:
@@ -87,6 +93,8 @@ class DraftModelDrafter:
                     )
                     for i in active
                 ]
+                forwards += 1
+                draft_rows += len(chunks)
                 logits = self.runner.forward(chunks)
         trees = []
         for i, r in enumerate(requests):
@@ -96,6 +104,7 @@ class DraftModelDrafter:
                 rows = q_rows[i]
                 self._draft_probs[r.request_id] = torch.stack([*rows, torch.zeros_like(rows[0])])
             trees.append(tree)
+        self.last_work = DraftWork(forwards, draft_rows)
         return trees
 
     def draft_probs(self, request_id: str) -> torch.Tensor | None:

@@ -14,6 +14,7 @@ distribution q, which the drafter must then also return for verification.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -24,10 +25,27 @@ from server.spec_decode.tree import TokenTree
 DraftKind = Literal["deterministic", "sampled"]
 
 
+@dataclass(frozen=True)
+class DraftWork:
+    """What the last ``propose`` cost a model drafter: forward passes (sequential, one per
+    chain position) and rows computed (catch-up + drafts). Zero for model-free drafters."""
+
+    forwards: int = 0
+    rows: int = 0
+
+
 @runtime_checkable
 class Drafter(Protocol):
     name: str
     kind: DraftKind
+    # True: proposing is nearly free (model-free drafters), so the engine proposes up to each
+    # request's cap and the policy then prunes the trees; False: the policy's budgets are set
+    # before drafting (draft models pay per token).
+    free_proposals: bool
+    # Bucket edges of the scores the drafter attaches to nodes (TokenTree.scores), or None.
+    score_edges: tuple[float, ...] | None
+    # The cost of the last proposal, for the policy's cost model.
+    last_work: DraftWork
 
     def propose(self, requests: list[Request], budgets: list[int]) -> list[TokenTree]:
         """One tree per request, ``trees[i].num_drafts <= budgets[i]``."""

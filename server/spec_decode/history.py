@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from server.engine.request import Request
-from server.spec_decode.drafter import DraftKind, check_budgets
+from server.spec_decode.drafter import DraftKind, DraftWork, check_budgets
 from server.spec_decode.tree import TokenTree
 
 
@@ -111,6 +111,10 @@ class HistoryDrafter:
     one tree per request from ``_propose_one`` (subclasses implement it)."""
 
     kind: DraftKind = "deterministic"
+    # Proposing costs microseconds of numpy: propose up to the cap, let the policy prune.
+    free_proposals = True
+    score_edges: tuple[float, ...] | None = None
+    last_work = DraftWork()
 
     def __init__(self) -> None:
         self._history = TokenHistory()

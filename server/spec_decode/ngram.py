@@ -15,6 +15,8 @@ from server.spec_decode.tree import TokenTree
 
 class NgramDrafter(HistoryDrafter):
     name = "ngram"
+    # Node score = the suffix match length behind the chain; buckets 1, 2, 3, 4-5, 6+.
+    score_edges = (1.5, 2.5, 3.5, 5.5)
 
     def __init__(self, prompt_lookup_min: int = 1, prompt_lookup_max: int = 4) -> None:
         if not 1 <= prompt_lookup_min <= prompt_lookup_max:
@@ -28,19 +30,24 @@ class NgramDrafter(HistoryDrafter):
 
     def draft_tokens(self, request: Request, budget: int) -> list[int]:
         """The chain's draft tokens (<= budget; [] when nothing matches)."""
+        return self._draft(request, budget)[0]
+
+    def _draft(self, request: Request, budget: int) -> tuple[list[int], int]:
+        """(draft tokens, the match length behind them)."""
         if budget <= 0:
-            return []
+            return [], 0
         tokens = self._history.tokens(request)
         ends, lengths = suffix_matches(tokens, self.prompt_lookup_max)
         if len(ends) == 0:
-            return []
+            return [], 0
         best = int(lengths.max())
         if best < self.prompt_lookup_min:
-            return []
+            return [], 0
         # The longest n that matches anywhere wins; among its occurrences the latest one.
         # ends is ascending, so the last index with the best length is the most recent.
         end = int(ends[lengths == best][-1])
-        return continuation(tokens, end, budget)
+        return continuation(tokens, end, budget), best
 
     def _propose_one(self, request: Request, budget: int) -> TokenTree:
-        return TokenTree.chain(request.all_token_ids[-1], self.draft_tokens(request, budget))
+        drafts, match = self._draft(request, budget)
+        return TokenTree.chain(request.all_token_ids[-1], drafts, [float(match)] * len(drafts))

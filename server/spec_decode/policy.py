@@ -1,45 +1,107 @@
-"""Speculation policies: how many draft tokens each decoding request gets this step.
+"""Speculation policies: how many draft tokens each decoding request verifies this step.
 
-A policy is a plain object with two calls, so it is unit-tested without a model:
+A policy is a plain object, unit-tested without a model. Per step the engine calls:
 
-- ``allocate(requests, caps) -> budgets``: called once per step with every decoding request
-  that may speculate and its cap (the most draft tokens it can use: config maximum, the
-  request's own ``speculation.max_tokens``, and the room left before max_tokens /
-  max_model_len). Returns one budget per request, 0 <= budget <= cap; 0 = plain decode.
-- ``observe(observation)``: called after each step with what was proposed, accepted and how
-  long the step took (the goodput policy fits its cost model and acceptance estimates on it).
+- ``allocate(base, requests, caps) -> budgets``: before drafting, for every decoding request
+  that may speculate and its cap (the config's maximum, the request's own
+  ``speculation.max_tokens``, the room left before max_tokens, and the token budget and KV
+  slots the scheduler could reserve). ``0 <= budget <= cap``; 0 = plain decode. Model
+  drafters draft exactly this; model-free drafters (``free_proposals``) are given it as
+  their proposal size;
+- ``select(base, requests, trees) -> trees``: model-free drafters only, after proposing:
+  which nodes of each proposal to verify (a pruned tree must stay a tree);
+- ``observe(observation)``: after the step, with its shape, its measured time, and which
+  nodes each verified tree had accepted.
 
-``none`` and ``fixed`` are the baselines; the goodput policy (SmartSpec) has its own module.
+``base`` is the step without drafts (its shape for the cost model, and the tokens it emits
+anyway). ``none`` and ``fixed`` are the baselines; ``smartspec_uniform`` (SmartSpec's one k
+for the batch) and ``goodput`` (ours: per-request budgets by marginal value) live in their own
+modules and are registered below.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.engine.request import Request
+from server.spec_decode.allocator import StepBase
+from server.spec_decode.cost_model import CostModel, StepShape
+from server.spec_decode.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class VerifiedTree:
+    """One request's verified draft: the tree as verified and its accepted nodes (in path
+    order, root excluded)."""
+
+    request_id: str
+    tree: TokenTree
+    accepted_nodes: tuple[int, ...]
 
 
 @dataclass
 class StepObservation:
     """One engine step as the policy sees it."""
 
-    # Seconds the runner's execute took (forward + verification + sampling).
-    execute_time: float
-    # Tokens computed in the step: prefill chunks + 1 per decoding request + draft tokens.
-    num_batched_tokens: int
-    num_requests: int
-    # request_id -> (draft tokens proposed, draft tokens accepted) for requests that drafted.
-    acceptance: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # What the step computed, drafts included (after drafting and pruning).
+    shape: StepShape
+    # Wall seconds of the whole step: schedule, draft, forward, verify, update.
+    seconds: float
+    verified: list[VerifiedTree] = field(default_factory=list)
+    # Draft tokens verified this step (all trees).
+    num_draft_tokens: int = 0
+    # Requests that finished or were aborted since the last step (drop their estimates).
+    finished_request_ids: frozenset[str] = frozenset()
+
+
+@dataclass
+class PolicyStats:
+    """The policy's view for /metrics and logs (sent with every batch of outputs)."""
+
+    name: str
+    # Steps the cost model predicted before they ran, and those predictions' totals.
+    num_predicted_steps: int = 0
+    predicted_seconds_total: float = 0.0
+    measured_seconds_total: float = 0.0
+    # Expected emitted tokens per second of the last allocation (0: none made yet).
+    estimated_goodput: float = 0.0
+    # Median relative error of recent held-out predictions (NaN before any).
+    cost_model_relative_error: float = math.nan
+    cost_model_coefficients: dict[str, float] = field(default_factory=dict)
+    # Global conditional acceptance by draft depth 1..k (the prior of new requests).
+    acceptance_by_depth: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy is built with (PolicyFactory's one argument)."""
+
+    # num_speculative_tokens: the most draft tokens one request may verify.
+    max_spec_tokens: int
+    # The drafter proposes for free (model-free) and the policy prunes after proposing.
+    free_proposals: bool = True
+    # Bucket edges of the drafter's node scores (None: no scores).
+    score_edges: tuple[float, ...] | None = None
+    # The step-time model (fitted online, seeded by the start-up profile). Policies that
+    # weigh cost against acceptance need it; the baselines ignore it.
+    cost_model: CostModel | None = None
 
 
 class SpecPolicy(Protocol):
     name: str
 
-    def allocate(self, requests: list[Request], caps: list[int]) -> list[int]: ...
+    def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]: ...
+
+    def select(
+        self, base: StepBase, requests: list[Request], trees: list[TokenTree]
+    ) -> list[TokenTree]: ...
 
     def observe(self, observation: StepObservation) -> None: ...
+
+    def stats(self) -> PolicyStats: ...
 
 
 class NoSpeculation:
@@ -47,39 +109,88 @@ class NoSpeculation:
 
     name = "none"
 
-    def allocate(self, requests: list[Request], caps: list[int]) -> list[int]:
+    def __init__(self, context: PolicyContext | None = None) -> None:
+        pass
+
+    def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]:
         return [0] * len(requests)
+
+    def select(
+        self, base: StepBase, requests: list[Request], trees: list[TokenTree]
+    ) -> list[TokenTree]:
+        return [TokenTree.root_only(t.root_token) for t in trees]
 
     def observe(self, observation: StepObservation) -> None:
         pass
+
+    def stats(self) -> PolicyStats:
+        return PolicyStats(self.name)
 
 
 class FixedBudget:
-    """Every decoding request gets the maximum budget (its cap) every step: vLLM's behaviour."""
+    """Every decoding request gets its whole cap every step: vLLM's behaviour."""
 
     name = "fixed"
 
-    def allocate(self, requests: list[Request], caps: list[int]) -> list[int]:
+    def __init__(self, context: PolicyContext | None = None) -> None:
+        pass
+
+    def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]:
         return list(caps)
+
+    def select(
+        self, base: StepBase, requests: list[Request], trees: list[TokenTree]
+    ) -> list[TokenTree]:
+        return trees
 
     def observe(self, observation: StepObservation) -> None:
         pass
 
+    def stats(self) -> PolicyStats:
+        return PolicyStats(self.name)
 
-_POLICIES: dict[str, Callable[[], SpecPolicy]] = {
+
+PolicyFactory = Callable[[PolicyContext], SpecPolicy]
+_POLICIES: dict[str, PolicyFactory] = {
     "none": NoSpeculation,
     "fixed": FixedBudget,
 }
+# Policies that weigh cost: the engine profiles step times at start-up for them.
+_COST_AWARE: set[str] = set()
 
 
-def register_policy(name: str, factory: Callable[[], SpecPolicy]) -> None:
+def register_policy(name: str, factory: PolicyFactory, cost_aware: bool = False) -> None:
     _POLICIES[name] = factory
+    if cost_aware:
+        _COST_AWARE.add(name)
 
 
-def make_policy(name: str) -> SpecPolicy:
+def available_policies() -> list[str]:
+    _register_builtins()
+    return sorted(_POLICIES)
+
+
+def needs_cost_model(name: str) -> bool:
+    _register_builtins()
+    return name in _COST_AWARE
+
+
+def make_policy(name: str, context: PolicyContext) -> SpecPolicy:
+    _register_builtins()
     try:
-        return _POLICIES[name]()
+        factory = _POLICIES[name]
     except KeyError:
         raise ValueError(
             f"unknown speculation policy {name!r}; choose one of {sorted(_POLICIES)}"
         ) from None
+    return factory(context)
+
+
+def _register_builtins() -> None:
+    # Imported here: those modules import this one for the protocol.
+    from server.spec_decode.goodput import GoodputPolicy
+    from server.spec_decode.smartspec import SmartSpecUniform
+
+    for name, factory in (("goodput", GoodputPolicy), ("smartspec_uniform", SmartSpecUniform)):
+        if name not in _POLICIES:
+            register_policy(name, factory, cost_aware=True)

@@ -36,6 +36,8 @@ _DEPTH_DECAY = 0.8
 
 class SuffixTreeDrafter(HistoryDrafter):
     name = "tree"
+    # Node score = its share of its parent's votes; buckets by quarter, and >= 0.95.
+    score_edges = (0.25, 0.5, 0.75, 0.95)
 
     def __init__(self, max_width: int = 4, min_match: int = 1, max_match: int = 8) -> None:
         if max_width < 1:
@@ -95,8 +97,10 @@ class _Trie:
         """
         tokens = [root_token]
         parents = [-1]
-        # (-score, insertion order, trie node, tree index of its parent)
-        heap: list[tuple[float, int, int, int]] = []
+        # Per node its vote share under its parent: the score the policy calibrates.
+        shares = [0.0]
+        # (-score, insertion order, trie node, tree index of its parent, vote share)
+        heap: list[tuple[float, int, int, int, float]] = []
         order = 0
 
         def push_children(trie_node: int, score: float, tree_index: int) -> None:
@@ -105,14 +109,16 @@ class _Trie:
             total = self.weights[trie_node]
             ranked = sorted(kids.values(), key=lambda k: -self.weights[k])[:max_width]
             for kid in ranked:
-                child_score = score * _DEPTH_DECAY * self.weights[kid] / total
-                heapq.heappush(heap, (-child_score, order, kid, tree_index))
+                share = self.weights[kid] / total
+                child_score = score * _DEPTH_DECAY * share
+                heapq.heappush(heap, (-child_score, order, kid, tree_index, share))
                 order += 1
 
         push_children(0, 1.0, 0)
         while heap and len(tokens) - 1 < budget:
-            neg_score, _, trie_node, parent_index = heapq.heappop(heap)
+            neg_score, _, trie_node, parent_index, share = heapq.heappop(heap)
             tokens.append(self.tokens[trie_node])
             parents.append(parent_index)
+            shares.append(share)
             push_children(trie_node, -neg_score, len(tokens) - 1)
-        return TokenTree(tuple(tokens), tuple(parents))
+        return TokenTree(tuple(tokens), tuple(parents), tuple(shares))

@@ -19,7 +19,7 @@ copy never overwrites a source it still needs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -34,15 +34,27 @@ class TokenTree:
     token_ids: len n + 1; ``token_ids[0]`` is the root (last verified) token.
     parents: len n + 1; ``parents[0] == -1`` and ``0 <= parents[i] < i`` for i >= 1.
     Siblings may repeat a token (i.i.d.-sampled children can); the constructors never make them.
+    scores: None, or len n + 1: the drafter's confidence in each node given its parent (n-gram
+    match length, suffix vote share; the root's is unused). The goodput policy calibrates
+    scores into acceptance probabilities online (server/spec_decode/acceptance.py).
     """
 
     token_ids: tuple[int, ...]
     parents: tuple[int, ...]
+    # Not part of the tree's identity: two trees with the same nodes are the same tree.
+    scores: tuple[float, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # Frozen: coerce through object.__setattr__ so callers may pass lists.
         object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
         object.__setattr__(self, "parents", tuple(int(p) for p in self.parents))
+        if self.scores is not None:
+            object.__setattr__(self, "scores", tuple(float(x) for x in self.scores))
+            if len(self.scores) != len(self.token_ids):
+                raise ValueError(
+                    f"scores must have one entry per node ({len(self.token_ids)}), "
+                    f"got {len(self.scores)}"
+                )
         tokens, parents = self.token_ids, self.parents
         if not tokens:
             raise ValueError("a TokenTree needs at least the root token (token_ids is empty)")
@@ -73,9 +85,13 @@ class TokenTree:
         return cls((root_token,), (-1,))
 
     @classmethod
-    def chain(cls, root_token: int, drafts: Sequence[int]) -> TokenTree:
-        """root -> drafts[0] -> drafts[1] -> ... (node i + 1 = drafts[i])."""
-        return cls((root_token, *drafts), tuple(range(-1, len(drafts))))
+    def chain(
+        cls, root_token: int, drafts: Sequence[int], scores: Sequence[float] | None = None
+    ) -> TokenTree:
+        """root -> drafts[0] -> drafts[1] -> ... (node i + 1 = drafts[i]); ``scores[i]`` is
+        draft i's score (the root's is set to 0)."""
+        node_scores = None if scores is None else (0.0, *scores)
+        return cls((root_token, *drafts), tuple(range(-1, len(drafts))), node_scores)
 
     @classmethod
     def from_paths(
@@ -106,6 +122,20 @@ class TokenTree:
                     child_of[(node, token)] = found
                 node = found
         return cls(tuple(tokens), tuple(parents))
+
+    def subtree(self, keep: Sequence[int]) -> TokenTree:
+        """The tree of the nodes in ``keep`` (the root is always kept), renumbered in their
+        original order. Every kept node's parent must be kept: a pruned tree stays a tree."""
+        kept = sorted({0, *keep})
+        new_index = {old: new for new, old in enumerate(kept)}
+        parents = [-1]
+        for old in kept[1:]:
+            parent = self.parents[old]
+            if parent not in new_index:
+                raise ValueError(f"node {old} is kept without its parent {parent}")
+            parents.append(new_index[parent])
+        scores = None if self.scores is None else tuple(self.scores[i] for i in kept)
+        return TokenTree(tuple(self.token_ids[i] for i in kept), tuple(parents), scores)
 
     # -----------------------------------------------------------------------------------------
     # Structure

@@ -29,7 +29,9 @@ def spec_server(
     tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     log = tmp_path_factory.mktemp("logs") / "spec_server.log"
-    spec = json.dumps({"method": "tree", "num_speculative_tokens": 6, "max_tree_width": 3})
+    spec = json.dumps(
+        {"method": "tree", "num_speculative_tokens": 6, "max_tree_width": 3, "policy": "fixed"}
+    )
     args = ["--num-kv-blocks", "512", "--speculative-config", spec]
     with run_server(tiny_model_dir, log, extra_args=args) as live:
         yield live
@@ -96,3 +98,47 @@ def test_per_request_opt_out(spec_server: LiveServer) -> None:
     )  # fmt: skip
     assert out.usage.model_extra.get("speculation") is None
     assert spec_counters(spec_server)["num_draft_tokens"] == before
+
+
+@pytest.fixture(scope="module")
+def goodput_server(
+    tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """No "policy" given: the goodput policy is the default whenever speculation is on."""
+    log = tmp_path_factory.mktemp("logs") / "goodput_server.log"
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 8})
+    args = ["--num-kv-blocks", "512", "--speculative-config", spec]
+    with run_server(tiny_model_dir, log, extra_args=args) as live:
+        yield live
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}\{{[^}}]*{re.escape(labels)}[^}}]*\}} (\S+)$", text, re.M)
+    assert m, f"{name}{{{labels}}} missing from /metrics"
+    return float(m.group(1))
+
+
+def test_goodput_policy_is_the_default_and_exports_its_metrics(
+    server: LiveServer, goodput_server: LiveServer
+) -> None:
+    kw = dict(prompt=PROMPTS, max_tokens=32, temperature=0, extra_body={"ignore_eos": True})
+    assert [c.text for c in completions(goodput_server, **kw).choices] == [
+        c.text for c in completions(server, **kw).choices
+    ]
+    with goodput_server.http() as http:
+        text = http.get("/metrics").text
+    assert metric(text, "specd:spec_decode_policy_info", 'policy="goodput"') == 1.0
+    steps = metric(text, "specd:spec_decode_policy_steps_total")
+    assert steps > 0
+    predicted = metric(text, "specd:spec_decode_predicted_step_seconds_total")
+    measured = metric(text, "specd:spec_decode_measured_step_seconds_total")
+    assert predicted > 0 and measured > 0
+    # Every decoding (request, step) pair lands in the budget histogram, 0 included.
+    count = metric(text, "specd:spec_decode_budget_count")
+    assert count > 0
+    assert metric(text, "specd:spec_decode_budget_bucket", 'le="+Inf"') == count
+    assert metric(text, "specd:spec_decode_budget_bucket", 'le="8"') == count
+    assert metric(text, "specd:spec_decode_budget_sum") <= 8 * count
+    assert metric(text, "specd:spec_decode_cost_model_coefficient", 'feature="intercept"') != 0
+    assert metric(text, "specd:spec_decode_estimated_goodput_tokens_per_second") > 0
+    assert metric(text, "specd:spec_decode_estimated_acceptance", 'position="0"') > 0

@@ -141,7 +141,9 @@ def test_engine_triton_with_tree_speculation_matches_torch_without(tiny_llama_di
         return out, engine.core.stats().num_draft_tokens
 
     plain, _ = run("torch", SpeculativeConfig())
-    tree = SpeculativeConfig(method="tree", num_speculative_tokens=6, max_tree_width=3)
+    tree = SpeculativeConfig(
+        policy="fixed", method="tree", num_speculative_tokens=6, max_tree_width=3
+    )
     got, drafted = run("triton", tree)
     assert drafted > 0
     assert got == plain

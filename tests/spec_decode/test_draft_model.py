@@ -66,7 +66,9 @@ def plain_greedy(tiny_llama_dir: Path, prompts: list[list[int]]) -> list[list[in
 
 
 def draft_spec(model: Path, k: int = 4) -> SpeculativeConfig:
-    return SpeculativeConfig(method="draft_model", model=str(model), num_speculative_tokens=k)
+    return SpeculativeConfig(
+        policy="fixed", method="draft_model", model=str(model), num_speculative_tokens=k
+    )
 
 
 # ---- draft model --------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def test_draft_cache_shares_the_kv_memory_budget(
     assert num_blocks(draft_spec(tiny_llama_dir)) == plain // 2
     assert num_blocks(draft_spec(tiny_model_dirs["qwen3"])) == plain // 3
     # The synthetic drafter shares the target's own cache: no extra memory.
-    synthetic = SpeculativeConfig(method="synthetic", num_speculative_tokens=2)
+    synthetic = SpeculativeConfig(policy="fixed", method="synthetic", num_speculative_tokens=2)
     assert num_blocks(synthetic) == plain
 
 
@@ -236,7 +238,9 @@ def test_synthetic_acceptance_rate(
     prompts: list[list[int]],
     plain_greedy: list[list[int]],
 ) -> None:
-    spec = SpeculativeConfig(method="synthetic", acceptance_rate=rate, num_speculative_tokens=4)
+    spec = SpeculativeConfig(
+        policy="fixed", method="synthetic", acceptance_rate=rate, num_speculative_tokens=4
+    )
     engine = make_engine(tiny_llama_dir, spec, budget=BUDGET)
     assert tokens_of(engine.generate(prompts, GREEDY)) == plain_greedy
     stats = engine.core.stats()

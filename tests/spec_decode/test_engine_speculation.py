@@ -26,9 +26,11 @@ from server.engine.sampling_params import SamplingParams
 
 DATASETS = Path(__file__).resolve().parents[2] / "loadtest" / "datasets"
 DRAFTERS = [
-    SpeculativeConfig(method="ngram", num_speculative_tokens=4),
-    SpeculativeConfig(method="ngram", num_speculative_tokens=1, prompt_lookup_max=2),
-    SpeculativeConfig(method="tree", num_speculative_tokens=8, max_tree_width=3),
+    SpeculativeConfig(policy="fixed", method="ngram", num_speculative_tokens=4),
+    SpeculativeConfig(
+        policy="fixed", method="ngram", num_speculative_tokens=1, prompt_lookup_max=2
+    ),
+    SpeculativeConfig(policy="fixed", method="tree", num_speculative_tokens=8, max_tree_width=3),
 ]
 DRAFTER_IDS = ["ngram-k4", "ngram-k1", "tree-8x3"]
 
@@ -86,9 +88,13 @@ def test_greedy_identity_with_model_drafters(
 
     if method == "draft_model":
         draft = noisy_copy(tiny_llama_dir, tmp_path_factory.mktemp("draft") / "d", 0.05)
-        spec = SpeculativeConfig(method="draft_model", model=str(draft), num_speculative_tokens=4)
+        spec = SpeculativeConfig(
+            policy="fixed", method="draft_model", model=str(draft), num_speculative_tokens=4
+        )
     else:
-        spec = SpeculativeConfig(method="synthetic", num_speculative_tokens=4, acceptance_rate=0.6)
+        spec = SpeculativeConfig(
+            policy="fixed", method="synthetic", num_speculative_tokens=4, acceptance_rate=0.6
+        )
     check_greedy_identity(tiny_llama_dir, spec)
 
 
@@ -110,7 +116,7 @@ def test_greedy_identity_with_preemption_forced(tiny_llama_dir: Path) -> None:
     prompts = repetitive_token_prompts(16, seed=3)
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     plain = make_engine(tiny_llama_dir).generate(prompts, params)
-    spec = SpeculativeConfig(method="tree", num_speculative_tokens=6)
+    spec = SpeculativeConfig(policy="fixed", method="tree", num_speculative_tokens=6)
     engine = make_engine(tiny_llama_dir, spec, num_blocks=24)
     speculative = engine.generate(prompts, params)
     stats = engine.core.stats()
@@ -125,7 +131,7 @@ def test_max_tokens_and_stop_tokens_inside_an_accepted_run(
     prompts = repetitive_token_prompts(6, seed=5)
     plain_params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     plain = make_engine(tiny_llama_dir).generate(prompts, plain_params)
-    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=6)
+    spec = SpeculativeConfig(policy="fixed", method="ngram", num_speculative_tokens=6)
     got = make_engine(tiny_llama_dir, spec).generate(prompts, plain_params)
     assert tokens_of(got) == tokens_of(plain)
     # A stop token id that plain decoding meets mid-way must cut the speculative run there too.
@@ -143,7 +149,7 @@ def test_logprobs_under_speculation_are_the_targets(tiny_llama_dir: Path) -> Non
     prompts = repetitive_token_prompts(4, seed=7)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=3)
     plain = make_engine(tiny_llama_dir).generate(prompts, params)
-    spec = SpeculativeConfig(method="tree", num_speculative_tokens=6)
+    spec = SpeculativeConfig(policy="fixed", method="tree", num_speculative_tokens=6)
     engine = make_engine(tiny_llama_dir, spec)
     got = engine.generate(prompts, params)
     assert engine.core.stats().num_accepted_tokens > 0
@@ -162,7 +168,7 @@ def test_seeded_sampling_under_speculation_is_reproducible(tiny_llama_dir: Path)
         SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=40 + i, ignore_eos=True)
         for i in range(len(prompts))
     ]
-    spec = SpeculativeConfig(method="tree", num_speculative_tokens=6)
+    spec = SpeculativeConfig(policy="fixed", method="tree", num_speculative_tokens=6)
     together = make_engine(tiny_llama_dir, spec).generate(prompts, params)
     engine = make_engine(tiny_llama_dir, spec)
     alone = [engine.generate([p], q)[0] for p, q in zip(prompts, params, strict=True)]
@@ -172,7 +178,7 @@ def test_seeded_sampling_under_speculation_is_reproducible(tiny_llama_dir: Path)
 def test_per_request_cap_disables_speculation(tiny_llama_dir: Path) -> None:
     prompts = repetitive_token_prompts(3, seed=11)
     engine = make_engine(
-        tiny_llama_dir, SpeculativeConfig(method="ngram", num_speculative_tokens=4)
+        tiny_llama_dir, SpeculativeConfig(policy="fixed", method="ngram", num_speculative_tokens=4)
     )
     off = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, max_speculative_tokens=0)
     engine.generate(prompts, off)
@@ -204,7 +210,9 @@ def test_cache_after_compaction_equals_plain_decoding(tiny_llama_dir: Path) -> N
         flat = kv.view(kv.shape[0], 2, -1, *kv.shape[-2:])
         return flat[:, :, torch.tensor(slots)].clone(), request.num_computed_tokens
 
-    spec = SpeculativeConfig(method="tree", num_speculative_tokens=8, max_tree_width=4)
+    spec = SpeculativeConfig(
+        policy="fixed", method="tree", num_speculative_tokens=8, max_tree_width=4
+    )
     spec_kv, n_spec = cache_after_steps(spec, steps=8)
     plain_kv, n_plain = cache_after_steps(None, steps=40)
     assert n_spec > 8, "speculation should have accepted drafts in 8 steps"
@@ -247,9 +255,10 @@ def test_model_drafters_on_the_embedded_model() -> None:
     plain = tokens_of(base.generate(prompts, params))
     del base
     specs = [
-        SpeculativeConfig(method="draft_model", model="smollm2-135m-instruct",
+        SpeculativeConfig(policy="fixed", method="draft_model", model="smollm2-135m-instruct",
                           num_speculative_tokens=3),
-        SpeculativeConfig(method="synthetic", num_speculative_tokens=3, acceptance_rate=0.5),
+        SpeculativeConfig(policy="fixed", method="synthetic", num_speculative_tokens=3,
+                          acceptance_rate=0.5),
     ]  # fmt: skip
     for spec in specs:
         engine = make_engine(

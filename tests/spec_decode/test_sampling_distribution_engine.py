@@ -71,9 +71,13 @@ def test_sampled_outputs_follow_the_target_distribution(
     reference, noise = plain
     if method == "draft_model":
         draft = noisy_copy(tiny_llama_dir, tmp_path_factory.mktemp("d") / "draft", 0.05)
-        spec = SpeculativeConfig(method="draft_model", model=str(draft), num_speculative_tokens=3)
+        spec = SpeculativeConfig(
+            policy="fixed", method="draft_model", model=str(draft), num_speculative_tokens=3
+        )
     else:
-        spec = SpeculativeConfig(method="synthetic", num_speculative_tokens=3, acceptance_rate=0.7)
+        spec = SpeculativeConfig(
+            policy="fixed", method="synthetic", num_speculative_tokens=3, acceptance_rate=0.7
+        )
     samples, accepted = sample(tiny_llama_dir, prompt, spec, seed0=2 * 10**6)
     assert accepted > N // 4, "too few accepted drafts for the check to mean anything"
     tv = total_variation(reference, samples)

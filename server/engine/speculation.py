@@ -1,0 +1,160 @@
+"""The engine core's side of speculation, once per step: budgets, drafts, pruning, feedback.
+
+``fill(plan)`` runs between schedule and execute. The scheduler has reserved token budget and
+KV slots for each decoding request's cap (``plan.spec_budgets``); the policy turns caps into
+budgets, the drafter fills them, and for model-free drafters (which proposed up to the cap)
+the policy prunes each tree to the nodes worth verifying. ``observe(...)`` runs after update
+with the step's wall time and which nodes were accepted, and is where the policy learns.
+
+The step's shape (``plan_shape``) is computed here, in one place, for the policy's cost model,
+the start-up profile and the metrics alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from server.engine.plan import RunnerOutput, StepPlan
+from server.spec_decode.allocator import StepBase
+from server.spec_decode.cost_model import StepShape
+from server.spec_decode.drafter import Drafter, DraftWork
+from server.spec_decode.policy import PolicyStats, SpecPolicy, StepObservation, VerifiedTree
+
+logger = logging.getLogger(__name__)
+
+# Seconds between the policy's summary log lines.
+_SUMMARY_INTERVAL_S = 30.0
+
+
+@dataclass
+class SpeculationStats:
+    """Cumulative, for /metrics: the policy's own numbers and the chosen budgets."""
+
+    policy: PolicyStats
+    # budget_counts[b] = (request, step) pairs that were given b draft tokens to verify,
+    # over decoding requests that could speculate (cap > 0).
+    budget_counts: list[int] = field(default_factory=list)
+    budget_sum: int = 0
+
+
+def step_base(plan: StepPlan) -> StepBase:
+    """The plan without drafts: what it computes, and the tokens it emits anyway."""
+    num_tokens = kv = sampling = 0
+    for r in plan.requests:
+        n = plan.num_scheduled_tokens[r.request_id]
+        num_tokens += n
+        kv += r.num_computed_tokens + n
+        sampling += plan.samples(r)
+    shape = StepShape(
+        num_tokens=num_tokens,
+        num_logit_rows=sampling,
+        num_kv_tokens=kv,
+        num_requests=len(plan.requests),
+    )
+    return StepBase(shape, sampling)
+
+
+def plan_shape(plan: StepPlan, work: DraftWork) -> StepShape:
+    """The plan's shape with its drafts (``plan.spec_trees``) and the drafter's work."""
+    drafts = sum(plan.num_spec_tokens.values())
+    return step_base(plan).shape.with_drafts(drafts, len(plan.spec_trees), work.forwards, work.rows)
+
+
+class Speculator:
+    def __init__(self, drafter: Drafter, policy: SpecPolicy, max_spec_tokens: int) -> None:
+        if drafter.kind == "sampled" and drafter.free_proposals:
+            # Pruning i.i.d.-sampled children changes the residual sequence of the SpecInfer
+            # rule (see verify.py): such drafters must take their budgets before drafting.
+            raise ValueError(f"drafter {drafter.name!r}: sampled drafts cannot be pruned")
+        self.drafter = drafter
+        self.policy = policy
+        self._budget_counts = [0] * (max_spec_tokens + 1)
+        self._budget_sum = 0
+        self._work = DraftWork()
+        self._last_summary = time.monotonic()
+        self._steps_since_summary = 0
+        self._drafts_since_summary = 0
+        self._accepted_since_summary = 0
+
+    def fill(self, plan: StepPlan) -> None:
+        """Budgets, drafts and pruning for the plan's decoding requests (see the docstring)."""
+        self._work = DraftWork()
+        if not plan.spec_budgets:
+            return
+        plan.spec_draft_kind = self.drafter.kind
+        requests = [r for r in plan.requests if r.request_id in plan.spec_budgets]
+        caps = [plan.spec_budgets[r.request_id] for r in requests]
+        base = step_base(plan)
+        budgets = self.policy.allocate(base, requests, caps)
+        budgets = [min(max(int(b), 0), c) for b, c in zip(budgets, caps, strict=True)]
+        drafting = [(r, b) for r, b in zip(requests, budgets, strict=True) if b > 0]
+        trees = []
+        if drafting:
+            trees = self.drafter.propose([r for r, _ in drafting], [b for _, b in drafting])
+            self._work = self.drafter.last_work
+            if self.drafter.free_proposals:
+                trees = self.policy.select(base, [r for r, _ in drafting], trees)
+        for (request, _), tree in zip(drafting, trees, strict=True):
+            if tree.num_drafts > 0:
+                rid = request.request_id
+                plan.spec_trees[rid] = tree
+                plan.num_spec_tokens[rid] = tree.num_drafts
+                q = self.drafter.draft_probs(rid)
+                if q is not None:
+                    plan.spec_draft_probs[rid] = q
+        for request in requests:
+            used = plan.num_spec_tokens.get(request.request_id, 0)
+            self._budget_counts[min(used, len(self._budget_counts) - 1)] += 1
+            self._budget_sum += used
+
+    def observe(self, plan: StepPlan, output: RunnerOutput, seconds: float) -> None:
+        verified = [
+            VerifiedTree(rid, tree, tuple(output.spec_accepted_nodes[rid]))
+            for rid, tree in plan.spec_trees.items()
+            if rid in output.spec_accepted_nodes
+        ]
+        drafts = sum(plan.num_spec_tokens.values())
+        self.policy.observe(
+            StepObservation(
+                shape=plan_shape(plan, self._work),
+                seconds=seconds,
+                verified=verified,
+                num_draft_tokens=drafts,
+                finished_request_ids=frozenset(plan.finished_request_ids),
+            )
+        )
+        self._steps_since_summary += 1
+        self._drafts_since_summary += drafts
+        self._accepted_since_summary += sum(len(v.accepted_nodes) for v in verified)
+        now = time.monotonic()
+        if now - self._last_summary >= _SUMMARY_INTERVAL_S:
+            self._log_summary(now)
+
+    def _log_summary(self, now: float) -> None:
+        s = self.policy.stats()
+        steps = max(self._steps_since_summary, 1)
+        drafts = self._drafts_since_summary
+        measured = s.measured_seconds_total / max(s.num_predicted_steps, 1)
+        predicted = s.predicted_seconds_total / max(s.num_predicted_steps, 1)
+        logger.info(
+            "speculation (%s): %d steps in %.0f s, %.2f draft tokens/step, acceptance %.2f, "
+            "step time predicted %.1f ms / measured %.1f ms (recent error %.1f%%), "
+            "estimated goodput %.1f tok/s",
+            s.name,
+            self._steps_since_summary,
+            now - self._last_summary,
+            drafts / steps,
+            self._accepted_since_summary / drafts if drafts else 0.0,
+            1e3 * predicted,
+            1e3 * measured,
+            100 * s.cost_model_relative_error,
+            s.estimated_goodput,
+        )
+        self._last_summary = now
+        self._steps_since_summary = self._drafts_since_summary = 0
+        self._accepted_since_summary = 0
+
+    def stats(self) -> SpeculationStats:
+        return SpeculationStats(self.policy.stats(), list(self._budget_counts), self._budget_sum)

@@ -1,0 +1,208 @@
+"""Acceptance estimates: how likely each draft node is to be accepted, learned online.
+
+Everything is a *conditional* acceptance, P(node accepted | its parent accepted): a node is
+tested only when its parent was accepted (the root always is), and along a path the
+conditionals multiply into the probability that the whole path is accepted, which is the
+node's value to the policy (expected tokens it adds).
+
+Three levels of evidence, each a Beta-style posterior over exponentially decayed counts:
+
+- global, per draft depth: the drafter's acceptance by position over recent steps; the prior
+  for requests the policy knows nothing about yet;
+- per request, per depth (model drafters) or pooled over depths (scored drafters): the
+  request's own record, shrunk toward the global estimate and fading back to it while the
+  request is not speculating (so a request refused speculation gets to try again);
+- per score bucket (drafters that attach a score to each node: n-gram match lengths, suffix
+  vote shares): the score calibrated into a probability, per depth band. A scored node's
+  estimate is the calibrated probability shifted by the request's own skill in logit space
+  (logit p_request - logit p_global).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.spec_decode.tree import TokenTree
+
+# Pseudo-observations behind each prior (how fast evidence overrides it).
+_PRIOR_STRENGTH = 2.0
+# Count decay per observation: global ~ last 1000 tested nodes per depth, per request ~ 10 steps.
+_GLOBAL_DECAY = 0.999
+_REQUEST_DECAY = 0.9
+# Per engine step a request is not observed, its evidence fades by this factor.
+_IDLE_DECAY = 0.97
+# Before any data at all.
+_INITIAL_PRIOR = 0.5
+_P_MIN, _P_MAX = 1e-3, 0.98
+# Depth bands of the score calibration: 1, 2, 3-4, 5-8, 9+.
+_DEPTH_BANDS = (1, 2, 4, 8)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _clip(p: float) -> float:
+    return min(max(p, _P_MIN), _P_MAX)
+
+
+@dataclass
+class _Counts:
+    accepted: float = 0.0
+    tested: float = 0.0
+
+    def add(self, accepted: bool, decay: float) -> None:
+        self.accepted = self.accepted * decay + float(accepted)
+        self.tested = self.tested * decay + 1.0
+
+    def scale(self, factor: float) -> None:
+        self.accepted *= factor
+        self.tested *= factor
+
+    def posterior(self, prior: float) -> float:
+        return _clip((self.accepted + _PRIOR_STRENGTH * prior) / (self.tested + _PRIOR_STRENGTH))
+
+
+@dataclass
+class _RequestRecord:
+    by_depth: dict[int, _Counts] = field(default_factory=dict)
+    pooled: _Counts = field(default_factory=_Counts)
+    last_step: int = 0
+
+
+class AcceptanceEstimator:
+    """Conditional acceptance per node; see the module docstring.
+
+    score_edges: bucket boundaries of the drafter's node scores (``np.digitize``); None = the
+    drafter gives no scores, and estimates are per request and depth.
+    """
+
+    def __init__(self, max_depth: int, score_edges: Sequence[float] | None = None) -> None:
+        self.max_depth = max(1, max_depth)
+        self.score_edges = None if score_edges is None else np.asarray(score_edges, float)
+        self._global = [_Counts() for _ in range(self.max_depth + 1)]  # index = depth
+        self._global_pooled = _Counts()
+        self._buckets: dict[tuple[int, int], _Counts] = {}
+        self._requests: dict[str, _RequestRecord] = {}
+        self._step = 0
+
+    # ---- estimates ----------------------------------------------------------------------
+
+    def global_prob(self, depth: int) -> float:
+        d = min(depth, self.max_depth)
+        return self._global[d].posterior(self._global_pooled.posterior(_INITIAL_PRIOR))
+
+    def global_probs(self) -> list[float]:
+        """Global conditional acceptance by depth 1..max_depth (the prior of new requests)."""
+        return [self.global_prob(d) for d in range(1, self.max_depth + 1)]
+
+    def chain_probs(self, request_id: str, length: int) -> np.ndarray:
+        """[length] conditional acceptance of chain positions 1..length for this request."""
+        record = self._record(request_id)
+        out = np.empty(length)
+        for i in range(length):
+            d = min(i + 1, self.max_depth)
+            counts = record.by_depth.get(d) if record is not None else None
+            prior = self.global_prob(d)
+            out[i] = counts.posterior(prior) if counts is not None else prior
+        return out
+
+    def node_probs(self, request_id: str, tree: TokenTree) -> np.ndarray:
+        """[n + 1] conditional acceptance per node (node 0, the root, is 1)."""
+        if tree.scores is None or self.score_edges is None:
+            probs = np.ones(tree.num_nodes)
+            chain = self.chain_probs(request_id, max(tree.max_depth, 1))
+            for i in range(1, tree.num_nodes):
+                probs[i] = chain[tree.depths[i] - 1]
+            return probs
+        offset = self._request_offset(request_id)
+        probs = np.ones(tree.num_nodes)
+        for i in range(1, tree.num_nodes):
+            calibrated = self._calibrated(tree.scores[i], tree.depths[i])
+            probs[i] = _clip(_sigmoid(_logit(calibrated) + offset))
+        return probs
+
+    def path_values(self, request_id: str, tree: TokenTree) -> np.ndarray:
+        """[n + 1] probability that the path root..node is accepted (node 0: 1)."""
+        probs = self.node_probs(request_id, tree)
+        values = probs.copy()
+        for i in range(1, tree.num_nodes):
+            values[i] = values[tree.parents[i]] * probs[i]
+        return values
+
+    def _calibrated(self, score: float, depth: int) -> float:
+        assert self.score_edges is not None
+        bucket = int(np.digitize(score, self.score_edges))
+        key = (bucket, _depth_band(depth))
+        counts = self._buckets.get(key)
+        prior = self.global_prob(depth)
+        return counts.posterior(prior) if counts is not None else prior
+
+    def _request_offset(self, request_id: str) -> float:
+        record = self._record(request_id)
+        if record is None:
+            return 0.0
+        glob = self._global_pooled.posterior(_INITIAL_PRIOR)
+        return _logit(record.pooled.posterior(glob)) - _logit(glob)
+
+    def _record(self, request_id: str) -> _RequestRecord | None:
+        record = self._requests.get(request_id)
+        if record is not None and record.last_step < self._step:
+            # Evidence fades while the request is not observed (it reverts to the prior).
+            factor = _IDLE_DECAY ** (self._step - record.last_step)
+            for counts in (*record.by_depth.values(), record.pooled):
+                counts.scale(factor)
+            record.last_step = self._step
+        return record
+
+    # ---- learning -----------------------------------------------------------------------
+
+    def next_step(self) -> None:
+        """Marks the end of an engine step (idle requests' evidence fades per step)."""
+        self._step += 1
+
+    def observe(self, request_id: str, tree: TokenTree, accepted_nodes: Sequence[int]) -> None:
+        """One verified tree: every child of the root and of an accepted node was tested."""
+        record = self._record(request_id)
+        if record is None:
+            record = self._requests[request_id] = _RequestRecord(last_step=self._step)
+        accepted = set(accepted_nodes)
+        tested_parents = {0, *accepted}
+        for i in range(1, tree.num_nodes):
+            if tree.parents[i] not in tested_parents:
+                continue
+            ok = i in accepted
+            d = min(tree.depths[i], self.max_depth)
+            self._global[d].add(ok, _GLOBAL_DECAY)
+            self._global_pooled.add(ok, _GLOBAL_DECAY)
+            record.by_depth.setdefault(d, _Counts()).add(ok, _REQUEST_DECAY)
+            record.pooled.add(ok, _REQUEST_DECAY)
+            if tree.scores is not None and self.score_edges is not None:
+                key = (int(np.digitize(tree.scores[i], self.score_edges)), _depth_band(d))
+                self._buckets.setdefault(key, _Counts()).add(ok, _GLOBAL_DECAY)
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        for rid in request_ids:
+            self._requests.pop(rid, None)
+
+    def calibration_table(self) -> list[tuple[int, int, float, float]]:
+        """(score bucket, depth band, tested, acceptance) per bucket, for reports."""
+        return [
+            (b, d, c.tested, c.accepted / c.tested if c.tested else math.nan)
+            for (b, d), c in sorted(self._buckets.items())
+        ]
+
+
+def _depth_band(depth: int) -> int:
+    for band, upper in enumerate(_DEPTH_BANDS):
+        if depth <= upper:
+            return band
+    return len(_DEPTH_BANDS)

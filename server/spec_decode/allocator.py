@@ -1,0 +1,181 @@
+"""Goodput-maximising allocation of draft tokens across a batch (the heart of the policy).
+
+Every decoding request offers candidates: chain positions (model drafters, before drafting)
+or the nodes of a proposed tree (model-free drafters, after proposing). A candidate's value is
+the probability that its whole path is accepted, which is the expected number of tokens it
+adds to the step's output. The step's goodput is
+
+    G = (tokens the step emits without drafts + sum of chosen values) / T(step shape)
+
+with T from the online cost model. Candidates are taken in decreasing value (ties: shallower
+first), which keeps every chosen set parent-closed (a child's value is its parent's times a
+conditional probability < 1), so a pruned tree stays a tree.
+
+Rather than stop at the first candidate that does not raise G, every prefix of that order is
+scored and the best one taken: on CPU a step's cost is not monotonic in rows (4 rows can be
+cheaper than 3, loadtest/results/engine/linear-cpu.md), and the first dip would stop a greedy
+walk short of a better allocation. SmartSpec's uniform-k allocations are scored too, so the
+result's predicted goodput is never below any uniform k's, nor below no speculation (m = 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.spec_decode.cost_model import CostModel, StepShape, feature_matrix
+
+
+@dataclass(frozen=True)
+class RequestCandidates:
+    """One request's draft candidates, in its own order of decreasing value (parents first).
+
+    values: [c] P(the path root..candidate is accepted); parents: [c] index of the parent
+    candidate (-1 = the root); depths: [c] 1 = a child of the root.
+    """
+
+    values: np.ndarray
+    parents: np.ndarray
+    depths: np.ndarray
+
+    @classmethod
+    def chain(cls, conditional: Sequence[float] | np.ndarray) -> RequestCandidates:
+        """Chain positions 1..k with conditional acceptance ``conditional[j]``."""
+        cond = np.asarray(conditional, dtype=np.float64)
+        k = len(cond)
+        return cls(np.cumprod(cond), np.arange(-1, k - 1), np.arange(1, k + 1))
+
+    @property
+    def size(self) -> int:
+        return len(self.values)
+
+
+@dataclass(frozen=True)
+class StepBase:
+    """The step without drafts: its shape, and the tokens it emits anyway (one per request
+    that samples: decoding requests and prefills reaching their last prompt token)."""
+
+    shape: StepShape
+    emitted_tokens: int
+
+
+@dataclass
+class Allocation:
+    # Per request: how many of its candidates are chosen (its first `counts[i]` in its order).
+    counts: list[int]
+    expected_tokens: float
+    predicted_seconds: float
+
+    @property
+    def goodput(self) -> float:
+        """Expected emitted tokens per second."""
+        return self.expected_tokens / self.predicted_seconds
+
+
+@dataclass(frozen=True)
+class DraftCost:
+    """How drafting scales, for model drafters (both zero for model-free ones).
+
+    A chain of k drafts costs k draft forwards (sequential) and catch-up + k - 1 rows.
+    """
+
+    model_drafter: bool = False
+    catchup_rows_per_request: float = 1.0
+
+
+class Allocator:
+    def __init__(self, cost: CostModel, draft_cost: DraftCost | None = None) -> None:
+        self.cost = cost
+        self.draft_cost = draft_cost or DraftCost()
+
+    def best(
+        self,
+        base: StepBase,
+        candidates: Sequence[RequestCandidates],
+        uniform_ks: Sequence[int] = (),
+    ) -> Allocation:
+        """The allocation with the highest predicted goodput (see the module docstring)."""
+        best = self._best_prefix(base, candidates)
+        for k in uniform_ks:
+            uniform = self.evaluate(base, candidates, [min(k, c.size) for c in candidates])
+            if uniform.goodput > best.goodput:
+                best = uniform
+        return best
+
+    def evaluate(
+        self, base: StepBase, candidates: Sequence[RequestCandidates], counts: Sequence[int]
+    ) -> Allocation:
+        """The allocation choosing the first ``counts[i]`` candidates of request i."""
+        counts = [min(max(int(n), 0), c.size) for n, c in zip(counts, candidates, strict=True)]
+        value = sum(float(c.values[:n].sum()) for c, n in zip(candidates, counts, strict=True))
+        drafts = sum(counts)
+        spec = sum(1 for n in counts if n > 0)
+        max_depth = max(
+            (int(c.depths[:n].max()) for c, n in zip(candidates, counts, strict=True) if n),
+            default=0,
+        )
+        x = self._features(
+            base,
+            np.array([drafts]),
+            np.array([spec]),
+            np.array([max_depth]),
+        )
+        seconds = float(self.cost.predict_matrix(x)[0])
+        return Allocation(counts, base.emitted_tokens + value, seconds)
+
+    def _best_prefix(self, base: StepBase, candidates: Sequence[RequestCandidates]) -> Allocation:
+        sizes = [c.size for c in candidates]
+        total = sum(sizes)
+        if total == 0:
+            return self.evaluate(base, candidates, [0] * len(candidates))
+        values = np.concatenate([c.values for c in candidates])
+        depths = np.concatenate([c.depths for c in candidates])
+        owner = np.repeat(np.arange(len(candidates)), sizes)
+        local = np.concatenate([np.arange(n) for n in sizes])
+        # Primary key -value, then depth, then the request's own order (lexsort: last first).
+        order = np.lexsort((local, depths, -values))
+        v, d, o = values[order], depths[order], owner[order]
+        # Prefix m = the first m candidates of `order`, m = 0..total.
+        expected = base.emitted_tokens + np.concatenate([[0.0], np.cumsum(v)])
+        first_seen = np.zeros(total, dtype=np.float64)
+        seen: set[int] = set()
+        for j, r in enumerate(o.tolist()):
+            if r not in seen:
+                seen.add(r)
+                first_seen[j] = 1.0
+        spec = np.concatenate([[0.0], np.cumsum(first_seen)])
+        max_depth = np.concatenate([[0.0], np.maximum.accumulate(d.astype(np.float64))])
+        drafts = np.arange(total + 1, dtype=np.float64)
+        seconds = self.cost.predict_matrix(self._features(base, drafts, spec, max_depth))
+        m = int(np.argmax(expected / seconds))  # the first maximum: fewest drafts on ties
+        counts = np.bincount(o[:m], minlength=len(candidates)).tolist()
+        return Allocation(counts, float(expected[m]), float(seconds[m]))
+
+    def _features(
+        self,
+        base: StepBase,
+        drafts: np.ndarray,
+        spec_requests: np.ndarray,
+        max_depth: np.ndarray,
+    ) -> np.ndarray:
+        s = base.shape
+        ones = np.ones_like(drafts, dtype=np.float64)
+        if self.draft_cost.model_drafter:
+            forwards = max_depth
+            # The first forward catches up and drafts position 1; each later one adds a row.
+            rows = spec_requests * self.draft_cost.catchup_rows_per_request + (
+                drafts - spec_requests
+            )
+        else:
+            forwards = rows = np.zeros_like(ones)
+        return feature_matrix(
+            rows=s.num_tokens + drafts,
+            logit_rows=s.num_logit_rows + drafts,
+            kv_tokens=s.num_kv_tokens + drafts,
+            requests=s.num_requests * ones,
+            spec_requests=spec_requests,
+            draft_forwards=forwards,
+            draft_rows=rows,
+        )

@@ -1,0 +1,265 @@
+"""The step-time cost model: predicts how long one engine step takes from what it computes.
+
+The goodput policy weighs the tokens a draft is expected to add against the time it adds, so
+it needs T(step) for steps it has not run yet. T is linear in a handful of features of the
+step (``StepShape``) and fitted online by least squares on the engine's own measured steps,
+so it is right for whatever model and device it serves, with no hand-entered coefficients:
+
+- rows through the target (prefill chunks + 1 per decoding request + draft tokens), with
+  hinges at 16, 64 and 256 rows, and one indicator per exact row count 1..16. On CPU the
+  few-row linears are far from linear in rows (loadtest/results/engine/linear-cpu.md: a
+  forward's linears took 45 ms at 1 row, 32 ms at 2, 48 ms at 3, 17 ms at 4), and on a GPU
+  small batches cost the same whatever their size; the indicators let the fit learn either;
+- rows whose logits are computed (the LM head is a large matrix: a 49152 x 576 head is a
+  fifth of SmolLM2-135M's weights);
+- KV tokens attended (context lengths summed), requests in the batch, requests verifying a
+  tree and whether any does (verification and compaction cost per request and per step);
+- a draft model's forwards (sequential, one per chain position) and its rows (catch-up
+  + drafts).
+
+Fit: rows are weighted by 1 / measured time (least squares on relative error), a little
+ridge (features scaled to unit RMS) keeps unseen indicators at zero, and one trimming pass
+drops outlier steps (GC pauses, a busy core) before the final fit. The window holds the most
+recent steps; the start-up profile's samples stay in the fit for good, with an indicator
+feature of their own that absorbs what the profile does not time (scheduling, drafting
+overhead of real steps), so row counts seen only in the profile stay calibrated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Exact row counts with their own indicator (1..this).
+_ONE_HOT_ROWS = 16
+_ROW_HINGES = (16, 64, 256)
+FEATURES: tuple[str, ...] = (
+    "intercept",
+    "rows",
+    *(f"rows_over_{h}" for h in _ROW_HINGES),
+    *(f"rows_eq_{n}" for n in range(1, _ONE_HOT_ROWS + 1)),
+    "logit_rows",
+    "kv_tokens",
+    "requests",
+    "spec_requests",
+    "verifying",
+    "draft_forwards",
+    "draft_rows",
+    "profile",
+)
+_INDEX = {name: i for i, name in enumerate(FEATURES)}
+# Ridge strength relative to the (weighted) data's scale: small enough to leave well-measured
+# coefficients alone, large enough to zero indicators with no data.
+_RIDGE = 1e-4
+# Residuals beyond this many robust standard deviations (and at least 10%) are outliers.
+_TRIM_SIGMAS = 3.0
+_TRIM_FLOOR = 0.10
+# No prediction below this (a step always costs something; an extrapolating fit may not know).
+_MIN_SECONDS = 1e-5
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one engine step computes, as the cost model sees it."""
+
+    # Rows through the target: prefill chunks + 1 per decoding request + draft tokens.
+    num_tokens: int
+    # Rows whose logits are computed: one per sampling request, every node of a draft tree.
+    num_logit_rows: int
+    # Context tokens the step's requests attend to (computed prefix + this step's tokens).
+    num_kv_tokens: int
+    num_requests: int
+    # Requests verifying a draft tree this step.
+    num_spec_requests: int = 0
+    # Draft model work: forward passes (one per chain position) and rows (catch-up + drafts).
+    num_draft_forwards: int = 0
+    num_draft_rows: int = 0
+
+    def with_drafts(
+        self,
+        num_drafts: int,
+        num_spec_requests: int,
+        num_draft_forwards: int = 0,
+        num_draft_rows: int = 0,
+    ) -> StepShape:
+        """This (draft-free) shape plus ``num_drafts`` draft tokens over that many requests."""
+        return StepShape(
+            num_tokens=self.num_tokens + num_drafts,
+            num_logit_rows=self.num_logit_rows + num_drafts,
+            num_kv_tokens=self.num_kv_tokens + num_drafts,
+            num_requests=self.num_requests,
+            num_spec_requests=num_spec_requests,
+            num_draft_forwards=num_draft_forwards,
+            num_draft_rows=num_draft_rows,
+        )
+
+
+def feature_matrix(
+    rows: np.ndarray,
+    logit_rows: np.ndarray,
+    kv_tokens: np.ndarray,
+    requests: np.ndarray,
+    spec_requests: np.ndarray,
+    draft_forwards: np.ndarray,
+    draft_rows: np.ndarray,
+    profile: np.ndarray | None = None,
+) -> np.ndarray:
+    """[S, len(FEATURES)] float64 for S steps given as arrays of equal length."""
+    rows = np.asarray(rows, dtype=np.float64)
+    x = np.zeros((rows.shape[0], len(FEATURES)))
+    x[:, _INDEX["intercept"]] = 1.0
+    x[:, _INDEX["rows"]] = rows
+    for h in _ROW_HINGES:
+        x[:, _INDEX[f"rows_over_{h}"]] = np.maximum(rows - h, 0.0)
+    for n in range(1, _ONE_HOT_ROWS + 1):
+        x[:, _INDEX[f"rows_eq_{n}"]] = rows == n
+    x[:, _INDEX["logit_rows"]] = logit_rows
+    x[:, _INDEX["kv_tokens"]] = kv_tokens
+    x[:, _INDEX["requests"]] = requests
+    spec = np.asarray(spec_requests, dtype=np.float64)
+    x[:, _INDEX["spec_requests"]] = spec
+    x[:, _INDEX["verifying"]] = spec > 0
+    x[:, _INDEX["draft_forwards"]] = draft_forwards
+    x[:, _INDEX["draft_rows"]] = draft_rows
+    if profile is not None:
+        x[:, _INDEX["profile"]] = profile
+    return x
+
+
+def shapes_matrix(shapes: Sequence[StepShape], profile: bool = False) -> np.ndarray:
+    def col(name: str) -> np.ndarray:
+        return np.array([getattr(s, name) for s in shapes], dtype=np.float64)
+
+    return feature_matrix(
+        col("num_tokens"),
+        col("num_logit_rows"),
+        col("num_kv_tokens"),
+        col("num_requests"),
+        col("num_spec_requests"),
+        col("num_draft_forwards"),
+        col("num_draft_rows"),
+        np.full(len(shapes), float(profile)),
+    )
+
+
+class CostModel:
+    """Online least-squares step-time model; see the module docstring.
+
+    ``predict`` / ``predict_matrix`` answer in seconds. ``observe`` adds a measured step and
+    refits every ``refit_every`` observations. Before any data the model predicts a flat
+    ``default_seconds`` per step, which makes every draft look free of cost: callers that need
+    a fitted model seed it with ``add_profile`` first.
+    """
+
+    def __init__(
+        self,
+        window: int = 512,
+        refit_every: int = 8,
+        error_window: int = 128,
+        default_seconds: float = 0.01,
+    ) -> None:
+        if window < len(FEATURES):
+            raise ValueError(f"window must be >= {len(FEATURES)} steps, got {window}")
+        self._window: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
+        self._anchors: list[tuple[np.ndarray, float]] = []
+        self._errors: deque[float] = deque(maxlen=error_window)
+        self._refit_every = max(1, refit_every)
+        self._since_fit = 0
+        self._coef = np.zeros(len(FEATURES))
+        self._coef[_INDEX["intercept"]] = default_seconds
+        self.num_fits = 0
+
+    @classmethod
+    def from_coefficients(cls, coefficients: dict[str, float]) -> CostModel:
+        """A fixed model (the simulator's given coefficients); ``observe`` still refits."""
+        unknown = sorted(set(coefficients) - set(FEATURES))
+        if unknown:
+            raise ValueError(f"unknown cost features {unknown}; known: {list(FEATURES)}")
+        model = cls(default_seconds=0.0)
+        for name, value in coefficients.items():
+            model._coef[_INDEX[name]] = value
+        return model
+
+    # ---- prediction ---------------------------------------------------------------------
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        return {name: float(c) for name, c in zip(FEATURES, self._coef, strict=True)}
+
+    def predict(self, shape: StepShape) -> float:
+        return float(self.predict_matrix(shapes_matrix([shape]))[0])
+
+    def predict_matrix(self, x: np.ndarray) -> np.ndarray:
+        """x: [S, len(FEATURES)] from ``feature_matrix`` -> [S] seconds."""
+        return np.maximum(x @ self._coef, _MIN_SECONDS)
+
+    @property
+    def recent_relative_error(self) -> float:
+        """Median |predicted - measured| / measured over recent steps, each predicted before
+        it was seen (held out); NaN before any step."""
+        return float(np.median(self._errors)) if self._errors else math.nan
+
+    @property
+    def num_observations(self) -> int:
+        return len(self._window)
+
+    # ---- fitting ------------------------------------------------------------------------
+
+    def add_profile(self, samples: Iterable[tuple[StepShape, float]]) -> None:
+        """Start-up profile samples: kept in every fit (never slide out of the window)."""
+        for shape, seconds in samples:
+            if seconds > 0:
+                self._anchors.append((shapes_matrix([shape], profile=True)[0], seconds))
+        self.fit()
+
+    def observe(self, shape: StepShape, seconds: float) -> float:
+        """Adds one measured step; returns what the model predicted for it beforehand."""
+        x = shapes_matrix([shape])[0]
+        predicted = float(self.predict_matrix(x[None])[0])
+        if seconds <= 0 or not math.isfinite(seconds):
+            return predicted
+        self._errors.append(abs(predicted - seconds) / seconds)
+        self._window.append((x, seconds))
+        self._since_fit += 1
+        if self._since_fit >= self._refit_every:
+            self.fit()
+        return predicted
+
+    def fit(self) -> None:
+        data = self._anchors + list(self._window)
+        self._since_fit = 0
+        if len(data) < 4:
+            return
+        x = np.stack([d[0] for d in data])
+        y = np.array([d[1] for d in data])
+        keep = np.ones(len(y), dtype=bool)
+        coef = _weighted_ridge(x, y, keep)
+        rel = (x @ coef - y) / y
+        # Robust scale of the relative residuals (MAD), then one refit without outliers.
+        sigma = 1.4826 * float(np.median(np.abs(rel - np.median(rel))))
+        keep = np.abs(rel) <= max(_TRIM_SIGMAS * sigma, _TRIM_FLOOR)
+        if keep.sum() >= 4 and not keep.all():
+            coef = _weighted_ridge(x, y, keep)
+        if np.all(np.isfinite(coef)):
+            self._coef = coef
+            self.num_fits += 1
+
+
+def _weighted_ridge(x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """argmin sum_i ((x_i c - y_i) / y_i)^2 + ridge * |D c|^2 over the kept rows, where D
+    scales each feature to unit RMS (the intercept is not penalised)."""
+    xw = x[keep] / y[keep, None]
+    yw = np.ones(int(keep.sum()))
+    scale = np.sqrt(np.mean(xw**2, axis=0))
+    scale[scale == 0] = 1.0
+    xs = xw / scale
+    penalty = np.full(x.shape[1], math.sqrt(_RIDGE * len(yw)))
+    penalty[_INDEX["intercept"]] = 0.0
+    a = np.vstack([xs, np.diag(penalty)])
+    b = np.concatenate([yw, np.zeros(x.shape[1])])
+    sol, *_ = np.linalg.lstsq(a, b, rcond=None)
+    return sol / scale

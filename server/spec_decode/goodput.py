@@ -1,0 +1,72 @@
+"""specd's goodput policy: every request's budget chosen every step by marginal value.
+
+Model drafters (each draft token costs a draft forward) get budgets before drafting: chain
+position j of request i is worth prod_{d <= j} p_i(d), the request's own conditional
+acceptance by depth. Model-free drafters propose up to each request's cap (it costs
+microseconds), and the policy then keeps the tree nodes worth verifying: a node is worth the
+probability that its whole path is accepted, from the drafter's calibrated scores and the
+request's record. Either way the batch-wide allocation is ``Allocator.best``: the most
+expected tokens per predicted second, so budgets fall to 0 when verify rows cost more than
+they return (a compute-bound batch, poor drafts) and grow into long chains or wide trees when
+the machine has compute to spare.
+
+Hysteresis: the previous step's per-request counts are kept while their predicted goodput is
+within ``hysteresis`` of the best, so budgets do not flap between near-equal allocations.
+"""
+
+from __future__ import annotations
+
+from server.engine.request import Request
+from server.spec_decode.allocator import Allocation, RequestCandidates, StepBase
+from server.spec_decode.learned import LearnedPolicy
+from server.spec_decode.policy import PolicyContext
+from server.spec_decode.tree import TokenTree
+
+_HYSTERESIS = 0.02
+
+
+class GoodputPolicy(LearnedPolicy):
+    name = "goodput"
+
+    def __init__(self, context: PolicyContext, hysteresis: float = _HYSTERESIS) -> None:
+        super().__init__(context)
+        if not 0.0 <= hysteresis < 1.0:
+            raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
+        self.hysteresis = hysteresis
+        self._previous: dict[str, int] = {}
+
+    def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]:
+        if self.context.free_proposals:
+            return list(caps)  # propose everything; select() keeps what is worth verifying
+        candidates = [self.chain_candidates(r, c) for r, c in zip(requests, caps, strict=True)]
+        return self.choose(base, requests, candidates).counts
+
+    def select(
+        self, base: StepBase, requests: list[Request], trees: list[TokenTree]
+    ) -> list[TokenTree]:
+        built = [self.tree_candidates(r, t) for r, t in zip(requests, trees, strict=True)]
+        allocation = self.choose(base, requests, [c for c, _ in built])
+        pruned = []
+        for tree, (_, nodes), n in zip(trees, built, allocation.counts, strict=True):
+            pruned.append(tree if n == tree.num_drafts else tree.subtree(nodes[:n].tolist()))
+        return pruned
+
+    def choose(
+        self, base: StepBase, requests: list[Request], candidates: list[RequestCandidates]
+    ) -> Allocation:
+        allocator = self.allocator
+        largest = max((c.size for c in candidates), default=0)
+        best = allocator.best(base, candidates, uniform_ks=range(1, largest + 1))
+        previous = [self._previous.get(r.request_id, 0) for r in requests]
+        if previous != best.counts and self.hysteresis > 0:
+            kept = allocator.evaluate(base, candidates, previous)
+            if kept.goodput >= best.goodput * (1.0 - self.hysteresis):
+                best = kept
+        for r, n in zip(requests, best.counts, strict=True):
+            self._previous[r.request_id] = n
+        self.record_goodput(best.goodput)
+        return best
+
+    def forget(self, request_ids: frozenset[str]) -> None:
+        for rid in request_ids:
+            self._previous.pop(rid, None)

@@ -1,0 +1,79 @@
+"""Acceptance estimates learned from verified trees: global, per request, calibrated scores."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.spec_decode.acceptance import AcceptanceEstimator
+from server.spec_decode.tree import TokenTree
+
+
+def chain(k: int, score: float | None = None) -> TokenTree:
+    return TokenTree.chain(0, list(range(1, k + 1)), None if score is None else [score] * k)
+
+
+def accepted_prefix(rng: np.random.Generator, alpha: float, k: int) -> list[int]:
+    """Nodes 1..j: each position accepted with probability alpha given the previous one."""
+    nodes = []
+    for j in range(1, k + 1):
+        if rng.random() >= alpha:
+            break
+        nodes.append(j)
+    return nodes
+
+
+def test_global_and_per_request_estimates_follow_observed_acceptance() -> None:
+    rng = np.random.default_rng(0)
+    est = AcceptanceEstimator(max_depth=4)
+    for _ in range(300):
+        est.observe("good", chain(4), accepted_prefix(rng, 0.9, 4))
+        est.observe("poor", chain(4), accepted_prefix(rng, 0.1, 4))
+        est.next_step()
+    good, poor = est.chain_probs("good", 4), est.chain_probs("poor", 4)
+    assert np.all(good > 0.75) and np.all(poor[:1] < 0.25)
+    # A new request starts from the global estimate (between the two).
+    fresh = est.chain_probs("new", 4)
+    assert poor[0] < fresh[0] < good[0]
+    assert np.allclose(fresh, est.global_probs())
+
+
+def test_a_request_not_speculating_drifts_back_to_the_prior() -> None:
+    est = AcceptanceEstimator(max_depth=2)
+    for _ in range(20):
+        est.observe("r", chain(2), [])
+        est.observe("other", chain(2), [1, 2])
+        est.next_step()
+    low = est.chain_probs("r", 1)[0]
+    for _ in range(200):
+        est.observe("other", chain(2), [1, 2] if _ % 2 else [])
+        est.next_step()
+    assert est.chain_probs("r", 1)[0] > low + 0.2
+
+
+def test_scores_are_calibrated_into_probabilities() -> None:
+    rng = np.random.default_rng(1)
+    est = AcceptanceEstimator(max_depth=4, score_edges=(1.5, 2.5, 3.5))
+    for i in range(400):
+        # Long matches (score 4) are right 90% of the time, one-token matches 20%.
+        score, alpha = (4.0, 0.9) if i % 2 else (1.0, 0.2)
+        est.observe(f"r{i % 7}", chain(3, score), accepted_prefix(rng, alpha, 3))
+        est.next_step()
+    strong = est.node_probs("new", chain(3, 4.0))
+    weak = est.node_probs("new", chain(3, 1.0))
+    assert strong[0] == 1.0 and np.all(strong[1:] > 0.75)
+    assert weak[1] < 0.35
+    values = est.path_values("new", chain(3, 4.0))
+    assert np.allclose(values, np.cumprod(strong))
+    assert any(t > 0 for _, _, t, _ in est.calibration_table())
+
+
+def test_tree_nodes_are_tested_only_under_accepted_parents() -> None:
+    est = AcceptanceEstimator(max_depth=3)
+    # root -> 1 -> 2, root -> 3 -> 4: path 1 accepted, 2 rejected; 4 never tested.
+    tree = TokenTree((0, 10, 11, 12, 13), (-1, 0, 1, 0, 3))
+    for _ in range(50):
+        est.observe("r", tree, [1])
+        est.next_step()
+    depth1, depth2 = est.global_probs()[:2]
+    # Depth 1: nodes 1 (accepted) and 3 (rejected) -> about 1/2; depth 2: only node 2 -> ~0.
+    assert 0.4 < depth1 < 0.6 and depth2 < 0.1

@@ -1,0 +1,171 @@
+"""The goodput allocator on cases with a known optimum, and its guarantees as properties."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.engine.request import Request
+from server.engine.sampling_params import SamplingParams
+from server.spec_decode.allocator import Allocator, DraftCost, RequestCandidates, StepBase
+from server.spec_decode.cost_model import CostModel, StepShape
+from server.spec_decode.learned import LearnedPolicy
+from server.spec_decode.policy import PolicyContext
+from server.spec_decode.tree import TokenTree
+
+
+def make_request(request_id: str) -> Request:
+    return Request(request_id, [1, 2, 3], SamplingParams(), frozenset(), 1_000_000)
+
+
+def decode_base(batch: int, context: int = 100) -> StepBase:
+    shape = StepShape(batch, batch, batch * context + batch, batch)
+    return StepBase(shape, batch)
+
+
+def linear_cost(intercept: float, per_row: float, **extra: float) -> CostModel:
+    return CostModel.from_coefficients({"intercept": intercept, "rows": per_row, **extra})
+
+
+def chains(alphas: list[float], cap: int) -> list[RequestCandidates]:
+    return [RequestCandidates.chain([a] * cap) for a in alphas]
+
+
+def brute_force_best(alloc: Allocator, base: StepBase, cands: list[RequestCandidates]) -> float:
+    options = [range(c.size + 1) for c in cands]
+    return max(alloc.evaluate(base, cands, list(n)).goodput for n in itertools.product(*options))
+
+
+def test_equal_alphas_get_equal_budgets_and_the_optimum() -> None:
+    alloc = Allocator(linear_cost(0.020, 0.002))
+    base, cands = decode_base(3), chains([0.7, 0.7, 0.7], cap=6)
+    best = alloc.best(base, cands)
+    assert max(best.counts) - min(best.counts) <= 1 and min(best.counts) > 0
+    assert best.goodput >= brute_force_best(alloc, base, cands) * (1 - 1e-9)
+
+
+def test_only_the_accurate_request_speculates() -> None:
+    alloc = Allocator(linear_cost(0.020, 0.002))
+    best = alloc.best(decode_base(4), chains([0.95, 0.02, 0.02, 0.02], cap=8))
+    assert best.counts[0] >= 4 and best.counts[1:] == [0, 0, 0]
+
+
+def test_compute_bound_batch_gets_no_drafts() -> None:
+    # Cost proportional to rows: a draft row costs as much as a sure token and returns less.
+    alloc = Allocator(linear_cost(0.0, 0.010))
+    best = alloc.best(decode_base(16), chains([0.8] * 16, cap=8))
+    assert best.counts == [0] * 16
+
+
+def test_idle_machine_with_accurate_drafts_gets_long_chains() -> None:
+    alloc = Allocator(linear_cost(0.050, 0.0001))
+    best = alloc.best(decode_base(2), chains([0.9, 0.9], cap=8))
+    assert best.counts == [8, 8]
+
+
+def test_a_deep_cheap_path_beats_a_wide_shallow_one() -> None:
+    # Tree: a confident chain 1-2-3-4 (0.9 each) and four weak siblings 5..8 of the root (0.2).
+    values = np.array([0.9, 0.81, 0.729, 0.656, 0.2, 0.2, 0.2, 0.2])
+    parents = np.array([-1, 0, 1, 2, -1, -1, -1, -1])
+    depths = np.array([1, 2, 3, 4, 1, 1, 1, 1])
+    cands = [RequestCandidates(values, parents, depths)]
+    alloc = Allocator(linear_cost(0.020, 0.004))
+    best = alloc.best(decode_base(1), cands)
+    assert best.counts == [4]  # the whole deep path, none of the siblings
+    wide = alloc.evaluate(decode_base(1), cands, [4])  # same count, but by value = deep path
+    assert wide.goodput == best.goodput
+
+
+def test_non_monotonic_cost_is_not_stopped_at_the_first_dip() -> None:
+    # 2 and 3 rows cost more than 4 (CPU few-row path): a greedy walk stops at 0 drafts.
+    alloc = Allocator(
+        CostModel.from_coefficients({"intercept": 0.010, "rows_eq_2": 0.02, "rows_eq_3": 0.02})
+    )
+    best = alloc.best(decode_base(1), chains([0.5], cap=3))
+    assert best.counts == [3]
+
+
+def test_model_drafters_pay_per_draft_forward() -> None:
+    base, cands = decode_base(2), chains([0.6, 0.6], cap=6)
+    cheap = Allocator(linear_cost(0.020, 0.001), DraftCost(model_drafter=False))
+    costly = Allocator(
+        linear_cost(0.020, 0.001, draft_forwards=0.015), DraftCost(model_drafter=True)
+    )
+    assert sum(costly.best(base, cands).counts) < sum(cheap.best(base, cands).counts)
+
+
+costs = st.fixed_dictionaries(
+    {
+        "intercept": st.floats(0.0, 0.05),
+        "rows": st.floats(0.0, 0.01),
+        "rows_eq_2": st.floats(-0.005, 0.02),
+        "rows_eq_4": st.floats(-0.005, 0.02),
+        "spec_requests": st.floats(-0.001, 0.003),
+        "verifying": st.floats(-0.002, 0.01),
+        "kv_tokens": st.floats(0.0, 1e-5),
+        "draft_forwards": st.floats(0.0, 0.01),
+        "draft_rows": st.floats(0.0, 0.002),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    alphas=st.lists(st.floats(0.0, 0.99), min_size=1, max_size=8),
+    caps=st.lists(st.integers(0, 8), min_size=8, max_size=8),
+    coefficients=costs,
+    model_drafter=st.booleans(),
+    prefill=st.integers(0, 64),
+)
+def test_never_worse_than_no_speculation_or_any_uniform_k(
+    alphas: list[float],
+    caps: list[int],
+    coefficients: dict[str, float],
+    model_drafter: bool,
+    prefill: int,
+) -> None:
+    cands = [RequestCandidates.chain([a] * c) for a, c in zip(alphas, caps, strict=False)]
+    b = len(cands)
+    shape = StepShape(b + prefill, b, 50 * b + prefill, b + (prefill > 0))
+    base = StepBase(shape, b)
+    alloc = Allocator(CostModel.from_coefficients(coefficients), DraftCost(model_drafter, 2.0))
+    best = alloc.best(base, cands, uniform_ks=range(1, 9))
+    eps = 1e-9
+    assert all(0 <= n <= c.size for n, c in zip(best.counts, cands, strict=True))
+    assert best.goodput >= alloc.evaluate(base, cands, [0] * b).goodput * (1 - eps)
+    for k in range(1, 9):
+        uniform = alloc.evaluate(base, cands, [min(k, c.size) for c in cands])
+        assert best.goodput >= uniform.goodput * (1 - eps)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    parents_seed=st.lists(st.integers(0, 1000), min_size=1, max_size=12),
+    probs=st.lists(st.floats(0.01, 0.98), min_size=12, max_size=12),
+    per_row=st.floats(0.0, 0.01),
+)
+def test_a_chosen_tree_prefix_is_parent_closed(
+    parents_seed: list[int], probs: list[float], per_row: float
+) -> None:
+    n = len(parents_seed)
+    parents = [-1] + [seed % (i + 1) for i, seed in enumerate(parents_seed)]
+    tree = TokenTree(tuple(range(n + 1)), tuple(parents))
+    policy = LearnedPolicy(PolicyContext(max_spec_tokens=12))
+    # Drive the estimator's per-depth acceptance from the drawn probabilities.
+    for depth, p in enumerate(probs, start=1):
+        chain_tree = TokenTree.chain(0, list(range(1, depth + 1)))
+        for trial in range(10):
+            policy.estimator.observe(
+                "r", chain_tree, list(range(1, depth + 1)) if trial < 10 * p else []
+            )
+
+    cands, nodes = policy.tree_candidates(make_request("r"), tree)
+    alloc = Allocator(linear_cost(0.02, per_row))
+    best = alloc.best(decode_base(1), [cands])
+    kept = set(nodes[: best.counts[0]].tolist())
+    assert all(tree.parents[v] == 0 or tree.parents[v] in kept for v in kept)
+    pruned = tree.subtree(sorted(kept))
+    assert pruned.num_drafts == len(kept)

@@ -1,0 +1,94 @@
+"""The online cost model against step times generated from known coefficients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.spec_decode.cost_model import FEATURES, CostModel, StepShape
+
+
+def decode_shape(batch: int, drafts_each: int, context: int = 100) -> StepShape:
+    rows = batch * (1 + drafts_each)
+    return StepShape(
+        num_tokens=rows,
+        num_logit_rows=rows,
+        num_kv_tokens=batch * context + rows,
+        num_requests=batch,
+        num_spec_requests=batch if drafts_each else 0,
+    )
+
+
+def true_seconds(shape: StepShape) -> float:
+    """A CPU-like cost: 4 rows are cheaper than 3 (the few-row BLAS path), 1 row is slow."""
+    few_rows = {1: 0.030, 2: 0.012, 3: 0.025, 4: 0.002}.get(shape.num_tokens, 0.0)
+    verify = 0.001 + 0.0004 * shape.num_spec_requests if shape.num_spec_requests else 0.0
+    return (
+        0.015
+        + 0.0008 * shape.num_tokens
+        + 2e-6 * shape.num_kv_tokens
+        + 0.0002 * shape.num_requests
+        + few_rows
+        + verify
+    )
+
+
+def training_shapes(rng: np.random.Generator, n: int) -> list[StepShape]:
+    return [
+        decode_shape(int(rng.integers(1, 17)), int(rng.integers(0, 6)), int(rng.integers(20, 400)))
+        for _ in range(n)
+    ]
+
+
+def test_recovers_a_nonlinear_cpu_cost_within_two_percent() -> None:
+    rng = np.random.default_rng(0)
+    model = CostModel(window=512)
+    for shape in training_shapes(rng, 400):
+        model.observe(shape, true_seconds(shape) * rng.normal(1.0, 0.01))
+    held_out = training_shapes(rng, 100) + [decode_shape(1, k) for k in range(5)]
+    errors = [abs(model.predict(s) - true_seconds(s)) / true_seconds(s) for s in held_out]
+    assert np.median(errors) < 0.02
+    # The few-row quirk is learned: verifying 3 drafts (4 rows) beats plain decode (1 row).
+    assert model.predict(decode_shape(1, 3)) < model.predict(decode_shape(1, 0))
+    assert model.recent_relative_error < 0.05
+
+
+def test_outlier_steps_do_not_move_the_fit() -> None:
+    rng = np.random.default_rng(1)
+    clean, dirty = CostModel(), CostModel()
+    for i, shape in enumerate(training_shapes(rng, 300)):
+        t = true_seconds(shape)
+        clean.observe(shape, t)
+        # One step in ten hit by a GC pause or a busy core: 3-8x slower.
+        dirty.observe(shape, t * (rng.uniform(3, 8) if i % 10 == 0 else 1.0))
+    probe = training_shapes(rng, 50)
+    errors = [abs(dirty.predict(s) - true_seconds(s)) / true_seconds(s) for s in probe]
+    assert np.median(errors) < 0.03
+
+
+def test_profile_samples_stay_when_the_window_slides_past_them() -> None:
+    model = CostModel(window=64, refit_every=4)
+    profile = [
+        (decode_shape(b, k), true_seconds(decode_shape(b, k))) for b in (1, 2, 8) for k in range(4)
+    ]
+    model.add_profile(profile)
+    # Then only batch-16 steps for longer than the window.
+    for _ in range(200):
+        s = decode_shape(16, 0)
+        model.observe(s, true_seconds(s) * 1.05)  # real steps cost a bit more than the profile
+    s = decode_shape(1, 3)
+    assert model.predict(s) == pytest.approx(true_seconds(s), rel=0.3)
+    assert model.predict(decode_shape(16, 0)) == pytest.approx(
+        1.05 * true_seconds(decode_shape(16, 0)), rel=0.02
+    )
+
+
+def test_given_coefficients_predict_exactly() -> None:
+    model = CostModel.from_coefficients(
+        {"intercept": 0.00694, "rows": 1.84e-5, "kv_tokens": 4.86e-8}
+    )
+    s = decode_shape(4, 2, context=500)
+    assert model.predict(s) == pytest.approx(0.00694 + 1.84e-5 * 12 + 4.86e-8 * (2000 + 12))
+    with pytest.raises(ValueError, match="unknown cost features"):
+        CostModel.from_coefficients({"flops": 1.0})
+    assert set(model.coefficients) == set(FEATURES)

@@ -1,0 +1,82 @@
+"""The cost-aware policies in the whole engine: lossless, learning, never preempting.
+
+Greedy outputs under ``goodput`` and ``smartspec_uniform`` must be exactly plain decoding's,
+whatever budgets they choose step by step (chains, pruned trees, model drafters, preemption).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from server.config import SpeculativeConfig
+from server.engine.sampling_params import SamplingParams
+from tests.spec_decode.test_engine_speculation import (
+    make_engine,
+    repetitive_token_prompts,
+    tokens_of,
+)
+
+POLICIES = ["goodput", "smartspec_uniform"]
+METHODS = [
+    dict(method="ngram", num_speculative_tokens=8),
+    dict(method="tree", num_speculative_tokens=8, max_tree_width=3),
+    dict(method="synthetic", num_speculative_tokens=4, acceptance_rate=0.7),
+]
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(tiny_llama_dir: Path) -> list[list[int]]:
+    return tokens_of(make_engine(tiny_llama_dir).generate(repetitive_token_prompts(32), GREEDY))
+
+
+@pytest.mark.parametrize("method", METHODS, ids=[m["method"] for m in METHODS])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_greedy_identity_and_the_policy_learns(
+    policy: str, method: dict, tiny_llama_dir: Path, plain_outputs: list[list[int]]
+) -> None:
+    spec = SpeculativeConfig(policy=policy, cost_profile_seconds=5.0, **method)
+    engine = make_engine(tiny_llama_dir, spec)
+    assert tokens_of(engine.generate(repetitive_token_prompts(32), GREEDY)) == plain_outputs
+    stats = engine.core.stats()
+    assert stats.num_blocks_used == 0
+    assert stats.speculation is not None
+    p = stats.speculation.policy
+    assert p.name == policy and p.num_predicted_steps > 0
+    assert p.measured_seconds_total > 0 and p.predicted_seconds_total > 0
+    assert math.isfinite(p.cost_model_relative_error)
+    # The profile seeded the fit: the per-row coefficient is learned, not the default 0.
+    assert p.cost_model_coefficients["rows"] != 0.0
+    assert sum(stats.speculation.budget_counts) > 0
+    assert stats.speculation.budget_sum == stats.num_draft_tokens
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_greedy_identity_with_preemption_forced(policy: str, tiny_llama_dir: Path) -> None:
+    prompts = repetitive_token_prompts(16, seed=3)
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    plain = make_engine(tiny_llama_dir).generate(prompts, params)
+    spec = SpeculativeConfig(
+        policy=policy, method="tree", num_speculative_tokens=6, cost_profile_seconds=2.0
+    )
+    engine = make_engine(tiny_llama_dir, spec, num_blocks=24)
+    speculative = engine.generate(prompts, params)
+    assert engine.core.stats().num_preemptions > 0
+    assert tokens_of(speculative) == tokens_of(plain)
+
+
+def test_speculation_alone_never_preempts(tiny_llama_dir: Path) -> None:
+    """Short of blocks for draft slots, a request decodes plainly instead of evicting others:
+    a cache that fits every request without drafts sees no preemption with them."""
+    prompts = [p[:16] for p in repetitive_token_prompts(8, seed=4)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    # 8 requests x (16 + 16) tokens = 32 blocks of 8; drafts would need up to 8 more each.
+    spec = SpeculativeConfig(policy="fixed", method="ngram", num_speculative_tokens=8)
+    engine = make_engine(tiny_llama_dir, spec, num_blocks=33)
+    plain = make_engine(tiny_llama_dir, num_blocks=33).generate(prompts, params)
+    assert tokens_of(engine.generate(prompts, params)) == tokens_of(plain)
+    stats = engine.core.stats()
+    assert stats.num_preemptions == 0 and stats.num_blocks_used == 0

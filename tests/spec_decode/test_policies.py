@@ -1,0 +1,114 @@
+"""The policies by name: goodput, smartspec_uniform, fixed, none (no model: plain objects)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.engine.request import Request
+from server.engine.sampling_params import SamplingParams
+from server.spec_decode.allocator import StepBase
+from server.spec_decode.cost_model import CostModel, StepShape
+from server.spec_decode.goodput import GoodputPolicy
+from server.spec_decode.policy import (
+    PolicyContext,
+    StepObservation,
+    VerifiedTree,
+    available_policies,
+    make_policy,
+)
+from server.spec_decode.smartspec import SmartSpecUniform
+from server.spec_decode.tree import TokenTree
+
+
+def requests(n: int) -> list[Request]:
+    return [Request(f"r{i}", [1, 2, 3], SamplingParams(), frozenset(), 10_000) for i in range(n)]
+
+
+def base(batch: int) -> StepBase:
+    return StepBase(StepShape(batch, batch, 100 * batch, batch), batch)
+
+
+def teach(policy: GoodputPolicy | SmartSpecUniform, alphas: dict[str, float], k: int = 8) -> None:
+    """Feeds the policy verified chains accepted with the given per-request rates."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        verified = []
+        for rid, alpha in alphas.items():
+            accepted = []
+            for j in range(1, k + 1):
+                if rng.random() >= alpha:
+                    break
+                accepted.append(j)
+            verified.append(VerifiedTree(rid, TokenTree.chain(0, list(range(k))), tuple(accepted)))
+        shape = StepShape(len(alphas), len(alphas), 0, len(alphas))
+        policy.observe(StepObservation(shape, 0.0, verified))
+
+
+def context(cost: CostModel, free: bool = False) -> PolicyContext:
+    return PolicyContext(max_spec_tokens=8, free_proposals=free, cost_model=cost)
+
+
+def test_registry_names_and_errors() -> None:
+    assert {"none", "fixed", "smartspec_uniform", "goodput"} <= set(available_policies())
+    with pytest.raises(ValueError, match="unknown speculation policy 'bogus'"):
+        make_policy("bogus", PolicyContext(4))
+    assert make_policy("fixed", PolicyContext(4)).allocate(base(2), requests(2), [3, 1]) == [3, 1]
+    assert make_policy("none", PolicyContext(4)).allocate(base(2), requests(2), [3, 1]) == [0, 0]
+
+
+def test_goodput_gives_each_request_its_own_budget() -> None:
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.002})
+    policy = GoodputPolicy(context(cost))
+    teach(policy, {"r0": 0.95, "r1": 0.05, "r2": 0.6})
+    budgets = policy.allocate(base(3), requests(3), [8, 8, 8])
+    assert budgets[0] > budgets[2] > budgets[1] == 0
+    assert policy.stats().estimated_goodput > 3 / cost.predict(base(3).shape)
+
+
+def test_goodput_prunes_free_proposals_to_a_tree() -> None:
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.004})
+    policy = GoodputPolicy(context(cost, free=True))
+    teach(policy, {"r0": 0.5})
+    reqs = requests(1)
+    assert policy.allocate(base(1), reqs, [8]) == [8]  # propose everything
+    wide = TokenTree((9, 1, 2, 3, 4, 5, 6, 7, 8), (-1, 0, 1, 2, 0, 0, 4, 0, 3))
+    (pruned,) = policy.select(base(1), reqs, [wide])
+    assert 0 < pruned.num_drafts < wide.num_drafts
+    assert pruned.root_token == 9 and all(p < i for i, p in enumerate(pruned.parents) if i)
+    # The kept nodes are the shallow, likely ones: every depth-1 node kept beats a deep one.
+    assert pruned.max_depth <= wide.max_depth
+
+
+def test_hysteresis_keeps_budgets_between_near_equal_allocations() -> None:
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.002})
+    steady = GoodputPolicy(context(cost), hysteresis=0.05)
+    teach(steady, {"r0": 0.7, "r1": 0.7})
+    reqs = requests(2)
+    first = steady.allocate(base(2), reqs, [8, 8])
+    # Small swings in the step's shape must not move the budgets.
+    for batch_kv in (90, 110, 95, 105):
+        b = StepBase(StepShape(2, 2, batch_kv * 2, 2), 2)
+        assert steady.allocate(b, reqs, [8, 8]) == first
+
+
+def test_smartspec_uniform_needs_ten_percent_and_rechooses_every_u_steps() -> None:
+    # Speculation would pay a little (< 10%): the 1.1x margin on k = 0 keeps it off.
+    marginal = CostModel.from_coefficients({"intercept": 0.010, "rows": 0.0065})
+    policy = SmartSpecUniform(context(marginal), every=4)
+    teach(policy, {"r0": 0.5})
+    assert policy.allocate(base(1), requests(1), [8]) == [0]
+    # ... where goodput, with no such margin, takes the ~9% gain.
+    goodput = GoodputPolicy(context(marginal))
+    teach(goodput, {"r0": 0.5})
+    assert goodput.allocate(base(1), requests(1), [8]) == [1]
+    # Cheap verification and good drafts: one k for everyone, capped per request.
+    cheap = CostModel.from_coefficients({"intercept": 0.05, "rows": 0.0005})
+    policy = SmartSpecUniform(context(cheap), every=4)
+    teach(policy, {"r0": 0.9, "r1": 0.2})
+    budgets = policy.allocate(base(2), requests(2), [8, 3])
+    assert budgets[0] > 0 and budgets[1] == min(budgets[0], 3)
+    k = policy.k
+    # Re-chosen only every 4 steps, even if the caps change.
+    for _ in range(3):
+        assert policy.allocate(base(2), requests(2), [8, 8]) == [k, k]
