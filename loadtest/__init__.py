@@ -1,13 +1,17 @@
 """specd's load generator: `python -m loadtest run|sweep`, in `vllm bench serve`'s language.
 
 Modules, one job each:
-  arrivals  request send times (Poisson / gamma, or all at once)
-  data      prompt sets: shipped JSONL, random token-length prompts, ShareGPT JSON
-  sse       server-sent-event parsing and OpenAI chunk interpretation
-  client    one streamed request over httpx -> RequestRecord
-  runner    a bounded run: schedule, concurrency cap, duration cap, progress bar
-  metrics   per-run summary and result JSON with vLLM's keys
-  prom      Prometheus text parsing, /metrics scraping and deltas
-  sweep     rate sweeps over configurations (local `specd serve` or a given URL)
-  report    report.md, machine info; plots in `plots`
+  arrivals      request send times (Poisson / gamma, or all at once)
+  data          prompt sets: shipped JSONL, random token-length prompts, ShareGPT JSON
+  uniqueness    per-run prompt prefixes, so a sweep's rates never hit each other's cache
+  sse           server-sent-event parsing and OpenAI chunk interpretation
+  client        one streamed request over httpx -> RequestRecord
+  runner        a bounded run: schedule, concurrency cap, duration cap, progress bar
+  metrics       per-run summary and result JSON with vLLM's keys
+  prom          Prometheus text parsing, /metrics scraping and deltas, policy series
+  workload      the workload flags and prompt loading `run` and `sweep` share
+  sweep_config  sweep YAML -> SweepConfig, with the command line's overrides
+  sweep         rate sweeps over configurations (local `specd serve` or a given URL)
+  report        report.md and sweep.json; plots in `plots`, host facts in `host`
+  cli           `python -m loadtest run|sweep`: parse and dispatch
 """

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from loadtest.host import loadavg_1min
 from loadtest.metrics import METRICS, Summary, format_summary, result_json, summarize
 from loadtest.records import Sample
 from loadtest.runner import RunConfig, RunOutput, run_benchmark
@@ -47,6 +48,9 @@ async def detect_model(base_url: str, api_key: str | None = None) -> str:
 
 
 async def benchmark(cfg: RunConfig, samples: list[Sample], rep: ReportConfig) -> BenchResult:
+    # The machine may be shared: the 1-minute load average before and after the run says how
+    # much else ran on it.
+    loadavg_before = loadavg_1min()
     out = await run_benchmark(cfg, samples)
     summary = summarize(out.records, out.duration, rep.slos, rep.percentiles, rep.metrics)
     header = {
@@ -64,18 +68,11 @@ async def benchmark(cfg: RunConfig, samples: list[Sample], rep: ReportConfig) ->
         "max_concurrency": cfg.max_concurrency,
         "goodput_slos_ms": rep.slos or None,
     }
-    # The machine may be shared: the 1-minute load average after the run says how much.
-    header["loadavg_after"] = _loadavg()
+    header["loadavg_before"] = loadavg_before
+    header["loadavg_after"] = loadavg_1min()
     result = result_json(summary, out.records, header)
     result.update(out.extra_json())
     return BenchResult(summary, out, result)
-
-
-def _loadavg() -> float | None:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def print_report(res: BenchResult) -> None:

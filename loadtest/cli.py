@@ -1,4 +1,6 @@
-"""`python -m loadtest run|sweep`. Flag names follow `vllm bench serve` where they exist."""
+"""`python -m loadtest run|sweep`: parse the command line and dispatch. Flag names follow
+`vllm bench serve` where they exist; the workload flags both commands share live in
+`loadtest.workload`."""
 
 from __future__ import annotations
 
@@ -8,53 +10,12 @@ import math
 import os
 import sys
 
-from loadtest.bench import ReportConfig, benchmark, detect_model, print_report, write_json
+from loadtest.bench import benchmark, detect_model, print_report, write_json
 from loadtest.client import ENDPOINTS, ApiConfig
-from loadtest.data import DATASET_NAMES, load_samples
-from loadtest.metrics import METRICS, parse_goodput
 from loadtest.runner import RunConfig
-from loadtest.tokens import make_counter
-
-
-def add_workload_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `run` and `sweep` (a sweep YAML's keys override them)."""
-    a = p.add_argument
-    a("--dataset-name", default="mix", choices=DATASET_NAMES)
-    a("--dataset-path", help="JSONL of {'prompt': ...} (repetitive/chat/mix) or ShareGPT JSON")
-    a("--num-prompts", type=int, default=100)
-    a(
-        "--max-tokens",
-        "--output-len",
-        dest="max_tokens",
-        type=int,
-        default=None,
-        help="output tokens per request (default: the dataset's, 128)",
-    )
-    a("--random-input-len", type=int, default=1024)
-    a("--random-output-len", type=int, default=128)
-    a("--random-range-ratio", type=float, default=0.0)
-    a(
-        "--tokenizer",
-        help="HF dir, .gguf file or embedded model name for client-side counts "
-        "(default: a regex estimate; the server's usage is used whenever it reports one)",
-    )
-    a("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
-    a("--max-concurrency", type=int, default=None)
-    a("--seed", type=int, default=0)
-    a("--ignore-eos", action="store_true")
-    a("--temperature", type=float, default=0.0)
-    a("--goodput", nargs="+", metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
-    a("--metric-percentiles", default="99", help="comma-separated, e.g. 50,90,99")
-    a("--percentile-metrics", default="ttft,tpot,itl,e2el")
-    a("--duration", type=float, default=None, help="send nothing after this many seconds")
-    a(
-        "--drain-timeout",
-        type=float,
-        default=60.0,
-        help="after --duration, seconds to let in-flight requests finish",
-    )
-    a("--request-timeout", type=float, default=300.0)
-    a("--disable-tqdm", action="store_true")
+from loadtest.sweep import run_sweep
+from loadtest.uniqueness import PROMPT_UNIQUENESS
+from loadtest.workload import add_workload_args, load_workload, report_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,39 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output-dir", help="default: loadtest/reports/<date>-<name>")
     sweep.add_argument("--rates", help="comma-separated, overrides the YAML's rates")
     sweep.add_argument("--only", help="comma-separated configuration names to run")
+    sweep.add_argument(
+        "--prompt-uniqueness",
+        choices=PROMPT_UNIQUENESS,
+        default=None,
+        help="how each rate's prompts are made new to the server (default: the YAML's, "
+        "else per_rate_prefix)",
+    )
     add_workload_args(sweep)
     return parser
-
-
-def report_config(args: argparse.Namespace, label: str = "") -> ReportConfig:
-    metrics = tuple(m.strip() for m in args.percentile_metrics.split(",") if m.strip())
-    bad = [m for m in metrics if m not in METRICS]
-    if bad:
-        raise ValueError(f"--percentile-metrics: unknown {bad}; choose from {METRICS}")
-    percentiles = tuple(float(p) for p in args.metric_percentiles.split(",") if p.strip())
-    return ReportConfig(
-        parse_goodput(args.goodput),
-        percentiles,
-        metrics,
-        label,
-        args.dataset_name,
-        args.tokenizer or "approx",
-    )
-
-
-def load_workload(args: argparse.Namespace) -> list:
-    counter = make_counter(args.tokenizer)
-    return load_samples(
-        args.dataset_name,
-        args.num_prompts,
-        counter,
-        seed=args.seed,
-        output_len=args.max_tokens,
-        dataset_path=args.dataset_path,
-        random_input_len=args.random_input_len,
-        random_output_len=args.random_output_len,
-        random_range_ratio=args.random_range_ratio,
-    )
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -155,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return asyncio.run(cmd_run(args))
-        from loadtest.sweep import run_sweep  # matplotlib and yaml only when sweeping
-
         return run_sweep(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,16 @@
-"""The report's PNGs (matplotlib, Agg). Rates are categorical on the x axis: "inf" included."""
+"""The report's PNGs (matplotlib, Agg), one set per dataset of a sweep.
+
+Against rate (categorical x axis, "inf" included): latency and throughput, one colour per
+configuration. Over time (x = seconds since each run's start, one column per rate): draft
+acceptance and specd's policy series, from the /metrics samples of each run's
+`metrics_timeline`; a configuration without them draws nothing, and a figure with nothing to
+draw is not written.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +36,7 @@ def _xs(results: Results) -> list[str]:
 
 
 def latency_plot(results: Results, path: Path, p: str = "p99") -> Path:
-    """Median (solid) and `p` (dashed) TTFT, TPOT and E2EL vs rate, one colour a config."""
+    """Mean (solid) and `p` (dashed) TTFT, TPOT and E2EL vs rate, one colour a config."""
     xs = _xs(results)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, metric, title in zip(
@@ -38,10 +47,10 @@ def latency_plot(results: Results, path: Path, p: str = "p99") -> Path:
             x = [xs.index(_rate_label(r["request_rate"])) for r in runs]
             ax.plot(
                 x,
-                [r[f"median_{metric}_ms"] for r in runs],
+                [r[f"mean_{metric}_ms"] for r in runs],
                 "o-",
                 color=color,
-                label=f"{name} median",
+                label=f"{name} mean",
             )
             if f"{p}_{metric}_ms" in runs[0]:
                 ax.plot(
@@ -55,7 +64,7 @@ def latency_plot(results: Results, path: Path, p: str = "p99") -> Path:
         ax.set_xticks(range(len(xs)), xs)
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("ms")
-        ax.set_title(title)
+        ax.set_title(f"{title}: mean (solid), {p} (dashed)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -93,58 +102,83 @@ def throughput_plot(results: Results, path: Path) -> Path:
     return path
 
 
-def spec_timeline_plot(results: Results, path: Path) -> Path | None:
-    """Acceptance rate and any budget series over time, runs of one configuration laid end to
-    end (a dotted line where the rate changes). None when no server exported them."""
-    series: dict[str, tuple[list[float], list[float], dict[str, list[tuple[float, float]]]]] = {}
-    # Where one rate's run ends and the next begins, for the first configuration plotted.
-    bounds: list[float] = []
-    for name, runs in results.items():
-        t_off, ts, acc, ends = 0.0, [], [], []
-        budgets: dict[str, list[tuple[float, float]]] = {}
-        for run in runs:
-            rows = run.get("metrics_timeline") or []
-            for row in rows:
-                if "acceptance_rate" in row:
-                    ts.append(t_off + row["t"])
-                    acc.append(row["acceptance_rate"])
-                for k, v in row.items():
-                    if "budget" in k:
-                        budgets.setdefault(k, []).append((t_off + row["t"], v))
-            t_off += max([row["t"] for row in rows], default=run["duration"])
-            ends.append(t_off)
-        if acc or budgets:
-            series[name] = (ts, acc, budgets)
-            bounds = bounds or ends[:-1]
-    if not series:
-        return None
-    has_budget = any(b for _, _, b in series.values())
-    fig, axes = plt.subplots(
-        1, 2 if has_budget else 1, figsize=(12 if has_budget else 7, 4.2), squeeze=False
+@dataclass(frozen=True)
+class Panel:
+    """One row of a timeline figure: the `metrics_timeline` keys it draws, each with its line
+    style and a suffix for the legend."""
+
+    title: str
+    ylabel: str
+    lines: tuple[tuple[str, str, str], ...]
+    ylim: tuple[float, float] | None = None
+
+
+ACCEPTANCE = Panel(
+    "draft acceptance rate", "accepted / drafted", (("acceptance_rate", ".-", ""),), (0.0, 1.0)
+)
+BUDGET = Panel("chosen budget (mean per request)", "draft tokens", (("budget_mean", ".-", ""),))
+STEP_TIME = Panel(
+    "step time: predicted (solid) vs measured (dashed)",
+    "ms per step",
+    (("predicted_step_ms", ".-", " predicted"), ("measured_step_ms", "x--", " measured")),
+)
+GOODPUT = Panel("policy's estimated goodput", "tokens/s", (("estimated_goodput_tok_s", ".-", ""),))
+POLICY_PANELS = (BUDGET, STEP_TIME, GOODPUT)
+
+
+def _has(results: Results, panel: Panel) -> bool:
+    keys = {k for k, _, _ in panel.lines}
+    return any(
+        keys & row.keys()
+        for runs in results.values()
+        for run in runs
+        for row in run.get("metrics_timeline") or []
     )
-    for i, (name, (ts, acc, budgets)) in enumerate(series.items()):
-        axes[0][0].plot(ts, acc, ".-", color=f"C{i}", label=name)
-        for j, (k, pts) in enumerate(budgets.items()):
-            axes[0][1].plot(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                ".-",
-                color=f"C{i}",
-                alpha=1.0 - 0.3 * j,
-                label=f"{name} {k}",
-            )
-    axes[0][0].set_title("Draft acceptance rate (per scrape interval)")
-    axes[0][0].set_ylim(0, 1)
-    axes[0][0].set_ylabel("accepted / drafted")
-    if has_budget:
-        axes[0][1].set_title("Chosen speculation budget")
-        axes[0][1].set_ylabel("draft tokens")
-    for ax in axes[0]:
-        for b in bounds:
-            ax.axvline(b, color="grey", linestyle=":", linewidth=0.8)
-        ax.set_xlabel("time (s; rates back to back, dotted: next rate, first config)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+
+
+def timeline_plot(results: Results, panels: Sequence[Panel], path: Path) -> Path | None:
+    """One row per panel that some run has data for, one column per rate; in each panel one
+    line per configuration against seconds since that run's start. None (no file) when no
+    run has data for any panel."""
+    rows = [panel for panel in panels if _has(results, panel)]
+    if not rows:
+        return None
+    xs = _xs(results)
+    fig, axes = plt.subplots(
+        len(rows),
+        len(xs),
+        figsize=(3.6 * len(xs) + 1.0, 3.2 * len(rows)),
+        squeeze=False,
+        sharey="row",
+    )
+    # Colours follow the configuration order of `results`, as in the rate plots.
+    for i, (name, runs) in enumerate(results.items()):
+        for run in runs:
+            col = xs.index(_rate_label(run["request_rate"]))
+            timeline = run.get("metrics_timeline") or []
+            for r, panel in enumerate(rows):
+                for key, style, suffix in panel.lines:
+                    pts = [(row["t"], row[key]) for row in timeline if key in row]
+                    if pts:
+                        axes[r][col].plot(
+                            [t for t, _ in pts],
+                            [v for _, v in pts],
+                            style,
+                            color=f"C{i}",
+                            label=f"{name}{suffix}",
+                        )
+    for r, panel in enumerate(rows):
+        for col, rate in enumerate(xs):
+            ax = axes[r][col]
+            ax.set_title(f"{panel.title}\n@ {rate} req/s", fontsize=9)
+            ax.set_xlabel("seconds since the run's start")
+            if panel.ylim:
+                ax.set_ylim(*panel.ylim)
+            ax.grid(alpha=0.3)
+        axes[r][0].set_ylabel(panel.ylabel)
+        # One legend per row, from whichever panel drew the most lines.
+        richest = max(axes[r], key=lambda a: len(a.get_lines()))
+        richest.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,8 +1,10 @@
 """Prometheus text exposition: parse, scrape /metrics, take deltas, sample in the background.
 
 Only the speculative-decoding series matter to a report: acceptance = accepted / draft tokens,
-and the policy's chosen budget. Peers export the same counters under `vllm:` (vLLM) and
-`llamacpp:` (llama-server started with --metrics); every prefix counts.
+and specd's speculation-policy series (chosen budget, predicted and measured step time,
+estimated goodput). Peers export the acceptance counters under `vllm:` (vLLM) and `llamacpp:`
+(llama-server started with --metrics); every prefix counts. The policy series are specd's own:
+a server without them simply contributes no policy figures.
 """
 
 from __future__ import annotations
@@ -23,9 +25,17 @@ PREFIXES = ("specd:", "vllm:", "llamacpp:")
 ACCEPTED = "spec_decode_num_accepted_tokens_total"
 DRAFTED = "spec_decode_num_draft_tokens_total"
 DRAFTS = "spec_decode_num_drafts_total"
-# Any series whose name holds one of these is kept in the time series (budget gauges and
-# histograms are the policy's own: names are not fixed by vLLM).
-KEEP = ("spec_decode", "budget", "goodput", "num_requests_running", "generation_tokens")
+# specd's policy series (server/metrics.py), names without the prefix:
+# a histogram of the per-request budget chosen each step (_sum / _count)...
+BUDGET = "spec_decode_budget"
+# ...counters of policy steps and of the step time the policy predicted / the engine measured...
+POLICY_STEPS = "spec_decode_policy_steps_total"
+PREDICTED_STEP_S = "spec_decode_predicted_step_seconds_total"
+MEASURED_STEP_S = "spec_decode_measured_step_seconds_total"
+# ...and a gauge of the goodput the policy expects from its last choice.
+ESTIMATED_GOODPUT = "spec_decode_estimated_goodput_tokens_per_second"
+# Any series whose name holds one of these is kept in the time series.
+KEEP = ("spec_decode", "num_requests_running", "generation_tokens")
 
 Series = dict[str, float]  # "name{a=\"b\"}" -> value
 
@@ -84,6 +94,26 @@ def spec_summary(d: Series) -> dict[str, float]:
     return out
 
 
+def policy_summary(d: Series) -> dict[str, float]:
+    """Means over a delta's interval: the chosen per-request budget (delta sum / delta count)
+    and the predicted and measured step time in ms (delta seconds / delta policy steps).
+    Empty when the server exports no policy series or the policy ran no step."""
+    out: dict[str, float] = {}
+    total, count = metric_sum(d, BUDGET + "_sum"), metric_sum(d, BUDGET + "_count")
+    if total is not None and count:
+        out["budget_mean"] = total / count
+    steps = metric_sum(d, POLICY_STEPS)
+    if steps:
+        for key, name in (
+            ("predicted_step_ms", PREDICTED_STEP_S),
+            ("measured_step_ms", MEASURED_STEP_S),
+        ):
+            seconds = metric_sum(d, name)
+            if seconds is not None:
+                out[key] = 1000.0 * seconds / steps
+    return out
+
+
 async def scrape(client: httpx.AsyncClient, base_url: str) -> Series | None:
     """GET <base_url>/metrics, or None when the server has no (reachable) metrics."""
     try:
@@ -114,19 +144,17 @@ class Sampler:
                 await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
 
     def timeline(self) -> list[dict[str, float]]:
-        """Per interval: time, acceptance rate and budget (when exported), from deltas."""
+        """Per interval (t = seconds since the run's start, at the interval's end): acceptance
+        and policy means from the interval's deltas, the estimated-goodput gauge's value at
+        its end; each only when the server exports it."""
         rows = []
         for (_t_a, a), (t_b, b) in zip(self.samples, self.samples[1:], strict=False):
             d = delta(a, b)
             row: dict[str, float] = {"t": t_b}
             row.update(spec_summary(d))
-            for k, v in b.items():
-                if "budget" in k and not k.endswith(("_bucket", "_count", "_sum", "_created")):
-                    row[k] = v  # a gauge: its current value
-            for k in b:
-                if "budget" in k and k.split("{")[0].endswith("_sum"):
-                    count_key = k.replace("_sum", "_count", 1)
-                    if d.get(count_key, 0) > 0:
-                        row[k.replace("_sum", "_mean", 1)] = d[k] / d[count_key]
+            row.update(policy_summary(d))
+            goodput = metric_sum(b, ESTIMATED_GOODPUT)
+            if goodput is not None:
+                row["estimated_goodput_tok_s"] = goodput
             rows.append(row)
         return rows

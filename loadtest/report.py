@@ -1,87 +1,74 @@
-"""report.md for a sweep: provenance (command, machine, git, date), tables, plots."""
+"""report.md and sweep.json for a sweep: provenance (command, machine, git, date, load),
+one section per dataset with its table and plots, errors."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
-import subprocess
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loadtest.bench import write_json
+
+# Offline benchmarks (bench_engine.py) describe the host as `report.machine_info()` and
+# `report.git_info()`: keep both importable from here.
+from loadtest.host import LoadAvg, format_loadavg, git_info, loadavg, machine_info
 from loadtest.metrics import percentile_key
-from loadtest.plots import latency_plot, spec_timeline_plot, throughput_plot
+from loadtest.plots import (
+    ACCEPTANCE,
+    POLICY_PANELS,
+    Results,
+    latency_plot,
+    throughput_plot,
+    timeline_plot,
+)
 from loadtest.records import Sample
-
-if TYPE_CHECKING:
-    from loadtest.sweep import SweepConfig
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from loadtest.sweep_config import SweepConfig
+from loadtest.workload import percentiles
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
+@dataclass
+class SweepOutcome:
+    """What a sweep produced, gathered as it runs and handed to `write_report`."""
+
+    started: float  # time.time() at the sweep's start
+    # /proc/loadavg read when the sweep started, before its first server: the machine's own
+    # load, not the sweep's.
+    loadavg_at_start: LoadAvg | None
+    samples: dict[str, list[Sample]]  # dataset -> its prompts (before any run prefix)
+    results: dict[str, Results] = field(default_factory=dict)  # dataset -> config -> runs
+    failures: dict[str, str] = field(default_factory=dict)  # config -> why it stopped
+    launched: dict[str, str] = field(default_factory=dict)  # config -> command line as run
+
+    def add(self, dataset: str, config: str, result: dict[str, Any]) -> None:
+        self.results.setdefault(dataset, {}).setdefault(config, []).append(result)
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in _read("/proc/cpuinfo").splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor() or "unknown",
-    )
-    mem_kb = next(
-        (
-            int(ln.split()[1])
-            for ln in _read("/proc/meminfo").splitlines()
-            if ln.startswith("MemTotal:")
-        ),
-        0,
-    )
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    return {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "os": platform.platform(),
-        "python": sys.version.split()[0],
-        "loadavg_at_start": _read("/proc/loadavg").split()[:3],
-    }
+def plot_name(kind: str, dataset: str, multi_dataset: bool) -> str:
+    """plots/<kind>.png for a one-dataset sweep (the layout before multi-dataset sweeps),
+    plots/<kind>-<dataset>.png otherwise."""
+    return f"{kind}-{dataset}.png" if multi_dataset else f"{kind}.png"
 
 
-def git_info() -> dict[str, str]:
-    def git(*a: str) -> str:
-        try:
-            r = subprocess.run(
-                ["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return r.stdout.strip() if r.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD") or "none (no commit yet)"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": "yes" if dirty else "no"}
+def tail_percentile(args: argparse.Namespace) -> str:
+    """The table's tail column: p99 when measured, else the last --metric-percentiles."""
+    ps = percentiles(args)
+    return "p99" if 99.0 in ps else percentile_key(ps[-1])
 
 
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}" if x >= 100 else f"{x:.1f}"
 
 
-def _table(results: dict[str, list[dict[str, Any]]], p: str) -> list[str]:
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _table(results: Results, p: str) -> list[str]:
     head = [
         "config",
         "rate",
@@ -89,59 +76,98 @@ def _table(results: dict[str, list[dict[str, Any]]], p: str) -> list[str]:
         "req/s",
         "out tok/s",
         "goodput",
-        "TTFT med",
+        "TTFT mean",
         f"TTFT {p}",
-        "TPOT med",
+        "TPOT mean",
         f"TPOT {p}",
-        "E2EL med",
+        "E2EL mean",
         f"E2EL {p}",
         "accept",
         "acc. len",
-        "load",
+        "budget",
+        "step ms pred/meas",
+        "load start/end",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in results.items():
         for r in runs:
             spec = r.get("spec_decode") or {}
-            g = r.get("request_goodput")
+            step = (
+                f"{spec['predicted_step_ms']:.0f}/{spec['measured_step_ms']:.0f}"
+                if "predicted_step_ms" in spec and "measured_step_ms" in spec
+                else "-"
+            )
             cells = [
                 name,
                 str(r["request_rate"]),
                 f"{r['completed']}/{r['failed']}",
                 f"{r['request_throughput']:.2f}",
                 f"{r['output_throughput']:.1f}",
-                "-" if g is None else f"{g:.2f}",
-                _ms(r.get("median_ttft_ms")),
-                _ms(r.get(f"{p}_ttft_ms")),
-                _ms(r.get("median_tpot_ms")),
-                _ms(r.get(f"{p}_tpot_ms")),
-                _ms(r.get("median_e2el_ms")),
-                _ms(r.get(f"{p}_e2el_ms")),
-                f"{spec['acceptance_rate']:.2f}" if "acceptance_rate" in spec else "-",
-                f"{spec['mean_acceptance_length']:.2f}"
-                if "mean_acceptance_length" in spec
-                else "-",
-                "-" if r.get("loadavg_after") is None else f"{r['loadavg_after']:.1f}",
+                _num(r.get("request_goodput"), ".2f"),
+                *(_ms(r.get(f"{s}_{m}_ms")) for m in ("ttft", "tpot", "e2el") for s in ("mean", p)),
+                _num(spec.get("acceptance_rate"), ".2f"),
+                _num(spec.get("mean_acceptance_length"), ".2f"),
+                _num(spec.get("budget_mean"), ".2f"),
+                step,
+                f"{_num(r.get('loadavg_before'), '.1f')}/{_num(r.get('loadavg_after'), '.1f')}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
+def _dataset_section(
+    dataset: str, results: Results, p: str, plots_dir: Path, multi: bool
+) -> list[str]:
+    lines = [f"### Dataset `{dataset}`", "", *_table(results, p), ""]
+
+    def png(kind: str) -> Path:
+        return plots_dir / plot_name(kind, dataset, multi)
+
+    figures = [
+        ("latency vs rate", latency_plot(results, png("latency"), p)),
+        ("throughput vs rate", throughput_plot(results, png("throughput"))),
+        ("draft acceptance over time", timeline_plot(results, [ACCEPTANCE], png("acceptance"))),
+        ("speculation policy over time", timeline_plot(results, POLICY_PANELS, png("policy"))),
+    ]
+    for alt, path in figures:
+        if path is not None:
+            lines += [f"![{dataset}: {alt}](plots/{path.name})", ""]
+    missing = [alt for alt, path in figures if path is None]
+    if missing:
+        lines += [f"No server exported the series for: {'; '.join(missing)} (no plot).", ""]
+    return lines
+
+
+def _uniqueness_line(mode: str) -> str:
+    if mode == "none":
+        return (
+            "- prompt uniqueness: `none`: every rate replays the same prompts to the same "
+            "server, so from the second rate on its prefix cache may serve most prompt tokens "
+            "(TTFT then understates a cold prompt)"
+        )
+    return (
+        "- prompt uniqueness: `per_rate_prefix`: every prompt starts with a line naming its "
+        "run, e.g. `[run r2-17 mix] ` (rate index 2, request 17), and warm-up prompts with "
+        "`[warm-up 0] `, so no request reuses a cached prefix of another; a chat template's "
+        "own header before the message (e.g. a default system prompt) is still shared"
+    )
+
+
 def write_report(
-    out_dir: Path,
-    sweep: SweepConfig,
-    args: argparse.Namespace,
-    results: dict[str, list[dict[str, Any]]],
-    failures: dict[str, str],
-    launched: dict[str, str],
-    started: float,
-    samples: list[Sample],
+    out_dir: Path, sweep: SweepConfig, args: argparse.Namespace, outcome: SweepOutcome
 ) -> Path:
     plots_dir = out_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    p = percentile_key(float(args.metric_percentiles.split(",")[-1]))
-    machine, git = machine_info(), git_info()
+    p = tail_percentile(args)
+    machine = {
+        **machine_info(),
+        "loadavg_at_start": outcome.loadavg_at_start,
+        "loadavg_at_end": loadavg(),
+    }
+    git = git_info()
     cmd = shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "loadtest", *sys.argv[1:]])
+    sizes = sorted({len(s) for s in outcome.samples.values()})
+    datasets = ", ".join(f"`{d}`" for d in sweep.datasets)
     lines = [
         f"# Load test: {sweep.name}",
         "",
@@ -150,58 +176,66 @@ def write_report(
         "## Provenance",
         "",
         f"- command: `{cmd}` (from `{os.getcwd()}`)",
-        f"- date: {datetime.fromtimestamp(started).isoformat(timespec='seconds')} "
+        f"- date: {datetime.fromtimestamp(outcome.started).isoformat(timespec='seconds')} "
         f"to {datetime.now().isoformat(timespec='seconds')}",
         f"- git commit: {git['commit']} (tracked changes: {git['dirty']})",
         f"- machine: {machine['cpu_model']}; {machine['usable_cores']} usable of "
         f"{machine['logical_cores']} logical cores; {machine['memory_gib']} GiB RAM; "
         f"{machine['os']}; Python {machine['python']}; load average at start "
-        f"{' '.join(machine['loadavg_at_start'])}",
-        f"- workload: {len(samples)} prompts of `{args.dataset_name}`, "
+        f"{format_loadavg(outcome.loadavg_at_start)} (before the first server started), "
+        f"at the end {format_loadavg(machine['loadavg_at_end'])}",
+        f"- workload: {'/'.join(map(str, sizes))} prompts per rate of {datasets}, "
         f"output tokens {args.max_tokens or 'dataset default'}, ignore_eos {args.ignore_eos}, "
         f"burstiness {args.burstiness}, max concurrency {args.max_concurrency}, "
         f"seed {args.seed}, endpoint `{args.endpoint}`, goodput SLOs {args.goodput or 'none'}",
-        f"- rates (req/s): {', '.join(str(r) for r in sweep.rates)}",
+        _uniqueness_line(sweep.prompt_uniqueness),
+        f"- rates (req/s): {', '.join(str(r) for r in sweep.rates)}; each configuration's "
+        f"server runs every rate of {'each dataset in turn' if sweep.multi_dataset else 'it'}",
         "",
         "## Configurations",
         "",
     ]
     for c in sweep.configurations:
-        how = launched.get(c.name) or (
+        how = outcome.launched.get(c.name) or (
             shlex.join(c.serve_args or c.command or ()) or f"already running at {c.base_url}"
         )
         lines.append(f"- **{c.name}**: `{how}`")
-        if c.name in failures:
-            first, _, tail = failures[c.name].partition("\n")
+        if c.name in outcome.failures:
+            first, _, tail = outcome.failures[c.name].partition("\n")
             lines.append(f"  - **failed**: {first}")
             if tail:
                 lines += ["", "    ```", *("    " + ln for ln in tail.splitlines()), "    ```"]
-    lines += ["", f"## Results (latencies in ms; {p} = the last --metric-percentiles)", ""]
-    if results:
-        lines += _table(results, p)
+    lines += ["", f"## Results (latencies in ms: mean and {p})", ""]
+    for dataset in sweep.datasets:
+        results = outcome.results.get(dataset)
+        if results:
+            lines += _dataset_section(dataset, results, p, plots_dir, sweep.multi_dataset)
+    if outcome.results:
         lines += [
-            "",
-            "`accept` = accepted / drafted tokens and `acc. len` = 1 + accepted / "
-            "drafts, from the server's /metrics before and after each run ('-': not "
-            "exported). `load` = the machine's 1-minute load average after the run (the "
-            "cores may be shared: compare it with the usable cores above).",
+            "`accept` = accepted / drafted tokens and `acc. len` = 1 + accepted / drafts; "
+            "`budget` = the mean per-request speculation budget the policy chose and `step ms "
+            "pred/meas` = its predicted and the measured mean step time; all from the "
+            "server's /metrics before and after each run ('-': not exported). `load start/end` "
+            "= the machine's 1-minute load average before and after the run (the cores may "
+            "be shared: compare it with the usable cores above).",
             "",
         ]
-        latency_plot(results, plots_dir / "latency.png", p)
-        throughput_plot(results, plots_dir / "throughput.png")
-        lines += ["![latency](plots/latency.png)", "", "![throughput](plots/throughput.png)", ""]
-        if spec_timeline_plot(results, plots_dir / "spec_timeline.png"):
-            lines += ["![speculation over time](plots/spec_timeline.png)", ""]
-        else:
-            lines += ["No server exported speculative-decoding metrics; no timeline plot.", ""]
-        errors = {(n, e) for n, runs in results.items() for r in runs for e in r["errors"] if e}
-        if errors:
-            lines += ["## Errors (distinct)", ""]
-            lines += [f"- {n}: {e[:300]}" for n, e in sorted(errors)[:20]]
-            lines.append("")
+    errors = {
+        (d, n, e)
+        for d, results in outcome.results.items()
+        for n, runs in results.items()
+        for r in runs
+        for e in r["errors"]
+        if e
+    }
+    if errors:
+        lines += ["## Errors (distinct)", ""]
+        lines += [f"- {d} / {n}: {e[:300]}" for d, n, e in sorted(errors)[:20]]
+        lines.append("")
+    layout = "runs/<config>/<dataset>/" if sweep.multi_dataset else "runs/<config>/"
     lines += [
-        "Per-run result JSON (vLLM `bench serve` keys + per-request detail): `runs/`. "
-        "Server logs: `logs/`.",
+        f"Per-run result JSON (vLLM `bench serve` keys + per-request detail): "
+        f"`{layout}rate-<r>.json`. Server logs: `logs/`.",
         "",
     ]
     path = out_dir / "report.md"
@@ -214,10 +248,17 @@ def write_report(
             "machine": machine,
             "git": git,
             "rates": [str(r) for r in sweep.rates],
-            "failures": failures,
+            "datasets": list(sweep.datasets),
+            "prompt_uniqueness": sweep.prompt_uniqueness,
+            "failures": outcome.failures,
             "summary": {
-                n: [{k: v for k, v in r.items() if not isinstance(v, list | dict)} for r in runs]
-                for n, runs in results.items()
+                d: {
+                    n: [
+                        {k: v for k, v in r.items() if not isinstance(v, list | dict)} for r in runs
+                    ]
+                    for n, runs in results.items()
+                }
+                for d, results in outcome.results.items()
             },
         },
     )

@@ -45,7 +45,8 @@ class RunOutput:
     records: list[RequestRecord]
     duration: float
     not_sent: int = 0
-    # /metrics after - before (None: the server exports none); acceptance figures from it.
+    # /metrics after - before (None: the server exports none); acceptance and policy figures
+    # (mean budget, predicted / measured step time) from it.
     metrics_delta: prom.Series | None = None
     spec: dict[str, float] = field(default_factory=dict)
     timeline: list[dict[str, float]] = field(default_factory=list)
@@ -107,7 +108,7 @@ async def run_benchmark(cfg: RunConfig, samples: list[Sample]) -> RunOutput:
     out = RunOutput(records=records, duration=duration, not_sent=not_sent)
     if before is not None and after is not None:
         out.metrics_delta = {k: v for k, v in prom.delta(before, after).items() if v}
-        out.spec = prom.spec_summary(out.metrics_delta)
+        out.spec = prom.spec_summary(out.metrics_delta) | prom.policy_summary(out.metrics_delta)
         out.timeline = sampler.timeline()
     return out
 

@@ -131,13 +131,14 @@ def test_cli_run_writes_result_file(server: ServerProcess, tmp_path: Path) -> No
     assert result["request_goodput"] == pytest.approx(result["request_throughput"])
     for key in ("p50_ttft_ms", "p99_e2el_ms", "median_itl_ms", "std_tpot_ms", "itls"):
         assert key in result
+    assert result["loadavg_before"] >= 0 and result["loadavg_after"] >= 0
 
 
-def test_sweep_starts_specd_and_writes_report(tiny_dir: Path, tmp_path: Path) -> None:
+def _sweep(tiny_dir: Path, tmp_path: Path, workload: str) -> Path:
     config = tmp_path / "tiny.yaml"
     args = json.dumps(_serve_args(tiny_dir))  # JSON is YAML
     config.write_text(
-        f"name: tiny\nnum_prompts: 3\nmax_tokens: 4\nignore_eos: true\ndataset_name: chat\n"
+        f"name: tiny\nnum_prompts: 3\nmax_tokens: 4\nignore_eos: true\n{workload}"
         f"rates: [inf, 5]\nwarmup_prompts: 1\nconfigurations:\n"
         f"  - name: plain\n    serve_args: {args}\n"
     )
@@ -146,9 +147,50 @@ def test_sweep_starts_specd_and_writes_report(tiny_dir: Path, tmp_path: Path) ->
            "--output-dir", str(out), "--disable-tqdm"]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out
+
+
+def _cache_hits(run: dict) -> float:
+    delta = run["metrics_delta"]
+    assert delta["specd:prefix_cache_queries_total"] > 0  # the server does look prompts up
+    return delta.get("specd:prefix_cache_hits_total", 0.0)  # zero deltas are left out
+
+
+def test_sweep_over_two_datasets_sends_prompts_new_to_the_server(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """One server, two datasets, two rates: every run's prompts start with their own prefix,
+    so the prefix cache serves none of them (random prompts repeat across rates, chat ones
+    too)."""
+    out = _sweep(tiny_dir, tmp_path, "datasets: [chat, random]\nrandom_input_len: 20\n")
+    report = (out / "report.md").read_text()
+    assert report.index("### Dataset `chat`") < report.index("### Dataset `random`")
+    assert report.count("| plain | inf | 3/0 |") == 2 and report.count("| plain | 5.0 | 3/0 |") == 2
+    assert "prompt uniqueness: `per_rate_prefix`" in report
+    for png in ("latency-chat", "latency-random", "throughput-random"):
+        assert (out / "plots" / f"{png}.png").stat().st_size > 10_000
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["datasets"] == ["chat", "random"] and meta["prompt_uniqueness"] == "per_rate_prefix"
+    assert len(meta["machine"]["loadavg_at_start"]) == 3
+    for dataset in ("chat", "random"):
+        for rate_index, rate in enumerate(("inf", "5.0")):
+            run = json.loads((out / "runs" / "plain" / dataset / f"rate-{rate}.json").read_text())
+            assert run["completed"] == 3 and run["dataset_name"] == dataset
+            assert run["prompt_prefixes"][2] == f"[run r{rate_index}-2 {dataset}] "
+            assert run["loadavg_before"] is not None and run["loadavg_after"] is not None
+            assert _cache_hits(run) == 0, (dataset, rate)
+
+
+def test_sweep_without_prefixes_replays_cached_prompts(tiny_dir: Path, tmp_path: Path) -> None:
+    """The control: with prompt_uniqueness none the second rate finds the first's prompts in
+    the prefix cache. Also the one-dataset layout: runs/<config>/rate-<r>.json."""
+    out = _sweep(tiny_dir, tmp_path, "dataset_name: chat\nprompt_uniqueness: none\n")
     report = (out / "report.md").read_text()
     assert "| plain | inf | 3/0 |" in report and "| plain | 5.0 | 3/0 |" in report
     assert "git commit:" in report and "machine:" in report
+    assert "prompt uniqueness: `none`" in report
     assert (out / "plots" / "latency.png").stat().st_size > 10_000
     assert (out / "plots" / "throughput.png").exists()
-    assert json.loads((out / "runs" / "plain" / "rate-5.0.json").read_text())["completed"] == 3
+    second = json.loads((out / "runs" / "plain" / "rate-5.0.json").read_text())
+    assert second["completed"] == 3 and second["prompt_prefixes"] == ["", "", ""]
+    assert _cache_hits(second) > 0

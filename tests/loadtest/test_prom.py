@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.prom import Sampler, delta, metric_sum, parse_text, spec_summary
+from loadtest.prom import Sampler, delta, metric_sum, parse_text, policy_summary, spec_summary
 
 BEFORE = """\
 # HELP specd:spec_decode_num_draft_tokens_total Draft tokens.
@@ -50,10 +50,61 @@ def test_vllm_prefix_counts_too() -> None:
     assert metric_sum(s, "spec_decode_num_draft_tokens_total") == 8
 
 
+# specd's policy series as the engine exports them (server/metrics.py).
+POLICY_BEFORE = """\
+# TYPE specd:spec_decode_budget histogram
+specd:spec_decode_budget_bucket{le="4.0",model_name="m"} 10
+specd:spec_decode_budget_bucket{le="+Inf",model_name="m"} 20
+specd:spec_decode_budget_sum{model_name="m"} 60
+specd:spec_decode_budget_count{model_name="m"} 20
+specd:spec_decode_policy_steps_total{model_name="m"} 10
+specd:spec_decode_predicted_step_seconds_total{model_name="m"} 0.5
+specd:spec_decode_measured_step_seconds_total{model_name="m"} 0.6
+specd:spec_decode_estimated_goodput_tokens_per_second{model_name="m"} 80
+"""
+POLICY_AFTER = """\
+specd:spec_decode_budget_bucket{le="4.0",model_name="m"} 12
+specd:spec_decode_budget_bucket{le="+Inf",model_name="m"} 30
+specd:spec_decode_budget_sum{model_name="m"} 110
+specd:spec_decode_budget_count{model_name="m"} 30
+specd:spec_decode_policy_steps_total{model_name="m"} 14
+specd:spec_decode_predicted_step_seconds_total{model_name="m"} 0.7
+specd:spec_decode_measured_step_seconds_total{model_name="m"} 0.84
+specd:spec_decode_estimated_goodput_tokens_per_second{model_name="m"} 95
+"""
+
+
+def test_policy_summary_from_delta() -> None:
+    out = policy_summary(delta(parse_text(POLICY_BEFORE), parse_text(POLICY_AFTER)))
+    assert out["budget_mean"] == pytest.approx(50 / 10)  # delta sum / delta count
+    assert out["predicted_step_ms"] == pytest.approx(1000 * 0.2 / 4)
+    assert out["measured_step_ms"] == pytest.approx(1000 * 0.24 / 4)
+
+
+def test_policy_summary_needs_steps_and_observations() -> None:
+    same = parse_text(POLICY_BEFORE)
+    assert policy_summary(delta(same, same)) == {}  # no step in the interval: no means
+    assert policy_summary(parse_text(BEFORE)) == {}  # a server without the policy series
+
+
 def test_timeline_rows() -> None:
     sampler = Sampler("http://unused")
-    sampler.samples = [(0.0, parse_text(BEFORE)), (1.0, parse_text(AFTER))]
+    sampler.samples = [
+        (0.0, parse_text(BEFORE + POLICY_BEFORE)),
+        (1.0, parse_text(AFTER + POLICY_AFTER)),
+    ]
     (row,) = sampler.timeline()
     assert row["t"] == 1.0
     assert row["acceptance_rate"] == pytest.approx(0.6)
-    assert row["specd:spec_budget_chosen"] == 4
+    assert row["budget_mean"] == pytest.approx(5.0)
+    assert row["predicted_step_ms"] == pytest.approx(50.0)
+    assert row["measured_step_ms"] == pytest.approx(60.0)
+    assert row["estimated_goodput_tok_s"] == 95  # a gauge: its value at the interval's end
+
+
+def test_timeline_without_policy_series() -> None:
+    sampler = Sampler("http://unused")
+    sampler.samples = [(0.0, parse_text(BEFORE)), (1.0, parse_text(AFTER))]
+    (row,) = sampler.timeline()
+    assert set(row) == {"t", "accepted_tokens", "draft_tokens", "acceptance_rate", "drafts",
+                        "mean_acceptance_length"}  # fmt: skip

@@ -1,7 +1,9 @@
-"""Sweep YAML parsing: every shipped config loads, and bad ones fail with the fix."""
+"""Sweep YAML parsing: every shipped config loads, bad ones fail with the fix, and the
+command line's overrides (rates, configurations, datasets, prompt uniqueness) apply."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,18 +11,47 @@ import pytest
 import yaml
 
 from loadtest.cli import build_parser
-from loadtest.sweep import merge_workload, parse_sweep
+from loadtest.sweep_config import merge_workload, parse_sweep, resolve
 
-SWEEPS = sorted((Path(__file__).resolve().parents[2] / "configs" / "sweeps").glob("*.yaml"))
+SWEEPS_DIR = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
+SWEEPS = sorted(SWEEPS_DIR.glob("*.yaml"))
+CONFS = [{"name": "a", "base_url": "http://127.0.0.1:9"}, {"name": "b", "base_url": "u"}]
+
+
+def _args(*flags: str):
+    return build_parser().parse_args(["sweep", "--config", "x", *flags])
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_shipped_sweeps_parse(path: Path) -> None:
     sweep = parse_sweep(yaml.safe_load(path.read_text()), path.stem)
     assert sweep.configurations and sweep.rates
-    args = build_parser().parse_args(["sweep", "--config", str(path)])
-    wl = {k: v for k, v in sweep.workload.items() if k != "endpoint"}
-    merge_workload(args, wl)  # every workload key is a known flag
+    resolved, _ = resolve(sweep, _args())  # every workload key is a known flag
+    assert resolved.datasets
+
+
+def test_headline_sweep_is_the_policy_comparison() -> None:
+    data = yaml.safe_load((SWEEPS_DIR / "spec-policies.yaml").read_text())
+    sweep, args = resolve(parse_sweep(data, "spec-policies"), _args())
+    assert sweep.datasets == ("mix", "repetitive")
+    assert sweep.prompt_uniqueness == "per_rate_prefix"
+    assert args.burstiness == 1.0  # Poisson arrivals
+    assert args.num_prompts >= 32 and len(sweep.rates) >= 5 and math.inf in sweep.rates
+    assert list(sweep.rates) == sorted(sweep.rates)
+    spec = {}
+    for c in sweep.configurations:
+        args_ = list(c.serve_args or ())
+        flag = "--speculative-config"
+        spec[c.name] = json.loads(args_[args_.index(flag) + 1]) if flag in args_ else None
+    assert spec["no-spec"] is None
+    for k in (2, 4, 8):
+        assert spec[f"ngram-k{k}"] == {"method": "ngram", "num_speculative_tokens": k,
+                                       "policy": "fixed"}  # fmt: skip
+    assert spec["smartspec-uniform"]["policy"] == "smartspec_uniform"
+    assert spec["goodput"]["policy"] == "goodput"
+    assert spec["smartspec-uniform"]["num_speculative_tokens"] == 8
+    assert spec["goodput"]["num_speculative_tokens"] == 8
+    assert len(spec) == 6
 
 
 def test_parse_and_merge() -> None:
@@ -33,9 +64,39 @@ def test_parse_and_merge() -> None:
     assert sweep.rates == (1.0, math.inf)
     assert sweep.configurations[0].serve_args == (
         "--model", "m", "--speculative-config", '{"method": "ngram"}')  # fmt: skip
-    args = build_parser().parse_args(["sweep", "--config", "x", "--seed", "3"])
-    merged = merge_workload(args, {"num_prompts": 5, "seed": 9})
+    merged = merge_workload(_args("--seed", "3"), {"num_prompts": 5, "seed": 9})
     assert merged.num_prompts == 5 and merged.seed == 3  # the explicit flag wins
+
+
+def test_datasets_and_uniqueness_from_yaml() -> None:
+    data = {"datasets": ["mix", "repetitive"], "prompt_uniqueness": "none", "configurations": CONFS}
+    sweep, args = resolve(parse_sweep(data, "x"), _args())
+    assert sweep.datasets == ("mix", "repetitive") and sweep.multi_dataset
+    assert sweep.prompt_uniqueness == "none"
+    assert args.endpoint == "/v1/completions"
+
+
+def test_single_dataset_name_still_works_and_uniqueness_defaults_on() -> None:
+    sweep, args = resolve(parse_sweep({"dataset_name": "chat", "configurations": CONFS}, "x"),
+                          _args())  # fmt: skip
+    assert sweep.datasets == ("chat",) and not sweep.multi_dataset
+    assert args.dataset_name == "chat"
+    assert sweep.prompt_uniqueness == "per_rate_prefix"
+
+
+def test_command_line_overrides() -> None:
+    data = {"datasets": ["mix", "repetitive"], "rates": [1, 2], "configurations": CONFS}
+    sweep, _ = resolve(
+        parse_sweep(data, "x"),
+        _args("--dataset-name", "chat", "--rates", "3,inf", "--only", "b",
+              "--prompt-uniqueness", "none"),
+    )  # fmt: skip
+    assert sweep.datasets == ("chat",)  # an explicit --dataset-name narrows to one dataset
+    assert sweep.rates == (3.0, math.inf)
+    assert [c.name for c in sweep.configurations] == ["b"]
+    assert sweep.prompt_uniqueness == "none"
+    with pytest.raises(ValueError, match="--only"):
+        resolve(parse_sweep(data, "x"), _args("--only", "nope"))
 
 
 @pytest.mark.parametrize(
@@ -48,7 +109,12 @@ def test_parse_and_merge() -> None:
             {"configurations": [{"name": "a", "base_url": "u"}, {"name": "a", "base_url": "v"}]},
             "unique",
         ),
-        ({"rates": [0], "configurations": [{"name": "a", "base_url": "u"}]}, "rates"),
+        ({"rates": [0], "configurations": CONFS}, "rates"),
+        ({"datasets": ["mix", "nope"], "configurations": CONFS}, "datasets"),
+        ({"datasets": [], "configurations": CONFS}, "datasets"),
+        ({"datasets": ["mix", "mix"], "configurations": CONFS}, "repeat"),
+        ({"datasets": ["mix"], "dataset_name": "chat", "configurations": CONFS}, "not both"),
+        ({"prompt_uniqueness": "sometimes", "configurations": CONFS}, "prompt_uniqueness"),
     ],
 )
 def test_bad_configs(data: dict, match: str) -> None:
@@ -56,7 +122,14 @@ def test_bad_configs(data: dict, match: str) -> None:
         parse_sweep(data, "x")
 
 
+def test_dataset_path_needs_a_single_dataset() -> None:
+    data = {"datasets": ["mix", "chat"], "dataset_path": "/tmp/x.jsonl", "configurations": CONFS}
+    with pytest.raises(ValueError, match="single dataset"):
+        resolve(parse_sweep(data, "x"), _args())
+
+
 def test_unknown_workload_key() -> None:
-    args = build_parser().parse_args(["sweep", "--config", "x"])
     with pytest.raises(ValueError, match="unknown sweep YAML key"):
-        merge_workload(args, {"num_prompt": 3})
+        merge_workload(_args(), {"num_prompt": 3})
+    with pytest.raises(ValueError, match="unknown sweep YAML key"):
+        merge_workload(_args(), {"output_dir": "/tmp"})  # a sweep flag, not a workload key

@@ -1,0 +1,55 @@
+"""The sweep driver without a server: when the start load average is read, and where results
+go. (test_live runs the whole thing against a real specd.)"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from loadtest import report, sweep
+from loadtest.cli import build_parser
+from loadtest.metrics import result_json, summarize
+
+
+def test_run_path_layout(tmp_path: Path) -> None:
+    assert sweep.run_path(tmp_path, "k4", "mix", 0.5, False) == tmp_path / "runs/k4/rate-0.5.json"
+    assert (
+        sweep.run_path(tmp_path, "k4", "mix", math.inf, True)
+        == tmp_path / "runs/k4/mix/rate-inf.json"
+    )
+
+
+def test_start_load_average_is_read_before_any_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The machine reads 0.22 when the sweep starts; the sweep's own servers then push it to
+    2.44. The report must give 0.22 as the load at start (it used to read /proc/loadavg when
+    writing the report, at the end)."""
+    machine = {"load": (0.22, 0.3, 0.35)}
+    monkeypatch.setattr(sweep, "loadavg", lambda: machine["load"])
+    monkeypatch.setattr(report, "loadavg", lambda: machine["load"])
+    started: list[str] = []
+
+    def busy_server(conf, args, sweep_, counter, outcome, out_dir) -> None:
+        started.append(conf.name)
+        machine["load"] = (2.44, 1.9, 1.2)
+        empty = result_json(summarize([], 1.0), [], {"request_rate": 1.0})
+        outcome.add(sweep_.datasets[0], conf.name, empty)
+        raise RuntimeError("server exited early")
+
+    monkeypatch.setattr(sweep, "_run_configuration", busy_server)
+    config = tmp_path / "s.yaml"
+    config.write_text("num_prompts: 2\ndataset_name: chat\nconfigurations:\n"
+                      "  - {name: a, serve_args: [--model, m]}\n")  # fmt: skip
+    args = build_parser().parse_args(["sweep", "--config", str(config), "--output-dir",
+                                      str(tmp_path / "out")])  # fmt: skip
+    assert sweep.run_sweep(args) == 0  # a configuration gave results before failing
+    assert started == ["a"]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "load average at start 0.22 0.30 0.35" in text and "at the end 2.44 1.90 1.20" in text
+    meta = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert meta["machine"]["loadavg_at_start"] == [0.22, 0.3, 0.35]
+    assert meta["failures"] == {"a": "server exited early"}
