@@ -103,7 +103,7 @@ class SpeculativeConfig:
     policy: str = "goodput"
     # Seconds of start-up profile that seeds the cost model of goodput / smartspec_uniform
     # (0 = none: the model then learns from the first served steps alone).
-    cost_profile_seconds: float = 10.0
+    cost_profile_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         if self.method not in (None, "ngram", "tree", "draft_model", "synthetic"):

@@ -166,12 +166,16 @@ class CostModel:
             raise ValueError(f"window must be >= {len(FEATURES)} steps, got {window}")
         self._window: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
         self._anchors: list[tuple[np.ndarray, float]] = []
+        # The start-up profile's samples as given (for reports and refits).
+        self.profile: list[tuple[StepShape, float]] = []
         self._errors: deque[float] = deque(maxlen=error_window)
         self._refit_every = max(1, refit_every)
         self._since_fit = 0
         self._coef = np.zeros(len(FEATURES))
         self._coef[_INDEX["intercept"]] = default_seconds
         self.num_fits = 0
+        # Set to a list to record every observed (shape, predicted beforehand, measured).
+        self.trace: list[tuple[StepShape, float, float]] | None = None
 
     @classmethod
     def from_coefficients(cls, coefficients: dict[str, float]) -> CostModel:
@@ -213,6 +217,7 @@ class CostModel:
         """Start-up profile samples: kept in every fit (never slide out of the window)."""
         for shape, seconds in samples:
             if seconds > 0:
+                self.profile.append((shape, seconds))
                 self._anchors.append((shapes_matrix([shape], profile=True)[0], seconds))
         self.fit()
 
@@ -223,6 +228,8 @@ class CostModel:
         if seconds <= 0 or not math.isfinite(seconds):
             return predicted
         self._errors.append(abs(predicted - seconds) / seconds)
+        if self.trace is not None:
+            self.trace.append((shape, predicted, seconds))
         self._window.append((x, seconds))
         self._since_fit += 1
         if self._since_fit >= self._refit_every:
