@@ -22,6 +22,7 @@ from server.config import (
     SpeculativeConfig,
     parse_size,
 )
+from server.spec_decode.policy import available_policies
 
 # flag dest -> (config section, field). Sections: model, cache, scheduler, server, engine.
 _FLAG_TO_FIELD: dict[str, tuple[str, str]] = {
@@ -115,6 +116,13 @@ def config_from_args(args: argparse.Namespace) -> SpecdConfig:
         **sections["engine"],
     )
     server = _merge(ServerConfig, base.server, sections["server"])
+    policies = available_policies()
+    if engine.speculative.policy not in policies:
+        # Said before the model loads, not after a minute of start-up.
+        raise ValueError(
+            f"unknown speculation policy {engine.speculative.policy!r}; choose one of "
+            f"{', '.join(policies)}"
+        )
     return SpecdConfig(engine=engine, server=server)
 
 
