@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.config import SpeculativeConfig
+from server.engine.cost_profile import profile_grid
 from server.engine.sampling_params import SamplingParams
 from tests.spec_decode.test_engine_speculation import (
     make_engine,
@@ -80,3 +81,12 @@ def test_speculation_alone_never_preempts(tiny_llama_dir: Path) -> None:
     assert tokens_of(engine.generate(prompts, params)) == tokens_of(plain)
     stats = engine.core.stats()
     assert stats.num_preemptions == 0 and stats.num_blocks_used == 0
+
+
+def test_profile_grid_is_cheapest_first_and_within_limits() -> None:
+    grid = profile_grid(max_spec_tokens=8, max_num_seqs=16, max_num_batched_tokens=128)
+    rows = [b * (1 + k) + chunk for b, k, chunk in grid]
+    assert rows == sorted(rows) and rows[0] == 1
+    assert all(b <= 16 and r <= 128 for (b, _, _), r in zip(grid, rows, strict=True))
+    assert {k for _, k, _ in grid} == {0, 1, 2, 3, 4, 8}
+    assert any(chunk for _, _, chunk in grid), "prefill chunks are profiled too"
