@@ -166,5 +166,18 @@ def _run_configuration(
     try:
         with server:
             sweep_one(server.base_url)
+            save_final_metrics(server.base_url, out_dir / "metrics" / f"{conf.name}.prom")
     except RuntimeError as e:
         raise RuntimeError(f"{e}; log tail:\n{server.log_tail(8)}") from e
+
+
+def save_final_metrics(base_url: str, path: Path) -> None:
+    """The server's /metrics at the end of its runs (a specd server's fitted cost model and
+    acceptance estimates are there, which the simulator can replay); skipped if it has none."""
+    try:
+        response = httpx.get(f"{base_url}/metrics", timeout=10)
+    except httpx.HTTPError:
+        return
+    if response.status_code == 200:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(response.text)

@@ -40,20 +40,21 @@ class SpeculationStats:
 
 
 def step_base(plan: StepPlan) -> StepBase:
-    """The plan without drafts: what it computes, and the tokens it emits anyway."""
+    """The plan without drafts: what it computes (all of it, and the decoding requests
+    alone), and the tokens the decoding requests emit anyway."""
     num_tokens = kv = sampling = 0
+    decoding = decode_kv = 0
     for r in plan.requests:
         n = plan.num_scheduled_tokens[r.request_id]
         num_tokens += n
         kv += r.num_computed_tokens + n
         sampling += plan.samples(r)
-    shape = StepShape(
-        num_tokens=num_tokens,
-        num_logit_rows=sampling,
-        num_kv_tokens=kv,
-        num_requests=len(plan.requests),
-    )
-    return StepBase(shape, sampling)
+        if n == 1 and plan.samples(r) and r.num_computed_tokens >= r.num_prompt_tokens:
+            decoding += 1
+            decode_kv += r.num_computed_tokens + 1
+    shape = StepShape(num_tokens, sampling, kv, len(plan.requests))
+    decode_shape = StepShape(decoding, decoding, decode_kv, decoding)
+    return StepBase(shape, decoding, decode_shape if decode_shape != shape else None)
 
 
 def plan_shape(plan: StepPlan, work: DraftWork) -> StepShape:

@@ -20,6 +20,7 @@ Three levels of evidence, each a Beta-style posterior over exponentially decayed
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,9 @@ class AcceptanceEstimator:
         self._buckets: dict[tuple[int, int], _Counts] = {}
         self._requests: dict[str, _RequestRecord] = {}
         self._step = 0
+        self._edges: tuple[float, ...] = tuple(score_edges or ())
+        # Calibrated probability per (score bucket, depth), valid until the next observation.
+        self._cache: dict[tuple[int, int], float] = {}
 
     # ---- estimates ----------------------------------------------------------------------
 
@@ -130,6 +134,18 @@ class AcceptanceEstimator:
             probs[i] = _clip(_sigmoid(_logit(calibrated) + offset))
         return probs
 
+    def best_first_prob(self, request_id: str) -> float:
+        """The most a first draft of this request can be worth: the best depth-1 estimate
+        over every score bucket (or the request's own depth-1 estimate, unscored)."""
+        if self.score_edges is None:
+            return float(self.chain_probs(request_id, 1)[0])
+        offset = self._request_offset(request_id)
+        best = self.global_prob(1)
+        for (_, band), counts in self._buckets.items():
+            if band == 0:
+                best = max(best, counts.posterior(self.global_prob(1)))
+        return _clip(_sigmoid(_logit(best) + offset))
+
     def path_values(self, request_id: str, tree: TokenTree) -> np.ndarray:
         """[n + 1] probability that the path root..node is accepted (node 0: 1)."""
         probs = self.node_probs(request_id, tree)
@@ -140,11 +156,16 @@ class AcceptanceEstimator:
 
     def _calibrated(self, score: float, depth: int) -> float:
         assert self.score_edges is not None
-        bucket = int(np.digitize(score, self.score_edges))
-        key = (bucket, _depth_band(depth))
-        counts = self._buckets.get(key)
-        prior = self.global_prob(depth)
-        return counts.posterior(prior) if counts is not None else prior
+        # bisect_right == np.digitize for increasing edges, at a tenth of the cost per call.
+        bucket = bisect.bisect_right(self._edges, score)
+        cache_key = (bucket, depth)
+        cached = self._cache.get(cache_key)
+        if cached is None:
+            counts = self._buckets.get((bucket, _depth_band(depth)))
+            prior = self.global_prob(depth)
+            cached = counts.posterior(prior) if counts is not None else prior
+            self._cache[cache_key] = cached
+        return cached
 
     def _request_offset(self, request_id: str) -> float:
         record = self._record(request_id)
@@ -171,6 +192,7 @@ class AcceptanceEstimator:
 
     def observe(self, request_id: str, tree: TokenTree, accepted_nodes: Sequence[int]) -> None:
         """One verified tree: every child of the root and of an accepted node was tested."""
+        self._cache.clear()
         record = self._record(request_id)
         if record is None:
             record = self._requests[request_id] = _RequestRecord(last_step=self._step)
@@ -186,7 +208,7 @@ class AcceptanceEstimator:
             record.by_depth.setdefault(d, _Counts()).add(ok, _REQUEST_DECAY)
             record.pooled.add(ok, _REQUEST_DECAY)
             if tree.scores is not None and self.score_edges is not None:
-                key = (int(np.digitize(tree.scores[i], self.score_edges)), _depth_band(d))
+                key = (bisect.bisect_right(self._edges, tree.scores[i]), _depth_band(d))
                 self._buckets.setdefault(key, _Counts()).add(ok, _GLOBAL_DECAY)
 
     def release(self, request_ids: Iterable[str]) -> None:

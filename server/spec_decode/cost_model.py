@@ -264,9 +264,14 @@ def _weighted_ridge(x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> np.ndarra
     scale = np.sqrt(np.mean(xw**2, axis=0))
     scale[scale == 0] = 1.0
     xs = xw / scale
-    penalty = np.full(x.shape[1], math.sqrt(_RIDGE * len(yw)))
+    penalty = np.full(x.shape[1], _RIDGE * len(yw))
     penalty[_INDEX["intercept"]] = 0.0
-    a = np.vstack([xs, np.diag(penalty)])
-    b = np.concatenate([yw, np.zeros(x.shape[1])])
-    sol, *_ = np.linalg.lstsq(a, b, rcond=None)
+    # Normal equations on the [F, F] Gram matrix (F ~ 30): an SVD least-squares solve of the
+    # [S, F] system took ~25 ms with a multi-threaded BLAS on a busy 2-core machine, this
+    # ~0.1 ms; the ridge term keeps the Gram matrix well conditioned.
+    gram = xs.T @ xs + np.diag(penalty)
+    try:
+        sol = np.linalg.solve(gram, xs.T @ yw)
+    except np.linalg.LinAlgError:
+        sol, *_ = np.linalg.lstsq(xs, yw, rcond=None)
     return sol / scale

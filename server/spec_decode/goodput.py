@@ -37,7 +37,13 @@ class GoodputPolicy(LearnedPolicy):
 
     def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]:
         if self.context.free_proposals:
-            return list(caps)  # propose everything; select() keeps what is worth verifying
+            # Propose everything and let select() keep what is worth verifying, unless not
+            # even the best possible first draft of any request would pay for its row (a
+            # compute-bound batch): then skip proposing too (it is cheap, not free).
+            if not self._may_pay(base, requests):
+                self._previous.update((r.request_id, 0) for r in requests)
+                return [0] * len(requests)
+            return list(caps)
         candidates = [self.chain_candidates(r, c) for r, c in zip(requests, caps, strict=True)]
         return self.choose(base, requests, candidates).counts
 
@@ -50,6 +56,13 @@ class GoodputPolicy(LearnedPolicy):
         for tree, (_, nodes), n in zip(trees, built, allocation.counts, strict=True):
             pruned.append(tree if n == tree.num_drafts else tree.subtree(nodes[:n].tolist()))
         return pruned
+
+    def _may_pay(self, base: StepBase, requests: list[Request]) -> bool:
+        best_case = [
+            RequestCandidates.chain([self.estimator.best_first_prob(r.request_id)])
+            for r in requests
+        ]
+        return sum(self.allocator.best(base, best_case).counts) > 0
 
     def choose(
         self, base: StepBase, requests: list[Request], candidates: list[RequestCandidates]

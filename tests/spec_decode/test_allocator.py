@@ -169,3 +169,16 @@ def test_a_chosen_tree_prefix_is_parent_closed(
     assert all(tree.parents[v] == 0 or tree.parents[v] in kept for v in kept)
     pruned = tree.subtree(sorted(kept))
     assert pruned.num_drafts == len(kept)
+
+
+def test_prefill_time_does_not_make_drafts_look_cheap() -> None:
+    # One decoding request beside a 500-token prefill chunk; rows cost 10 ms each. A draft
+    # worth 0.4 tokens for 10 ms (40 tok/s) is below what plain decoding makes of those 10 ms
+    # (1 token per 20 ms = 50 tok/s), however slow the prefill makes the whole step.
+    alloc = Allocator(linear_cost(0.010, 0.010))
+    full = StepShape(501, 2, 1000, 2)
+    decode = StepShape(1, 1, 100, 1)
+    cands = [RequestCandidates.chain([0.4])]
+    assert alloc.best(StepBase(full, 1, decode), cands).counts == [0]
+    # Counted against the whole step (prefill included), the same draft would look worth it.
+    assert alloc.best(StepBase(full, 1), cands).counts == [1]

@@ -112,3 +112,14 @@ def test_smartspec_uniform_needs_ten_percent_and_rechooses_every_u_steps() -> No
     # Re-chosen only every 4 steps, even if the caps change.
     for _ in range(3):
         assert policy.allocate(base(2), requests(2), [8, 8]) == [k, k]
+
+
+def test_goodput_does_not_even_propose_when_no_draft_could_pay() -> None:
+    compute_bound = CostModel.from_coefficients({"rows": 0.010})
+    policy = GoodputPolicy(context(compute_bound, free=True))
+    teach(policy, {"r0": 0.6, "r1": 0.6})
+    assert policy.allocate(base(2), requests(2), [8, 8]) == [0, 0]
+    idle = CostModel.from_coefficients({"intercept": 0.05, "rows": 0.0001})
+    policy = GoodputPolicy(context(idle, free=True))
+    teach(policy, {"r0": 0.6, "r1": 0.6})
+    assert policy.allocate(base(2), requests(2), [8, 8]) == [8, 8]
