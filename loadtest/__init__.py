@@ -14,4 +14,6 @@ Modules, one job each:
   sweep         rate sweeps over configurations (local `specd serve` or a given URL)
   report        report.md and sweep.json; plots in `plots`, host facts in `host`
   cli           `python -m loadtest run|sweep`: parse and dispatch
+  simulate, sim/  discrete-event simulation of the real scheduler and policies (virtual clock)
+  bench_*       offline benchmarks: engine, speculation policies, cost model, CPU linears
 """
