@@ -170,9 +170,7 @@ class Allocator:
         dips with more rows (CPU few-row effects) never makes a step look nearly free."""
         if base.decode_shape is None or base.decode_shape == base.shape:
             return full
-        whole, decode = self.cost.predict_matrix(
-            shapes_matrix([base.shape, base.decode_shape])
-        )
+        whole, decode = self.cost.predict_matrix(shapes_matrix([base.shape, base.decode_shape]))
         return np.maximum(full - max(whole - decode, 0.0), 0.5 * decode)
 
     def _features(
