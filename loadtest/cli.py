@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how each rate's prompts are made new to the server (default: the YAML's, "
         "else per_rate_prefix)",
     )
-    add_workload_args(sweep)
+    add_workload_args(sweep, given_only=True)
     return parser
 
 

@@ -22,7 +22,6 @@ from typing import Any
 
 from loadtest.bench import write_json
 from loadtest.host import git_info, machine_info
-from loadtest.sim.blas import single_thread_blas
 from loadtest.sim.compare import (
     compare,
     compare_markdown,
@@ -61,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    single_thread_blas()  # see loadtest/sim/blas.py
     config = load_config(args.config)
     runs = load_sweep_runs(Path(args.compare)) if args.compare else None
     rates = _parse_rates(args.rates) if args.rates else None

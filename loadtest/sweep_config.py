@@ -125,14 +125,14 @@ def parse_sweep(data: dict[str, Any], fallback_name: str) -> SweepConfig:
 
 
 def merge_workload(args: argparse.Namespace, workload: dict[str, Any]) -> argparse.Namespace:
-    """YAML values replace flags still at their defaults; flags given explicitly win."""
+    """Flags given on the command line, over the YAML's values, over the defaults. `args`
+    holds a workload flag only when it was given (the sweep parser has no defaults for
+    them, see `add_workload_args(given_only=True)`)."""
     defaults = workload_defaults()
-    merged = argparse.Namespace(**vars(args))
-    for key, value in workload.items():
-        if key not in defaults:
-            raise ValueError(f"unknown sweep YAML key {key!r}")
-        if getattr(args, key) == defaults[key]:
-            setattr(merged, key, value)
+    unknown = sorted(set(workload) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown sweep YAML key {unknown[0]!r}")
+    merged = argparse.Namespace(**{**defaults, **workload, **vars(args)})
     return merged
 
 
@@ -141,7 +141,7 @@ def resolve(sweep: SweepConfig, args: argparse.Namespace) -> tuple[SweepConfig, 
     explicit --dataset-name) applied over the YAML, and the merged workload flags."""
     wl = dict(sweep.workload)
     endpoint = wl.pop("endpoint", DEFAULT_ENDPOINT)
-    dataset_flag_given = args.dataset_name != workload_defaults()["dataset_name"]
+    dataset_flag_given = hasattr(args, "dataset_name")
     merged = merge_workload(args, wl)
     merged.endpoint = endpoint
     rates = tuple(parse_rate(r) for r in args.rates.split(",")) if args.rates else sweep.rates

@@ -14,9 +14,17 @@ from loadtest.records import Sample
 from loadtest.tokens import TokenCounter, make_counter
 
 
-def add_workload_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `run` and `sweep` (a sweep YAML's keys override them)."""
-    a = p.add_argument
+def add_workload_args(p: argparse.ArgumentParser, given_only: bool = False) -> None:
+    """Flags shared by `run` and `sweep`. given_only (sweep): no defaults, so a flag is in the
+    parsed namespace only when it was on the command line; `merge_workload` then lays the
+    given flags over the YAML and the YAML over the defaults (a flag given with its default
+    value still wins over the YAML)."""
+
+    def a(*names: str, **kw: Any) -> None:
+        if given_only:
+            kw["default"] = argparse.SUPPRESS
+        p.add_argument(*names, **kw)
+
     a("--dataset-name", default="mix", choices=DATASET_NAMES)
     a("--dataset-path", help="JSONL of {'prompt': ...} (repetitive/chat/mix) or ShareGPT JSON")
     a("--num-prompts", type=int, default=100)

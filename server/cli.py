@@ -22,7 +22,7 @@ from server.config import (
     SpeculativeConfig,
     parse_size,
 )
-from server.spec_decode.policy import available_policies
+from server.spec_decode.policies import available_policies
 
 # flag dest -> (config section, field). Sections: model, cache, scheduler, server, engine.
 _FLAG_TO_FIELD: dict[str, tuple[str, str]] = {

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 
 from loadtest.sim import dists
+from server.config import CacheConfig, SchedulerConfig
+from server.spec_decode.policies import available_policies
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DrafterMode = Literal["free", "model"]
@@ -41,13 +43,31 @@ class Workload:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    block_size: int = 16
-    num_blocks: int = 4096
+    """The simulated engine's scheduler and cache: the real engine's own config parts (their
+    validation included), plus the context limit the model would set."""
+
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(num_blocks=4096))
     max_model_len: int = 4096
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
+
+    @classmethod
+    def from_flat(cls, raw: dict[str, Any]) -> EngineSettings:
+        """The YAML's flat `engine:` keys, each a SchedulerConfig or CacheConfig field."""
+        scheduler = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        cache = {f.name for f in dataclasses.fields(CacheConfig)}
+        _check_keys(raw, scheduler | cache | {"max_model_len"}, "engine")
+        return cls(
+            scheduler=SchedulerConfig(**{k: v for k, v in raw.items() if k in scheduler}),
+            cache=CacheConfig(
+                **{"num_blocks": 4096, **{k: v for k, v in raw.items() if k in cache}}
+            ),
+            max_model_len=int(raw.get("max_model_len", 4096)),
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        assert self.cache.num_blocks is not None  # from_flat and the default always set it
+        return self.cache.num_blocks
 
 
 @dataclass(frozen=True)
@@ -185,9 +205,7 @@ def parse_config(raw: dict[str, Any], path: str = "") -> SimConfig:
     drafter = spec.get("drafter", "free")
     if drafter not in ("free", "model"):
         raise ValueError(f"speculation.drafter must be free or model, got {drafter!r}")
-    engine_raw = raw.get("engine") or {}
-    engine_keys = {f.name for f in dataclasses.fields(EngineSettings)}
-    _check_keys(engine_raw, engine_keys, "engine")
+    engine = EngineSettings.from_flat(raw.get("engine") or {})
     cost_raw = dict(raw.get("cost") or {})
     _check_keys(cost_raw, {f.name for f in dataclasses.fields(CostConfig)}, "cost")
     cost = CostConfig(**cost_raw)
@@ -212,7 +230,7 @@ def parse_config(raw: dict[str, Any], path: str = "") -> SimConfig:
         num_requests=_counts(raw.get("num_requests", 200)),
         burstiness=float(raw.get("burstiness", 1.0)),
         workloads=_workloads(raw),
-        engine=EngineSettings(**engine_raw),
+        engine=engine,
         num_speculative_tokens=k,
         drafter=drafter,
         profile=bool(spec.get("profile", True)),
@@ -226,8 +244,6 @@ def parse_config(raw: dict[str, Any], path: str = "") -> SimConfig:
 def parse_policies(items: list[Any], default_k: int) -> tuple[PolicySpec, ...]:
     """ "none", "goodput", "smartspec_uniform", "off", "fixed" (k = num_speculative_tokens),
     "fixed:K", or a mapping {fixed: [K, ...]}."""
-    from server.spec_decode.policy import available_policies  # the registry is the truth
-
     known = set(available_policies())
     out: list[PolicySpec] = []
     for item in items:

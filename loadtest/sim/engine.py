@@ -20,13 +20,13 @@ from loadtest.sim.config import OFF, EngineSettings, PolicySpec
 from loadtest.sim.cost import TrueCost, startup_profile
 from loadtest.sim.drafter import SimDrafter
 from loadtest.sim.runner import SimRunner
-from server.config import CacheConfig, SchedulerConfig
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.speculation import Speculator, plan_shape
 from server.spec_decode.cost_model import CostModel
-from server.spec_decode.policy import PolicyContext, make_policy, needs_cost_model
+from server.spec_decode.policies import make_policy, needs_cost_model
+from server.spec_decode.policy import PolicyContext
 
 # A run that takes more steps than this is stuck (a bug, or a request that can never fit).
 _MAX_STEPS = 5_000_000
@@ -119,16 +119,8 @@ def simulate(
     speculator, cost_model = _speculator(policy, engine, drafter, cost, profile)
     k = policy.max_spec_tokens if speculator is not None else 0
     scheduler = Scheduler(
-        SchedulerConfig(
-            engine.max_num_seqs,
-            engine.max_num_batched_tokens,
-            engine.enable_chunked_prefill,
-        ),
-        CacheConfig(
-            block_size=engine.block_size,
-            num_blocks=engine.num_blocks,
-            enable_prefix_caching=engine.enable_prefix_caching,
-        ),
+        engine.scheduler,
+        engine.cache,
         engine.num_blocks,
         engine.max_model_len,
         max_spec_tokens=k,
@@ -242,8 +234,8 @@ def _speculator(
                     cost,
                     drafter,
                     policy.max_spec_tokens,
-                    engine.max_num_seqs,
-                    engine.max_num_batched_tokens,
+                    engine.scheduler.max_num_seqs,
+                    engine.scheduler.max_num_batched_tokens,
                 )
             )
     context = PolicyContext(

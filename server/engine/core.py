@@ -21,8 +21,10 @@ from server.engine.speculation import Speculator
 from server.model.runner import ModelRunner
 from server.spec_decode.cost_model import CostModel
 from server.spec_decode.draft_model import draft_kv_bytes_per_block
-from server.spec_decode.drafter import Drafter, make_drafter
-from server.spec_decode.policy import PolicyContext, make_policy, needs_cost_model
+from server.spec_decode.drafter import Drafter
+from server.spec_decode.drafters import make_drafter
+from server.spec_decode.policies import make_policy, needs_cost_model
+from server.spec_decode.policy import PolicyContext
 
 logger = logging.getLogger(__name__)
 

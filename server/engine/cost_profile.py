@@ -38,8 +38,8 @@ def profile_grid(
     max_spec_tokens: int, max_num_seqs: int, max_num_batched_tokens: int
 ) -> list[tuple[int, int, int]]:
     """(decoding requests, drafts per request, prefill chunk tokens) per profiled shape."""
-    ks = sorted({k for k in (0, 1, 2, 3, 4, max_spec_tokens // 2, max_spec_tokens)} - {-1})
-    ks = [k for k in ks if 0 <= k <= max_spec_tokens]
+    ks = sorted({k for k in (0, 1, 2, 3, 4, max_spec_tokens // 2, max_spec_tokens)})
+    ks = [k for k in ks if k <= max_spec_tokens]
     grid = []
     for b in _BATCH_SIZES:
         for k in ks:

@@ -57,10 +57,12 @@ def step_base(plan: StepPlan) -> StepBase:
     return StepBase(shape, decoding, decode_shape if decode_shape != shape else None)
 
 
-def plan_shape(plan: StepPlan, work: DraftWork) -> StepShape:
-    """The plan's shape with its drafts (``plan.spec_trees``) and the drafter's work."""
+def plan_shape(plan: StepPlan, work: DraftWork, base: StepBase | None = None) -> StepShape:
+    """The plan's shape with its drafts (``plan.spec_trees``) and the drafter's work;
+    ``base``: the plan's ``step_base`` if already computed this step."""
     drafts = sum(plan.num_spec_tokens.values())
-    return step_base(plan).shape.with_drafts(drafts, len(plan.spec_trees), work.forwards, work.rows)
+    base_shape = (base or step_base(plan)).shape
+    return base_shape.with_drafts(drafts, len(plan.spec_trees), work.forwards, work.rows)
 
 
 class Speculator:
@@ -73,7 +75,9 @@ class Speculator:
         self.policy = policy
         self._budget_counts = [0] * (max_spec_tokens + 1)
         self._budget_sum = 0
+        # This step's drafter work and draft-free base (fill computes them, observe reuses).
         self._work = DraftWork()
+        self._base: StepBase | None = None
         self._last_summary = time.monotonic()
         self._steps_since_summary = 0
         self._drafts_since_summary = 0
@@ -82,12 +86,13 @@ class Speculator:
     def fill(self, plan: StepPlan) -> None:
         """Budgets, drafts and pruning for the plan's decoding requests (see the docstring)."""
         self._work = DraftWork()
+        self._base = None
         if not plan.spec_budgets:
             return
         plan.spec_draft_kind = self.drafter.kind
         requests = [r for r in plan.requests if r.request_id in plan.spec_budgets]
         caps = [plan.spec_budgets[r.request_id] for r in requests]
-        base = step_base(plan)
+        base = self._base = step_base(plan)
         budgets = self.policy.allocate(base, requests, caps)
         budgets = [min(max(int(b), 0), c) for b, c in zip(budgets, caps, strict=True)]
         drafting = [(r, b) for r, b in zip(requests, budgets, strict=True) if b > 0]
@@ -119,7 +124,7 @@ class Speculator:
         drafts = sum(plan.num_spec_tokens.values())
         self.policy.observe(
             StepObservation(
-                shape=plan_shape(plan, self._work),
+                shape=plan_shape(plan, self._work, self._base),
                 seconds=seconds,
                 verified=verified,
                 num_draft_tokens=drafts,

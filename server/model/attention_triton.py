@@ -1,7 +1,7 @@
 """The Triton attention backend: kernels.kv_cache.write_kv + kernels.tree_attention per layer.
 
 Selected by ``--attention-backend triton`` (or ``auto`` on CUDA); see get_attention_backend in
-attention.py. Semantics are those of every backend (attention.py's module docstring): write
+attention_backends.py. Semantics are those of every backend (attention.py's module docstring): write
 the step's K/V through the slot mapping, then attend to prefix + allowed new tokens.
 
 All per-step inputs of the kernel (cu_q, prefix lengths, block tables, mask words) are built

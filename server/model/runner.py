@@ -18,11 +18,8 @@ import torch
 from server.config import EngineConfig
 from server.engine.plan import RunnerOutput, StepPlan
 from server.engine.request import Request
-from server.model.attention import (
-    AttentionMetadata,
-    build_attention_metadata,
-    get_attention_backend,
-)
+from server.model.attention import AttentionMetadata, build_attention_metadata
+from server.model.attention_backends import get_attention_backend
 from server.model.loader import eos_token_ids, load_model, resolve_device, resolve_model
 from server.model.sampler import compute_logprobs, sample
 from server.model.spec_step import (

@@ -39,6 +39,8 @@ _IDLE_DECAY = 0.97
 # Before any data at all.
 _INITIAL_PRIOR = 0.5
 _P_MIN, _P_MAX = 1e-3, 0.98
+# Cache key of best_first_prob's request-independent part (no real bucket is negative).
+_BEST_FIRST = (-1, 0)
 # Depth bands of the score calibration: 1, 2, 3-4, 5-8, 9+.
 _DEPTH_BANDS = (1, 2, 4, 8)
 
@@ -139,12 +141,15 @@ class AcceptanceEstimator:
         over every score bucket (or the request's own depth-1 estimate, unscored)."""
         if self.score_edges is None:
             return float(self.chain_probs(request_id, 1)[0])
-        offset = self._request_offset(request_id)
-        best = self.global_prob(1)
-        for (_, band), counts in self._buckets.items():
-            if band == 0:
-                best = max(best, counts.posterior(self.global_prob(1)))
-        return _clip(_sigmoid(_logit(best) + offset))
+        best = self._cache.get(_BEST_FIRST)
+        if best is None:  # the same for every request until the next observation
+            prior = self.global_prob(1)
+            best = max(
+                [prior]
+                + [c.posterior(prior) for (_, band), c in self._buckets.items() if band == 0]
+            )
+            self._cache[_BEST_FIRST] = best
+        return _clip(_sigmoid(_logit(best) + self._request_offset(request_id)))
 
     def path_values(self, request_id: str, tree: TokenTree) -> np.ndarray:
         """[n + 1] probability that the path root..node is accepted (node 0: 1)."""

@@ -149,12 +149,9 @@ class Allocator:
         v, d, o = values[order], depths[order], owner[order]
         # Prefix m = the first m candidates of `order`, m = 0..total.
         expected = base.emitted_tokens + np.concatenate([[0.0], np.cumsum(v)])
+        # Requests with a draft among the first m: +1 where a request's first candidate sits.
         first_seen = np.zeros(total, dtype=np.float64)
-        seen: set[int] = set()
-        for j, r in enumerate(o.tolist()):
-            if r not in seen:
-                seen.add(r)
-                first_seen[j] = 1.0
+        first_seen[np.unique(o, return_index=True)[1]] = 1.0
         spec = np.concatenate([[0.0], np.cumsum(first_seen)])
         max_depth = np.concatenate([[0.0], np.maximum.accumulate(d.astype(np.float64))])
         drafts = np.arange(total + 1, dtype=np.float64)

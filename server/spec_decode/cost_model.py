@@ -266,9 +266,9 @@ def _weighted_ridge(x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> np.ndarra
     xs = xw / scale
     penalty = np.full(x.shape[1], _RIDGE * len(yw))
     penalty[_INDEX["intercept"]] = 0.0
-    # Normal equations on the [F, F] Gram matrix (F ~ 30): an SVD least-squares solve of the
-    # [S, F] system took ~25 ms with a multi-threaded BLAS on a busy 2-core machine, this
-    # ~0.1 ms; the ridge term keeps the Gram matrix well conditioned.
+    # Normal equations on the [F, F] Gram matrix (F ~ 30), which the ridge term keeps well
+    # conditioned: 0.04 ms against 0.37 ms for an SVD least-squares solve of the [630, 29]
+    # system, both cores busy (a whole refit over 600 steps: 0.47 ms median).
     gram = xs.T @ xs + np.diag(penalty)
     try:
         sol = np.linalg.solve(gram, xs.T @ yw)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from server.engine.request import Request
-from server.model.attention import get_attention_backend
+from server.model.attention_backends import get_attention_backend
 from server.model.llama import decoder_spec
 from server.model.loader import (
     eos_token_ids,

@@ -1,4 +1,4 @@
-"""The drafter interface and the registry that picks a drafter by name from config.
+"""The drafter interface (``server.spec_decode.drafters`` picks one by name from config).
 
 A drafter turns each request's context (``Request.all_token_ids``) into a ``TokenTree`` whose
 root is ``all_token_ids[-1]`` and whose drafts continue after it, using at most ``budgets[i]``
@@ -13,7 +13,7 @@ distribution q, which the drafter must then also return for verification.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -67,34 +67,6 @@ class Drafter(Protocol):
         ...
 
 
-DrafterFactory = Callable[..., Drafter]
-_REGISTRY: dict[str, DrafterFactory] = {}
-
-
-def register_drafter(name: str, factory: DrafterFactory) -> None:
-    """Make ``make_drafter(name, ...)`` build drafters with ``factory(**options)``."""
-    if name in _REGISTRY and _REGISTRY[name] is not factory:
-        raise ValueError(f"a drafter named {name!r} is already registered")
-    _REGISTRY[name] = factory
-
-
-def available_drafters() -> list[str]:
-    _register_builtins()
-    return sorted(_REGISTRY)
-
-
-def make_drafter(name: str, **options: object) -> Drafter:
-    """Build the drafter registered as ``name`` ("ngram", "tree", ...) with its options."""
-    _register_builtins()
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise ValueError(f"unknown drafter {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
-    try:
-        return factory(**options)
-    except TypeError as exc:  # an option the drafter does not take
-        raise ValueError(f"bad options for drafter {name!r}: {exc}") from exc
-
-
 def check_budgets(requests: list[Request], budgets: list[int]) -> None:
     if len(requests) != len(budgets):
         raise ValueError(
@@ -104,16 +76,3 @@ def check_budgets(requests: list[Request], budgets: list[int]) -> None:
         raise ValueError(f"budgets must be >= 0, got {budgets}")
     if any(not r.all_token_ids for r in requests):
         raise ValueError("a request with no tokens has no root token to draft from")
-
-
-def _register_builtins() -> None:
-    # Imported here: the drafter modules import this one for the protocol.
-    from server.spec_decode.draft_model import load_draft_model_drafter
-    from server.spec_decode.ngram import NgramDrafter
-    from server.spec_decode.suffix_tree import SuffixTreeDrafter
-    from server.spec_decode.synthetic import SyntheticDrafter
-
-    _REGISTRY.setdefault("ngram", NgramDrafter)
-    _REGISTRY.setdefault("tree", SuffixTreeDrafter)
-    _REGISTRY.setdefault("draft_model", load_draft_model_drafter)
-    _REGISTRY.setdefault("synthetic", SyntheticDrafter)

@@ -16,13 +16,12 @@ A policy is a plain object, unit-tested without a model. Per step the engine cal
 ``base`` is the step without drafts (its shape for the cost model, and the tokens it emits
 anyway). ``none`` and ``fixed`` are the baselines; ``smartspec_uniform`` (SmartSpec's one k
 for the batch) and ``goodput`` (ours: per-request budgets by marginal value) live in their own
-modules and are registered below.
+modules; ``server.spec_decode.policies`` picks one by name.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -148,49 +147,3 @@ class FixedBudget:
 
     def stats(self) -> PolicyStats:
         return PolicyStats(self.name)
-
-
-PolicyFactory = Callable[[PolicyContext], SpecPolicy]
-_POLICIES: dict[str, PolicyFactory] = {
-    "none": NoSpeculation,
-    "fixed": FixedBudget,
-}
-# Policies that weigh cost: the engine profiles step times at start-up for them.
-_COST_AWARE: set[str] = set()
-
-
-def register_policy(name: str, factory: PolicyFactory, cost_aware: bool = False) -> None:
-    _POLICIES[name] = factory
-    if cost_aware:
-        _COST_AWARE.add(name)
-
-
-def available_policies() -> list[str]:
-    _register_builtins()
-    return sorted(_POLICIES)
-
-
-def needs_cost_model(name: str) -> bool:
-    _register_builtins()
-    return name in _COST_AWARE
-
-
-def make_policy(name: str, context: PolicyContext) -> SpecPolicy:
-    _register_builtins()
-    try:
-        factory = _POLICIES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown speculation policy {name!r}; choose one of {sorted(_POLICIES)}"
-        ) from None
-    return factory(context)
-
-
-def _register_builtins() -> None:
-    # Imported here: those modules import this one for the protocol.
-    from server.spec_decode.goodput import GoodputPolicy
-    from server.spec_decode.smartspec import SmartSpecUniform
-
-    for name, factory in (("goodput", GoodputPolicy), ("smartspec_uniform", SmartSpecUniform)):
-        if name not in _POLICIES:
-            register_policy(name, factory, cost_aware=True)

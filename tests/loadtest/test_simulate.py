@@ -12,7 +12,6 @@ import pytest
 
 from loadtest import simulate as simulate_cli
 from loadtest.sim import dists
-from loadtest.sim.blas import single_thread_blas
 from loadtest.sim.compare import compare, load_sweep_runs
 from loadtest.sim.config import EngineSettings, PolicySpec, Workload, parse_config
 from loadtest.sim.cost import CoefficientCost, SmartSpecCost, load_coefficients
@@ -25,10 +24,8 @@ from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.spec_decode.cost_model import StepShape
 
-# The policies' tiny least-squares fits run far faster on one BLAS thread (loadtest/sim/blas.py).
-single_thread_blas()
-ENGINE = EngineSettings(
-    max_num_seqs=256, max_num_batched_tokens=8192, num_blocks=50_000, max_model_len=8192
+ENGINE = EngineSettings.from_flat(
+    dict(max_num_seqs=256, max_num_batched_tokens=8192, num_blocks=50_000, max_model_len=8192)
 )
 NONE = PolicySpec("none", "none", 8)
 GOODPUT = PolicySpec("goodput", "goodput", 8)
@@ -140,8 +137,8 @@ def test_goodput_is_at_most_a_few_percent_worse_when_drafts_are_useless(
 @pytest.mark.parametrize("drafter", ["free", "model"])
 @pytest.mark.parametrize("policy", ["goodput", "smartspec_uniform", "fixed"])
 def test_preemption_heavy_runs_finish_and_free_every_block(drafter: str, policy: str) -> None:
-    engine = EngineSettings(
-        max_num_seqs=32, max_num_batched_tokens=512, num_blocks=60, max_model_len=512
+    engine = EngineSettings.from_flat(
+        dict(max_num_seqs=32, max_num_batched_tokens=512, num_blocks=60, max_model_len=512)
     )
     trace = make_trace(_workload({"uniform": [0.3, 0.9]}, {"uniform": [20, 120]}), 20, 40, 2, 0)
     run = simulate(trace, PolicySpec(policy, policy, 4), engine, drafter, SmartSpecCost())

@@ -133,3 +133,14 @@ def test_unknown_workload_key() -> None:
         merge_workload(_args(), {"num_prompt": 3})
     with pytest.raises(ValueError, match="unknown sweep YAML key"):
         merge_workload(_args(), {"output_dir": "/tmp"})  # a sweep flag, not a workload key
+
+
+def test_a_flag_given_with_its_default_value_still_wins() -> None:
+    """`--dataset-name mix` (the flag's default) narrowed nothing when "given" meant "differs
+    from the default"; the 2026-12-02 headline sweep ran both datasets because of it."""
+    data = {"datasets": ["mix", "repetitive"], "seed": 7, "configurations": CONFS}
+    sweep, args = resolve(parse_sweep(data, "x"), _args("--dataset-name", "mix", "--seed", "0"))
+    assert sweep.datasets == ("mix",)
+    assert args.seed == 0  # 0 is --seed's default, given explicitly: it beats the YAML's 7
+    _, args = resolve(parse_sweep(data, "x"), _args())
+    assert args.seed == 7 and args.num_prompts == 100  # YAML, then the flag's default

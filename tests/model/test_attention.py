@@ -7,11 +7,8 @@ import random
 import pytest
 import torch
 
-from server.model.attention import (
-    TorchAttentionBackend,
-    build_attention_metadata,
-    get_attention_backend,
-)
+from server.model.attention import TorchAttentionBackend, build_attention_metadata
+from server.model.attention_backends import get_attention_backend
 
 HQ, HK, D, BS, NB = 6, 2, 16, 4, 64
 

@@ -17,11 +17,8 @@ from kernels.tree_masks import ancestor_words, tree_mask_dense
 from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from server.engine.offline import OfflineEngine
 from server.engine.sampling_params import SamplingParams
-from server.model.attention import (
-    TorchAttentionBackend,
-    build_attention_metadata,
-    get_attention_backend,
-)
+from server.model.attention import TorchAttentionBackend, build_attention_metadata
+from server.model.attention_backends import get_attention_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HQ, HK, D, BS, NB = 6, 2, 16, 4, 48

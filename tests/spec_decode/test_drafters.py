@@ -10,7 +10,8 @@ import pytest
 
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
-from server.spec_decode.drafter import Drafter, available_drafters, make_drafter
+from server.spec_decode.drafter import Drafter
+from server.spec_decode.drafters import available_drafters, make_drafter
 from server.spec_decode.history import TokenHistory, continuation, suffix_matches
 from server.spec_decode.ngram import NgramDrafter
 from server.spec_decode.suffix_tree import SuffixTreeDrafter
