@@ -1,0 +1,153 @@
+"""Did the goodput policy clear its bars in a policy sweep? (issue: the headline sweep)
+
+    python -m loadtest.policy_bars loadtest/reports/<date>-spec-policies \\
+        [--policy goodput] [--baseline no-spec] [--lowest-rate-speedup repetitive=1.5 mix=1.2]
+
+Reads the sweep's ``sweep.json`` and checks, per dataset, on mean end-to-end latency:
+
+- at every rate, ``--policy`` is at most ``--vs-best`` (1.05) x the best other configuration;
+- at the lowest rate, it is at least the dataset's ``--lowest-rate-speedup`` x faster than
+  ``--baseline`` (no speculation);
+- at no rate is it more than ``--vs-baseline`` (1.03) x the baseline.
+
+Writes ``bars.md`` beside the report and prints it. Exit status 0 either way: a bar that is
+missed is a finding to report, not a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_LOWEST_RATE_SPEEDUP = {"repetitive": 1.5, "mix": 1.2}
+
+
+@dataclass(frozen=True)
+class Bars:
+    policy: str = "goodput"
+    baseline: str = "no-spec"
+    vs_best: float = 1.05
+    vs_baseline: float = 1.03
+    lowest_rate_speedup: tuple[tuple[str, float], ...] = tuple(DEFAULT_LOWEST_RATE_SPEEDUP.items())
+
+
+@dataclass(frozen=True)
+class RateCheck:
+    dataset: str
+    rate: float
+    policy_ms: float
+    best_other: str
+    best_other_ms: float
+    baseline_ms: float
+
+    @property
+    def vs_best(self) -> float:
+        return self.policy_ms / self.best_other_ms
+
+    @property
+    def vs_baseline(self) -> float:
+        return self.policy_ms / self.baseline_ms
+
+
+def _rate(run: dict[str, Any]) -> float:
+    return float(run["request_rate"])  # "inf" parses too
+
+
+def rate_checks(summary: dict[str, dict[str, list[dict[str, Any]]]], bars: Bars) -> list[RateCheck]:
+    """One check per (dataset, rate) where the policy, the baseline and another ran."""
+    out = []
+    for dataset, configs in summary.items():
+        by_rate: dict[float, dict[str, float]] = {}
+        for name, runs in configs.items():
+            for run in runs:
+                if run.get("completed") and run.get("mean_e2el_ms") is not None:
+                    by_rate.setdefault(_rate(run), {})[name] = float(run["mean_e2el_ms"])
+        for rate in sorted(by_rate):
+            row = by_rate[rate]
+            others = {n: ms for n, ms in row.items() if n != bars.policy}
+            if bars.policy not in row or bars.baseline not in row or not others:
+                continue
+            best = min(others, key=others.__getitem__)
+            out.append(
+                RateCheck(dataset, rate, row[bars.policy], best, others[best], row[bars.baseline])
+            )
+    return out
+
+
+def markdown(checks: list[RateCheck], bars: Bars, source: str) -> str:
+    speedups = dict(bars.lowest_rate_speedup)
+    lines = [
+        f"# Bars for `{bars.policy}` in {source}",
+        "",
+        f"Mean E2E latency. Bars: at every rate <= {bars.vs_best}x the best other "
+        f"configuration and <= {bars.vs_baseline}x `{bars.baseline}`; at the lowest rate "
+        + ", ".join(f"{s}x faster than `{bars.baseline}` on `{d}`" for d, s in speedups.items())
+        + ".",
+        "",
+        f"| dataset | rate | {bars.policy} ms | best other | its ms | vs best | "
+        f"{bars.baseline} ms | vs {bars.baseline} | speed-up over {bars.baseline} | passes |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    missed = []
+    lowest = {}
+    for c in checks:
+        lowest.setdefault(c.dataset, c.rate)
+    for c in checks:
+        fails = []
+        if c.vs_best > bars.vs_best:
+            fails.append(f"{c.vs_best:.2f}x the best other ({c.best_other})")
+        if c.vs_baseline > bars.vs_baseline:
+            fails.append(f"{c.vs_baseline:.2f}x {bars.baseline}")
+        need = speedups.get(c.dataset)
+        if c.rate == lowest[c.dataset] and need is not None and 1 / c.vs_baseline < need:
+            fails.append(f"lowest-rate speed-up {1 / c.vs_baseline:.2f}x < {need}x")
+        missed += [f"- {c.dataset} @ {_fmt_rate(c.rate)}: {f}" for f in fails]
+        lines.append(
+            f"| {c.dataset} | {_fmt_rate(c.rate)} | {c.policy_ms:.0f} | {c.best_other} | "
+            f"{c.best_other_ms:.0f} | {c.vs_best:.2f}x | {c.baseline_ms:.0f} | "
+            f"{c.vs_baseline:.2f}x | {1 / c.vs_baseline:.2f}x | {'NO' if fails else 'yes'} |"
+        )
+    lines += ["", "Missed:" if missed else "Every bar holds.", "", *missed, ""]
+    return "\n".join(lines)
+
+
+def _fmt_rate(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def _speedup(text: str) -> tuple[str, float]:
+    dataset, _, value = text.partition("=")
+    return dataset, float(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.policy_bars", description=__doc__)
+    p.add_argument("report_dir", type=Path)
+    p.add_argument("--policy", default=Bars.policy)
+    p.add_argument("--baseline", default=Bars.baseline)
+    p.add_argument("--vs-best", type=float, default=Bars.vs_best)
+    p.add_argument("--vs-baseline", type=float, default=Bars.vs_baseline)
+    p.add_argument(
+        "--lowest-rate-speedup",
+        nargs="*",
+        type=_speedup,
+        default=list(DEFAULT_LOWEST_RATE_SPEEDUP.items()),
+        metavar="DATASET=X",
+    )
+    args = p.parse_args(argv)
+    bars = Bars(
+        args.policy, args.baseline, args.vs_best, args.vs_baseline, tuple(args.lowest_rate_speedup)
+    )
+    summary = json.loads((args.report_dir / "sweep.json").read_text())["summary"]
+    text = markdown(rate_checks(summary, bars), bars, f"`{args.report_dir}`")
+    (args.report_dir / "bars.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

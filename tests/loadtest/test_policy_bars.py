@@ -1,0 +1,55 @@
+"""The headline sweep's bars, checked on a sweep summary with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from loadtest.policy_bars import Bars, main, markdown, rate_checks
+
+
+def _run(rate: str, e2e: float) -> dict[str, object]:
+    return {"request_rate": rate, "mean_e2el_ms": e2e, "completed": 32}
+
+
+def _summary() -> dict[str, dict[str, list[dict[str, object]]]]:
+    return {
+        "repetitive": {
+            "no-spec": [_run("0.25", 3000.0), _run("inf", 10000.0)],
+            "ngram-k4": [_run("0.25", 2200.0), _run("inf", 9000.0)],
+            "goodput": [_run("0.25", 1900.0), _run("inf", 9600.0)],
+        },
+        "mix": {
+            "no-spec": [_run("0.25", 3000.0)],
+            "ngram-k4": [_run("0.25", 2600.0)],
+            "goodput": [_run("0.25", 2600.0)],
+        },
+    }
+
+
+def test_rate_checks_pick_the_best_other_per_rate() -> None:
+    checks = rate_checks(_summary(), Bars())
+    rep = [c for c in checks if c.dataset == "repetitive"]
+    assert [c.rate for c in rep] == [0.25, math.inf]
+    assert rep[0].best_other == "ngram-k4" and rep[0].best_other_ms == 2200.0
+    assert rep[1].vs_best == 9600.0 / 9000.0
+    assert rep[1].vs_baseline == 0.96
+
+
+def test_markdown_names_every_missed_bar() -> None:
+    text = markdown(rate_checks(_summary(), Bars()), Bars(), "test")
+    # repetitive @ 0.25: 3000/1900 = 1.58x >= 1.5 and best of all: passes.
+    assert "| repetitive | 0.25 | 1900 | ngram-k4 | 2200 | 0.86x |" in text
+    # repetitive @ inf: 1.07x the best other (fixed k4) -> missed.
+    assert "- repetitive @ inf: 1.07x the best other (ngram-k4)" in text
+    # mix @ 0.25: only 1.15x faster than no-spec, the bar is 1.2x.
+    assert "- mix @ 0.25: lowest-rate speed-up 1.15x < 1.2x" in text
+    assert "Every bar holds" not in text
+
+
+def test_cli_writes_bars_md(tmp_path) -> None:
+    summary = {"repetitive": _summary()["repetitive"]}
+    summary["repetitive"]["goodput"][1]["mean_e2el_ms"] = 9000.0
+    (tmp_path / "sweep.json").write_text(json.dumps({"summary": summary}))
+    assert main([str(tmp_path)]) == 0
+    assert "Every bar holds." in (tmp_path / "bars.md").read_text()
