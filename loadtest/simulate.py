@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", help="comma-separated workload names to run")
     p.add_argument("--seed", type=int)
     p.add_argument(
+        "--cost-path",
+        help="coefficients for a `coefficients` cost, overriding cost.path: a JSON, a /metrics "
+        "scrape, or a sweep run JSON (its last coefficient sample: the model the server had "
+        "fitted by the end of that run)",
+    )
+    p.add_argument(
         "--compare",
         metavar="REPORT_DIR",
         help="a `python -m loadtest sweep` report directory: simulate its rates (unless "
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         policies=args.policies.split(",") if args.policies else None,
         seed=args.seed,
         workloads=args.workloads.split(",") if args.workloads else None,
+        cost_path=args.cost_path,
     )
     command = "python -m loadtest.simulate " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)

@@ -129,8 +129,13 @@ class SimConfig:
         policies: list[str] | None = None,
         seed: int | None = None,
         workloads: list[str] | None = None,
+        cost_path: str | None = None,
     ) -> SimConfig:
         out = self
+        if cost_path is not None:
+            if self.cost.kind != "coefficients":
+                raise ValueError(f"--cost-path needs cost.kind coefficients, not {self.cost.kind}")
+            out = dataclasses.replace(out, cost=dataclasses.replace(self.cost, path=cost_path))
         if rates is not None or num_requests is not None:
             counts = self.num_requests
             if num_requests is not None:

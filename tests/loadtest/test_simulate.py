@@ -323,3 +323,26 @@ def test_cli_writes_json_png_markdown_and_comparison(tmp_path: Path) -> None:
     rows = json.loads((out / "tiny-compare.json").read_text())["rows"]
     assert [(r["policy"], r["rate"]) for r in rows] == [("goodput", 2.0)]
     assert math.isfinite(rows[0]["rel_error_e2el"])
+
+
+def test_cost_path_override_replaces_the_coefficients_and_needs_a_coefficient_cost(
+    tmp_path: Path,
+) -> None:
+    slow, fast = tmp_path / "slow.json", tmp_path / "fast.json"
+    slow.write_text(json.dumps({"coefficients": {"intercept": 0.2}}))
+    fast.write_text(json.dumps({"coefficients": {"intercept": 0.01}}))
+    raw = {
+        **_TINY,
+        "rates": [0.1],
+        "num_requests": 1,  # alone: its E2E is its steps' summed cost
+        "policies": ["none"],
+        "cost": {"kind": "coefficients", "path": str(slow)},
+    }
+    config = parse_config(raw)
+    slow_e2e = run_config(config, log=lambda _: None)
+    fast_e2e = run_config(config.with_overrides(cost_path=str(fast)), log=lambda _: None)
+    (w,) = slow_e2e
+    ratio = slow_e2e[w]["none"][0]["mean_e2el_ms"] / fast_e2e[w]["none"][0]["mean_e2el_ms"]
+    assert ratio == pytest.approx(20.0, rel=1e-6)  # every step costs its intercept alone
+    with pytest.raises(ValueError, match="coefficients"):
+        parse_config(_TINY).with_overrides(cost_path=str(fast))
