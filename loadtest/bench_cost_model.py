@@ -9,8 +9,9 @@ goodput policy and n-gram drafts, and records every step: its shape, the cost mo
 prediction made *before* the step was seen (held out by construction), and the measured
 wall time of the step. Reports the median and p90 relative error of those online
 predictions, overall and by batch size, and of a second, offline check: a fresh model fitted
-on the profile plus the first 70% of steps, scored on the last 30%. Writes JSON, markdown and
-a PNG (predicted vs measured) named by date.
+on the profile plus the first 70% of steps, scored on the last 30%; and the machine's own
+noise floor: how far steps of one shape, run again, fall from that shape's median. Writes
+JSON, markdown and a PNG (predicted vs measured) named by date.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import defaultdict
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,10 +39,32 @@ from server.model.loader import resolve_model
 from server.spec_decode.cost_model import CostModel, StepShape
 
 _TARGET = 0.10
+# KV tokens that count as the same shape for the noise floor (see repeat_noise).
+_KV_BUCKET = 128
 
 
 def relative_errors(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
     return np.abs(predicted - measured) / measured
+
+
+def repeat_noise(
+    shapes: list[StepShape], measured: np.ndarray, kv_bucket: int = _KV_BUCKET
+) -> np.ndarray:
+    """|step - median of its shape| / step, over shapes that ran at least 3 times: what even a
+    model that knew each shape's typical time exactly would miss by (the machine's noise).
+    KV tokens grow every decode step, so shapes match on everything else and on KV tokens
+    within ``kv_bucket`` (128 tokens: ~1.5 ms at the ~0.012 ms/token this model fits)."""
+    groups: dict[StepShape, list[float]] = defaultdict(list)
+    for shape, seconds in zip(shapes, measured.tolist(), strict=True):
+        key = replace(shape, num_kv_tokens=shape.num_kv_tokens // kv_bucket)
+        groups[key].append(seconds)
+    errors = [
+        abs(s - float(np.median(times))) / s
+        for times in groups.values()
+        if len(times) >= 3
+        for s in times
+    ]
+    return np.array(errors)
 
 
 def summary(errors: np.ndarray) -> dict[str, float]:
@@ -101,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "online_held_out": summary(online),
         "online_after_first_64_steps": summary(online[64:]),
         "offline_70_30": summary(offline),
+        "repeat_noise_floor": summary(repeat_noise(shapes, measured)),
         "by_batch_size": by_batch,
         "coefficients_ms": {k: round(v * 1e3, 4) for k, v in cost.coefficients.items()},
         "steps": [
@@ -163,6 +189,7 @@ def write_report(
         ("online, predicted before each step (all)", "online_held_out"),
         ("online, after the first 64 steps", "online_after_first_64_steps"),
         ("offline: fit on first 70%, score last 30%", "offline_70_30"),
+        ("noise floor: same shape run again, vs that shape's median", "repeat_noise_floor"),
         *((f"online, {k} requests", None) for k in result["by_batch_size"]),
     ):
         s = result[key] if key else result["by_batch_size"][name.split(", ")[1].split()[0]]
