@@ -32,6 +32,7 @@ _FLAG_TO_FIELD: dict[str, tuple[str, str]] = {
     "max_model_len": ("model", "max_model_len"),
     "device": ("model", "device"),
     "seed": ("model", "seed"),
+    "cpu_linear_plan": ("model", "cpu_linear_plan"),
     "block_size": ("cache", "block_size"),
     "kv_cache_memory": ("cache", "kv_cache_memory"),
     "num_kv_blocks": ("cache", "num_blocks"),
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=["auto", "float32", "float16", "bfloat16", "float64"])
     a("--device", choices=["auto", "cpu", "cuda"])
     a("--seed", type=int)
+    a(
+        "--cpu-linear-plan",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time few-row linears at start-up on CPU and take the cheapest way (default on)",
+    )
     a("--max-model-len", type=int)
     a("--block-size", type=int)
     a("--kv-cache-memory", type=parse_size, help="KV cache bytes, e.g. 2GiB")

@@ -208,6 +208,7 @@ def _build_drafter(config: EngineConfig, runner: ModelRunner) -> Drafter:
             attention_backend=config.attention_backend,
             num_blocks=runner.num_blocks,
             block_size=runner.block_size,
+            plan_cpu_linears=config.model.cpu_linear_plan,
         )
     if spec.method == "synthetic":
         return make_drafter(

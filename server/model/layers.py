@@ -9,35 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Largest row count routed through ``weight @ x.T`` on CPU (measured range; prefill chunks of
-# hundreds of rows stay on F.linear).
-FEW_ROWS = 64
-# Weights at least this large (elements) take the two-row path even for one row (lm_heads).
-LARGE_WEIGHT = 1 << 22
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, in] @ weight[out, in].T (+ bias) -> [M, out], fast for few rows on CPU.
-
-    On CPU this torch build's GEMM for a handful of rows is much slower than its GEMV, and
-    computing ``weight @ x.T`` instead takes a faster path. Measured on 2 cores with
-    SmolLM2's four projection shapes x 30 layers (loadtest/results/engine/linear-cpu.md):
-    2 rows 35 -> 12 ms, 3 rows 47 -> 18 ms, 4 rows 36 -> 16 ms, 8-64 rows 1.1-1.3x; one row
-    stays on F.linear. Speculative verify steps at small batch are exactly such
-    few-row batches. CUDA and other layouts use F.linear.
-    """
-    rows = x.shape[0] if x.dim() == 2 else 0
-    if x.device.type != "cpu" or not 1 <= rows <= FEW_ROWS:
-        return F.linear(x, weight, bias)
-    if rows == 1:
-        if weight.numel() < LARGE_WEIGHT:
-            return F.linear(x, weight, bias)
-        # A large matrix (the lm_head) times one row: the GEMV reads it on one core; as a
-        # two-row GEMM it takes ~4 ms instead of ~10 ms for SmolLM2's 49152 x 576 head.
-        out = (weight @ x.repeat(2, 1).t())[:, :1].t().contiguous()
-    else:
-        out = (weight @ x.t()).t().contiguous()
-    return out if bias is None else out + bias
+from server.model.cpu_linear import linear
 
 
 class Linear(nn.Linear):

@@ -20,6 +20,7 @@ from server.engine.plan import RunnerOutput, StepPlan
 from server.engine.request import Request
 from server.model.attention import AttentionMetadata, build_attention_metadata
 from server.model.attention_backends import get_attention_backend
+from server.model.cpu_linear import plan_linears
 from server.model.loader import eos_token_ids, load_model, resolve_device, resolve_model
 from server.model.sampler import compute_logprobs, sample
 from server.model.spec_step import (
@@ -74,6 +75,8 @@ class ModelRunner:
             self.model_path, mc.dtype, str(self.device), backend
         )
         self.dtype = next(self.model.parameters()).dtype
+        if self.device.type == "cpu" and mc.cpu_linear_plan:
+            plan_linears(self.model)
         spec = self.model.spec
         self.vocab_size: int = spec.vocab_size
         self.block_size: int = engine_config.cache.block_size

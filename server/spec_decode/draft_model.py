@@ -20,6 +20,7 @@ import torch
 
 from server.engine.request import Request
 from server.model.attention_backends import get_attention_backend
+from server.model.cpu_linear import plan_linears
 from server.model.llama import decoder_spec
 from server.model.loader import (
     eos_token_ids,
@@ -222,12 +223,17 @@ def load_draft_model_drafter(
     attention_backend: str,
     num_blocks: int,
     block_size: int,
+    plan_cpu_linears: bool = False,
 ) -> DraftModelDrafter:
     """Loads the draft like the target (same dtype, device, attention backend), checks that it
-    shares the target's tokenizer, and gives it a paged cache over the target's block ids."""
+    shares the target's tokenizer, and gives it a paged cache over the target's block ids.
+    plan_cpu_linears: time its linears on CPU as the target's are (server/model/cpu_linear.py).
+    """
     path = resolve_model(model)
     backend = get_attention_backend(attention_backend, torch.device(device))
     draft, hf_config, tokenizer = load_model(path, dtype, device, backend)
+    if plan_cpu_linears and torch.device(device).type == "cpu":
+        plan_linears(draft)
     check_same_tokenizer(
         target_model,
         target_tokenizer,

@@ -1,18 +1,30 @@
-"""The padded few-row linear of the CPU benchmark computes the same rows."""
+"""The CPU linear benchmark describes the plan it measures."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from loadtest.bench_linear_cpu import padded
-from server.model.layers import linear
+from loadtest.bench_linear_cpu import SHAPES, plan_summary
+from server.model import cpu_linear
+from server.model.cpu_linear import FEW_ROWS, RowChoice
 
 
-@pytest.mark.parametrize("rows", [1, 8, 9, 15, 17])
-def test_padded_linear_returns_the_same_rows(rows: int) -> None:
-    torch.manual_seed(0)
-    x, w = torch.randn(rows, 32, dtype=torch.float64), torch.randn(48, 32, dtype=torch.float64)
-    out = padded(8)(x, w)
-    assert out.shape == (rows, 48)
-    torch.testing.assert_close(out, linear(x, w))
+@pytest.fixture(autouse=True)
+def no_plans() -> Iterator[None]:
+    saved = cpu_linear.saved_plans()
+    cpu_linear.clear_plans()
+    yield
+    cpu_linear.restore_plans(saved)
+
+
+def test_plan_summary_names_rows_and_product_per_shape() -> None:
+    assert plan_summary(9) == "- / - / - / -"
+    qkv = torch.empty(*SHAPES[0])
+    plan = tuple(RowChoice(16 if 9 <= r <= 15 else r, r > 1) for r in range(1, FEW_ROWS + 1))
+    cpu_linear.restore_plans({cpu_linear.plan_key(qkv): plan})
+    assert plan_summary(9) == "16T / - / - / -"
+    assert plan_summary(1) == "1F / - / - / -"
+    assert plan_summary(65) == "F.linear"
