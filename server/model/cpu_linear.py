@@ -1,12 +1,12 @@
 """Few-row linear layers on CPU, computed the cheapest way this machine measures.
 
 Speculative verify steps at small batch are few-row batches (1 + drafts rows per request), and
-this torch build's CPU GEMM is far from monotone in the row count. On 2 EPYC cores a
-forward's worth of SmolLM2-135M linears took 28.6 ms at 8 rows, 40-41 ms at 9-12, 74.5 ms at
-15 and 28.2 ms at 16; padded with zero rows to 16, 10-15 rows took 30-31 ms
-(loadtest/results/engine/linear-cpu-verify-rows.md). Which of ``F.linear`` and
-``weight @ x.T`` is faster also changes with the rows, and from one machine (or day) to the
-next: ``weight @ x.T`` was 1.4x faster at 8 rows on 2026-11-22 and 0.87x on 2026-12-02.
+this torch build's CPU GEMM is far from monotone in the row count. On 2 EPYC cores, with the
+fixed routing this module had before (``weight @ x.T`` for 2-64 rows), a forward's worth of
+SmolLM2-135M linears took 35.6 ms at 8 rows, 44.7 at 9, 52.6-84.2 at 10-15 and 44.3 at 16
+(loadtest/results/engine/linear-cpu.md). Which of ``F.linear`` and ``weight @ x.T`` is faster
+also changes with the rows, and from one machine (or day) to the next: ``weight @ x.T`` was
+1.4x faster at 8 rows on 2026-11-22 and 0.87x on the same machine on 2026-12-02.
 
 So no table is written down here. At start-up the runner calls ``plan_linears(model)``, which
 times both products for each projection shape of the model at every row count up to
