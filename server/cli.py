@@ -45,6 +45,11 @@ _FLAG_TO_FIELD: dict[str, tuple[str, str]] = {
     "port": ("server", "port"),
     "api_key": ("server", "api_key"),
     "log_level": ("server", "log_level"),
+    "max_num_queued_reqs": ("server", "max_num_queued_reqs"),
+    "max_num_queued_tokens": ("server", "max_num_queued_tokens"),
+    "max_request_body_bytes": ("server", "max_request_body_bytes"),
+    "request_timeout": ("server", "request_timeout_s"),
+    "log_prompts": ("server", "log_prompts"),
 }
 
 
@@ -85,6 +90,32 @@ def build_parser() -> argparse.ArgumentParser:
     a("--port", type=int)
     a("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     a("--log-level", choices=["debug", "info", "warning", "error"])
+    a(
+        "--max-num-queued-reqs",
+        type=int,
+        help="requests waiting for their first token before new ones get 503 (default 256)",
+    )
+    a(
+        "--max-num-queued-tokens",
+        type=int,
+        help="prompt tokens of those waiting requests before new ones get 503 (default 262144)",
+    )
+    a(
+        "--log-prompts",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="log each request's prompt text, not only its id and sizes (default off)",
+    )
+    a(
+        "--request-timeout",
+        type=float,
+        help="seconds a generation request may take, queueing included, before 408 (default none)",
+    )
+    a(
+        "--max-request-body-bytes",
+        type=parse_size,
+        help="larger request bodies get 413 (default 8MiB)",
+    )
     return parser
 
 

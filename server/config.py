@@ -161,6 +161,41 @@ class ServerConfig:
     log_level: str = "info"
     # Seconds a client may take to read before its request is aborted.
     disconnect_poll_interval: float = 0.1
+    # Admission (server/api/admission.py): engine requests (choices) admitted without a first
+    # token yet, and their prompt tokens. Beyond either, new requests get 503 + Retry-After.
+    max_num_queued_reqs: int = 256
+    max_num_queued_tokens: int = 262144
+    # Larger request bodies get 413 before they are parsed.
+    max_request_body_bytes: int = 8 * 2**20
+    # Per-request limits, answered with 400 (code "limit_exceeded") naming the parameter.
+    max_n: int = 128
+    max_logprobs: int = 20
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 512
+    max_logit_bias_entries: int = 1024
+    # Log each request's prompt (and not just its id and sizes). Off: prompts are user data.
+    log_prompts: bool = False
+    # Seconds a generation request may take, queueing included, before it is aborted (408).
+    # None: no limit. A request's own "timeout" (specd extension) can only shorten it.
+    request_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_num_queued_reqs",
+            "max_num_queued_tokens",
+            "max_request_body_bytes",
+            "max_n",
+            "max_stop_strings",
+            "max_stop_string_chars",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0 (got {self.request_timeout_s})")
+        for name in ("max_logprobs", "max_logit_bias_entries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
 
 
 @dataclass(frozen=True)

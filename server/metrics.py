@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -178,6 +178,58 @@ def build_registry(model_name: str, read_stats: Callable[[], SchedulerStats]) ->
     registry = CollectorRegistry()
     registry.register(EngineStatsCollector(model_name, read_stats))
     return registry
+
+
+# Why a request was refused before it reached the engine (the `reason` label).
+REJECTION_REASONS = (
+    "queue_requests",  # 503: the waiting queue holds max_num_queued_reqs requests
+    "queue_tokens",  # 503: ... or max_num_queued_tokens prompt tokens
+    "body_too_large",  # 413
+    "request_limit",  # 400: n, logprobs, stop strings or logit_bias beyond their limits
+    "invalid_request",  # 400/404/422: any other bad input
+    "engine_unavailable",  # 503: the engine process is not running
+)
+
+
+class RejectionCounter:
+    """specd:requests_rejected_total{reason}: the API process counts these itself."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        self._counter = Counter(
+            "specd:requests_rejected",
+            "Requests refused before reaching the engine, by reason.",
+            ["model_name", "reason"],
+            registry=registry,
+        )
+        self._model_name = model_name
+        for reason in REJECTION_REASONS:  # every series exists from the start, at 0
+            self._counter.labels(model_name, reason)
+
+    def inc(self, reason: str) -> None:
+        self._counter.labels(self._model_name, reason).inc()
+
+
+def register_admission_gauges(
+    registry: CollectorRegistry,
+    model_name: str,
+    queued_requests: Callable[[], float],
+    queued_tokens: Callable[[], float],
+) -> None:
+    """The admission queue (server/api/admission.py), read at scrape time."""
+    for name, doc, read in (
+        (
+            "specd:admission_queued_requests",
+            "Requests admitted that have not produced a first token (the bounded queue).",
+            queued_requests,
+        ),
+        (
+            "specd:admission_queued_tokens",
+            "Prompt tokens of those requests.",
+            queued_tokens,
+        ),
+    ):
+        gauge = Gauge(name, doc, ["model_name"], registry=registry)
+        gauge.labels(model_name).set_function(read)
 
 
 def render(registry: CollectorRegistry) -> bytes:

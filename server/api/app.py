@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from server import metrics
 from server.api.auth import APIKeyMiddleware
+from server.api.body_limit import BodyLimitMiddleware
 from server.api.errors import error_response, install_error_handlers
 from server.api.protocol import (
     ChatCompletionRequest,
@@ -43,10 +44,25 @@ def build_app(client: AsyncEngineClient, server_config: ServerConfig) -> FastAPI
     """The HTTP app over a started engine client. The caller owns the client's lifetime."""
     app = FastAPI(title="specd", version=_version())
     install_error_handlers(app)
+    registry = metrics.build_registry(client.model_name, client.stats)
+    rejections = metrics.RejectionCounter(registry, client.model_name)
+    app.state.rejections = rejections
+    # Added first = innermost: a bad API key is refused before the body is even read.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=server_config.max_request_body_bytes,
+        on_reject=lambda: rejections.inc("body_too_large"),
+    )
     if server_config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server_config.api_key)
 
     ctx = ServingContext(client, server_config)
+    metrics.register_admission_gauges(
+        registry,
+        client.model_name,
+        lambda: ctx.admission.queued_requests,
+        lambda: ctx.admission.queued_tokens,
+    )
     completions = CompletionServer(ctx)
     chat = ChatServer(ctx)
     tokenizer = TokenizeServer(ctx)
@@ -64,8 +80,6 @@ def build_app(client: AsyncEngineClient, server_config: ServerConfig) -> FastAPI
     @app.get("/ready")
     async def ready() -> Response:
         return await health()
-
-    registry = metrics.build_registry(client.model_name, client.stats)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -20,6 +20,9 @@ from server.engine.sampling_params import InvalidParamError
 
 logger = logging.getLogger(__name__)
 
+# Status nginx uses for "client closed request"; nobody reads it, the client is gone.
+CLIENT_CLOSED = 499
+
 # OpenAI's `type` per status (its own API uses these strings).
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -52,6 +55,11 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.status, self.param, self.code)
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """Response headers beyond the JSON body (Retry-After on a 503 for overload)."""
+        return None
 
 
 class BadRequest(APIError):
@@ -117,6 +125,9 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
         return BadRequest(f"The request body is not valid JSON: {reason}")
     if not errors:
         return BadRequest("Invalid request")
+    if errors[0].get("type") == "invalid_unicode":
+        param = (errors[0].get("ctx") or {}).get("param")
+        return BadRequest(str(errors[0].get("msg")), param=param)
     param = format_loc(tuple(errors[0].get("loc", ())))
     # Union failures give one error per member at the same place: join their messages.
     messages: list[str] = []
@@ -140,20 +151,41 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
 # Handlers
 
 
-async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+def _count_rejection(request: Request, err: APIError) -> None:
+    """Counts a refused request on /metrics (see metrics.REJECTION_REASONS) by its error."""
+    counter = getattr(request.app.state, "rejections", None)
+    if counter is None:
+        return
+    reason = getattr(err, "reason", None)
+    if reason is None:
+        if err.code == "limit_exceeded":
+            reason = "request_limit"
+        elif err.status == 503:
+            reason = "engine_unavailable"
+        elif 400 <= err.status < 500 and err.status not in (408, CLIENT_CLOSED):
+            reason = "invalid_request"
+        else:
+            return
+    counter.inc(reason)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    _count_rejection(request, exc)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-async def _request_validation(_: Request, exc: Exception) -> JSONResponse:
+async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     err = validation_error(list(exc.errors()))
+    _count_rejection(request, err)
     return JSONResponse(err.body(), status_code=err.status)
 
 
-async def _invalid_param(_: Request, exc: Exception) -> JSONResponse:
+async def _invalid_param(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InvalidParamError)
     err = from_invalid_param(exc)
+    _count_rejection(request, err)
     return JSONResponse(err.body(), status_code=err.status)
 
 

@@ -1,8 +1,11 @@
 """OpenAI request and response bodies (plus vLLM's extras and specd's `speculation`).
 
 Numbers and booleans are strict: OpenAI answers 400 to `"max_tokens": "5"` or `"n": true`, and
-so do we (pydantic's lax mode would quietly coerce them). Unknown fields are ignored, as vLLM
-does, so newer clients keep working.
+so do we (pydantic's lax mode would quietly coerce them). Integers must fit in 64 bits and
+floats must be finite (Python's JSON parser reads 10**30, NaN and Infinity, which torch and the
+sampler cannot take), and no string may hold a lone UTF-16 surrogate ("\ud800" is valid JSON
+but not Unicode the tokenizer can encode). Unknown fields are ignored, as vLLM does, so newer
+clients keep working.
 """
 
 from __future__ import annotations
@@ -10,9 +13,20 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_serializer, field_validator
+from annotated_types import Interval
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-Int = Annotated[int, Strict()]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int = Annotated[int, Strict(), Interval(ge=INT64_MIN, le=INT64_MAX)]
 Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
 TokenIds = list[Int]
@@ -20,12 +34,48 @@ TokenIds = list[Int]
 # Roles the chat endpoint accepts. "developer" is OpenAI's new name for "system".
 ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
 
-# Upper bound on choices per request (OpenAI allows 128).
-MAX_N = 128
-
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+def lone_surrogate_at(value: Any) -> str | None:
+    """Where in a parsed JSON value a string (or key) holds a lone surrogate, as
+    'messages[0].content', or None. Iterative: the parser's nesting limit is the only one."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    # The path itself may hold the bad key: escape it to be printable.
+                    return path.encode("utf-8", "backslashreplace").decode() or None
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                where = f"{path}.{key}" if path else str(key)
+                stack.append((where, key))
+                stack.append((where, child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
+    return None
+
+
+class RequestBody(OpenAIModel):
+    """A top-level request body: refuses strings that are not valid Unicode, naming where."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "{param} is not valid Unicode: it holds a lone surrogate (\\ud800-\\udfff)",
+                {"param": where},
+            )
+        return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,11 +92,12 @@ class SpeculationOptions(OpenAIModel):
     max_tokens: Int | None = None
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(RequestBody):
     """Fields shared by both generation endpoints (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
-    n: Int = Field(1, ge=1, le=MAX_N)
+    # Its upper bound is the server's max_n (ServerConfig), checked in the route.
+    n: Annotated[int, Strict(), Interval(ge=1, le=INT64_MAX)] = 1
     stream: Bool = False
     stream_options: StreamOptions | None = None
     temperature: Float | None = None
@@ -66,8 +117,11 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: TokenIds | None = None
     include_stop_str_in_output: Bool = False
     skip_special_tokens: Bool = True
-    # specd extension.
+    # specd extensions.
     speculation: SpeculationOptions | None = None
+    # Seconds this request may take, queueing included, before it is aborted with a 408 (a
+    # stream ends with an error event). Only shortens the server's --request-timeout.
+    timeout: Annotated[float, Strict(), Interval(gt=0)] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -115,9 +169,11 @@ class TextContentPart(OpenAIModel):
 
 class ChatMessage(OpenAIModel):
     role: ChatRole
+    # Required except on assistant messages that carry tool_calls (checked in serving.py).
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[Any] | None = None
 
 
 class ResponseFormat(OpenAIModel):
@@ -140,7 +196,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestBody):
     """vLLM's /tokenize: either a `prompt` or chat `messages`."""
 
     model: str | None = None
@@ -152,7 +208,7 @@ class TokenizeRequest(OpenAIModel):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: TokenIds
 

@@ -5,28 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import jinja2
 from starlette.requests import Request
 
-from server.api.errors import APIError, BadRequest
+from server.api.admission import AdmissionQueue, Ticket
+from server.api.errors import CLIENT_CLOSED, APIError, BadRequest
 from server.api.logprobs import TokenStrings
 from server.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
+    CompletionRequest,
     SamplingFields,
     TokenizeRequest,
 )
 from server.config import ServerConfig
+from server.engine.client import AsyncEngineClient, EngineDeadError
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import InvalidParamError, SamplingParams
 
-if TYPE_CHECKING:
-    from server.engine.client import AsyncEngineClient
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -34,8 +37,6 @@ T = TypeVar("T")
 _RESERVED_TEMPLATE_KWARGS = frozenset(
     {"conversation", "tokenize", "add_generation_prompt", "continue_final_message", "tools"}
 )
-# Status nginx uses for "client closed request"; nobody reads it, the client is gone.
-CLIENT_CLOSED = 499
 
 
 def random_id(prefix: str) -> str:
@@ -75,6 +76,9 @@ class ServingContext:
         self.config = server_config
         self.tokenizer = client.tokenizer
         self.strings = TokenStrings(client.tokenizer)
+        self.admission = AdmissionQueue(
+            server_config.max_num_queued_reqs, server_config.max_num_queued_tokens
+        )
 
     @property
     def model_name(self) -> str:
@@ -85,6 +89,71 @@ class ServingContext:
         return self.client.max_model_len
 
     # -- checks --------------------------------------------------------------------------------
+
+    def check_admission(self) -> None:
+        """First thing in a generation route: 503 if the engine is down or the queue is full.
+        Before any tokenising or template rendering, so refusing costs next to nothing."""
+        if not self.client.is_healthy():
+            raise APIError("The engine is not running", status=503, code="engine_unavailable")
+        self.admission.check()
+
+    def admit(
+        self,
+        request_id: str,
+        req: SamplingFields,
+        prompts: Sequence[Sequence[int]],
+        prompt_text: object = None,
+    ) -> Ticket:
+        """Queues the request's n choices per prompt (see admission.py) and logs it: its id and
+        sizes always, its prompt only with --log-prompts (prompts are user data)."""
+        ticket = self.admission.admit([len(p) for p in prompts for _ in range(req.n)])
+        logger.info(
+            "request %s: %d prompt(s), %d prompt tokens, n=%d, max_tokens=%s, stream=%s%s",
+            request_id,
+            len(prompts),
+            sum(len(p) for p in prompts),
+            req.n,
+            getattr(req, "max_tokens", None),
+            req.stream,
+            f", prompt={prompt_text!r}" if self.config.log_prompts else "",
+        )
+        return ticket
+
+    def deadline(self, req: SamplingFields) -> float | None:
+        """The event-loop time by which the request must finish (None: no limit)."""
+        limits = [t for t in (self.config.request_timeout_s, req.timeout) if t is not None]
+        if not limits:
+            return None
+        return asyncio.get_running_loop().time() + min(limits)
+
+    def check_limits(self, req: SamplingFields, num_prompts: int = 1) -> None:
+        """The per-request limits of the server config (400, code "limit_exceeded")."""
+        cfg = self.config
+
+        def limit(param: str, what: str, value: int, most: int) -> None:
+            if value > most:
+                raise BadRequest(
+                    f"{what} must be at most {most} (got {value})",
+                    param=param,
+                    code="limit_exceeded",
+                )
+
+        limit("n", "n", req.n, cfg.max_n)
+        limit("n", "n x the number of prompts", req.n * num_prompts, cfg.max_n)
+        if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None:
+            limit("top_logprobs", "top_logprobs", req.top_logprobs, cfg.max_logprobs)
+        if isinstance(req, CompletionRequest) and req.logprobs is not None:
+            limit("logprobs", "logprobs", req.logprobs, cfg.max_logprobs)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        limit("stop", "The number of stop strings", len(stops), cfg.max_stop_strings)
+        longest = max((len(s) for s in stops), default=0)
+        limit("stop", "A stop string's length in characters", longest, cfg.max_stop_string_chars)
+        limit(
+            "logit_bias",
+            "The number of logit_bias entries",
+            len(req.logit_bias or {}),
+            cfg.max_logit_bias_entries,
+        )
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -239,7 +308,26 @@ class ServingContext:
         return out
 
 
+def _check_message(index: int, message: ChatMessage) -> None:
+    """OpenAI's rules on a message's parts per role (it answers 400 to each of these)."""
+    where = f"messages[{index}]"
+    if message.content is None and not (message.role == "assistant" and message.tool_calls):
+        needs = "content or tool_calls" if message.role == "assistant" else "content"
+        raise BadRequest(
+            f"A message with role '{message.role}' must have {needs}", param=f"{where}.content"
+        )
+    if isinstance(message.content, list) and not message.content:
+        raise BadRequest("content must not be an empty list", param=f"{where}.content")
+    if message.role == "tool" and not message.tool_call_id:
+        raise BadRequest(
+            "A message with role 'tool' must have a tool_call_id", param=f"{where}.tool_call_id"
+        )
+    if message.tool_calls is not None and message.role != "assistant":
+        raise BadRequest("Only assistant messages may have tool_calls", param=f"{where}.tool_calls")
+
+
 def _template_message(index: int, message: ChatMessage) -> dict[str, Any]:
+    _check_message(index, message)
     if message.content is None or isinstance(message.content, str):
         content = message.content or ""
     else:
@@ -261,6 +349,8 @@ def _template_message(index: int, message: ChatMessage) -> dict[str, Any]:
         out["name"] = message.name
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        out["tool_calls"] = message.tool_calls
     return out
 
 
@@ -274,8 +364,23 @@ async def merge_streams(
     """(choice index, output) from several engine streams as they arrive.
 
     Whatever ends this generator early (the consumer closing it, cancellation, an error in one
-    stream) closes every engine stream, which aborts its request in the engine.
+    stream) closes every engine stream, which aborts its request in the engine. The engine
+    process dying mid-request is a 503: nothing is wrong with the request.
     """
+    try:
+        async for item in _merge(streams):
+            yield item
+    except EngineDeadError as e:
+        raise APIError(
+            f"The engine stopped while serving this request: {e}",
+            status=503,
+            code="engine_unavailable",
+        ) from e
+
+
+async def _merge(
+    streams: Sequence[AsyncIterator[RequestOutput]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
     if len(streams) == 1:
         stream = streams[0]
         try:
@@ -312,6 +417,33 @@ async def merge_streams(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def with_deadline(stream: AsyncIterator[T], deadline: float | None) -> AsyncIterator[T]:
+    """``stream`` until ``deadline`` (event-loop time), then a 408: the wait for the next item
+    is cancelled, which closes the engine stream and so aborts the request."""
+    if deadline is None:
+        async for item in stream:
+            yield item
+        return
+    loop = asyncio.get_running_loop()
+    iterator = aiter(stream)
+    try:
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                item = await asyncio.wait_for(anext(iterator), remaining)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise APIError(
+                    "The request did not finish within its timeout", status=408, code="timeout"
+                ) from None
+            yield item
+    finally:
+        await _aclose(iterator)
 
 
 def _checked(out: RequestOutput) -> RequestOutput:

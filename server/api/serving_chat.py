@@ -37,14 +37,13 @@ from server.api.serving import (
     merge_streams,
     random_id,
     until_disconnected,
+    with_deadline,
 )
 from server.api.sse import DONE, SSEResponse, sse_event
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import InvalidParamError
 
 logger = logging.getLogger(__name__)
-
-MAX_TOP_LOGPROBS = 20
 
 
 class ChatServer:
@@ -54,6 +53,9 @@ class ChatServer:
     async def create(self, body: ChatCompletionRequest, raw_request: Request) -> Response:
         ctx = self.ctx
         ctx.check_model(body.model)
+        deadline = ctx.deadline(body)
+        ctx.check_admission()
+        ctx.check_limits(body)
         self._check_unsupported(body)
         prompt_ids = ctx.chat_prompt_ids(body)
         if not prompt_ids:
@@ -70,8 +72,14 @@ class ChatServer:
         )
 
         request_id = random_id("chatcmpl")
+        ticket = ctx.admit(request_id, body, [prompt_ids], body.messages)
         streams = [
-            ctx.client.generate(f"{request_id}-{j}", prompt_ids, params.for_child(j))
+            with_deadline(
+                ticket.track(
+                    j, ctx.client.generate(f"{request_id}-{j}", prompt_ids, params.for_child(j))
+                ),
+                deadline,
+            )
             for j in range(body.n)
         ]
         if body.stream:
@@ -98,11 +106,9 @@ class ChatServer:
                 "stream_options is only allowed when stream is true", param="stream_options"
             )
         if body.top_logprobs is not None:
-            if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+            if body.top_logprobs < 0:
                 raise BadRequest(
-                    f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS} "
-                    f"(got {body.top_logprobs})",
-                    param="top_logprobs",
+                    f"top_logprobs must be >= 0 (got {body.top_logprobs})", param="top_logprobs"
                 )
             if body.top_logprobs > 0 and not body.logprobs:
                 raise BadRequest("top_logprobs requires logprobs to be true", param="top_logprobs")

@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
@@ -33,6 +34,7 @@ from server.api.serving import (
     merge_streams,
     random_id,
     until_disconnected,
+    with_deadline,
 )
 from server.api.sse import DONE, SSEResponse, sse_event
 from server.engine.outputs import RequestOutput
@@ -63,6 +65,13 @@ class Choice:
     stop_reason: int | str | None = None
 
 
+def _num_prompts(prompt: Any) -> int:
+    """How many prompts a (validated) prompt field holds, without tokenising it."""
+    if isinstance(prompt, str) or not prompt or all(type(t) is int for t in prompt):
+        return 1
+    return len(prompt)
+
+
 class CompletionServer:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
@@ -70,6 +79,9 @@ class CompletionServer:
     async def create(self, body: CompletionRequest, raw_request: Request) -> Response:
         ctx = self.ctx
         ctx.check_model(body.model)
+        deadline = ctx.deadline(body)
+        ctx.check_admission()
+        ctx.check_limits(body, num_prompts=_num_prompts(body.prompt))
         if body.suffix is not None:
             raise BadRequest("suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -84,6 +96,7 @@ class CompletionServer:
         prompts = [self._prompt(body, text, ids) for text, ids in self._split_prompts(body)]
 
         request_id = random_id("cmpl")
+        ticket = ctx.admit(request_id, body, [p.token_ids for p in prompts], body.prompt)
         choices: list[Choice] = []
         streams: list[AsyncIterator[RequestOutput]] = []
         for p, prompt in enumerate(prompts):
@@ -93,11 +106,10 @@ class CompletionServer:
                 if body.logprobs is not None:
                     choice.logprobs = CompletionLogprobsBuilder(ctx.strings)
                 choices.append(choice)
-                streams.append(
-                    ctx.client.generate(
-                        f"{request_id}-{index}", prompt.token_ids, prompt.params.for_child(j)
-                    )
+                stream = ctx.client.generate(
+                    f"{request_id}-{index}", prompt.token_ids, prompt.params.for_child(j)
                 )
+                streams.append(with_deadline(ticket.track(index, stream), deadline))
         if body.stream:
             return SSEResponse(self._stream(body, request_id, choices, streams))
         response = await until_disconnected(

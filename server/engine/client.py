@@ -42,6 +42,23 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+# How often a reader waiting on the core checks that the core is still alive.
+_LIVENESS_POLL_S = 0.5
+
+
+def _recv_while_alive(
+    conn: Connection, worker: mp.process.BaseProcess | threading.Thread
+) -> object:
+    """conn.recv(), but raises EOFError once the worker is gone and nothing is left to read,
+    should the pipe itself not report it (another process still holding its write end)."""
+    while not conn.poll(_LIVENESS_POLL_S):
+        if not worker.is_alive():
+            if conn.poll(0):
+                break
+            raise EOFError("the engine core exited")
+    return conn.recv()
+
+
 @dataclass
 class _Stream:
     """Per-request state on the API side."""
@@ -110,7 +127,12 @@ class AsyncEngineClient:
                 daemon=True,
             )
         worker.start()
-        first = await asyncio.to_thread(core_out_recv.recv)
+        if config.separate_process:
+            # The child holds these ends now. Closing ours means the child's death closes the
+            # output pipe for good, so the reader sees EOF instead of waiting forever.
+            core_in_recv.close()
+            core_out_send.close()
+        first = await asyncio.to_thread(_recv_while_alive, core_out_recv, worker)
         if isinstance(first, EngineDead):
             raise EngineDeadError(first.message)
         assert isinstance(first, Ready)
@@ -208,7 +230,7 @@ class AsyncEngineClient:
         """Moves the core's outputs onto the event loop, one call per step batch."""
         while True:
             try:
-                msg = self._from_core.recv()
+                msg = _recv_while_alive(self._from_core, self._worker)
             except Exception:  # EOF, a closed pipe, or a torn message as the core exits
                 if self._dead is None and not self._loop.is_closed():
                     self._loop.call_soon_threadsafe(self._on_core_gone)

@@ -163,18 +163,27 @@ class EngineCore:
                 self.drafter.reset(plan.preempted_request_ids)
             if self.speculator is not None:
                 self.speculator.fill(plan)
+            if self.runner.faults is not None:
+                self.runner.faults.before_step(plan.requests)
             output = self.runner.execute(plan)
         except Exception:
             # One bad step must not end the loop: fail the requests it carried, keep serving.
             message = traceback.format_exc()
             logger.error(
-                "engine step failed; aborting %d requests\n%s", len(plan.requests), message
+                "engine step failed; aborting requests %s\n%s",
+                [r.request_id for r in plan.requests],
+                message,
             )
             failed = self.abort([r.request_id for r in plan.requests])
             for out in failed:
                 out.error = "internal error in the engine step: " + message.splitlines()[-1]
             return failed
-        outputs = self.scheduler.update(plan, output)
+        # Requests whose logits were not finite fail alone (aborted, blocks freed) before the
+        # scheduler takes the rest of the step's results.
+        failed = self.abort(list(output.failed))
+        for out in failed:
+            out.error = output.failed[out.request_id]
+        outputs = failed + self.scheduler.update(plan, output)
         if self.speculator is not None:
             # The whole step's wall time: what the policy's goodput is measured against.
             self.speculator.observe(plan, output, time.perf_counter() - start)

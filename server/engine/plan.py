@@ -82,5 +82,8 @@ class RunnerOutput:
     # request_id -> draft nodes accepted by verification, in path order (root excluded): the
     # policy's acceptance estimates learn from which nodes of each tree were accepted.
     spec_accepted_nodes: dict[str, list[int]] = field(default_factory=dict)
+    # request_id -> why it failed this step (its logits were not finite): the engine fails
+    # those requests alone; the rest of the batch goes on.
+    failed: dict[str, str] = field(default_factory=dict)
     # Seconds the forward + sampling took.
     execute_time: float = 0.0

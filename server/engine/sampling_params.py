@@ -51,15 +51,12 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            # Their upper bound is the server's (ServerConfig.max_logprobs, 20 by default).
+            (self.logprobs is None or self.logprobs >= 0, "logprobs", "logprobs must be >= 0"),
             (
-                self.logprobs is None or 0 <= self.logprobs <= 20,
-                "logprobs",
-                "logprobs must be between 0 and 20",
-            ),
-            (
-                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                self.prompt_logprobs is None or self.prompt_logprobs >= 0,
                 "prompt_logprobs",
-                "prompt_logprobs must be between 0 and 20",
+                "prompt_logprobs must be >= 0",
             ),
             (
                 self.max_speculative_tokens is None or self.max_speculative_tokens >= 0,

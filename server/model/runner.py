@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from server.config import EngineConfig
+from server.engine.faults import FaultInjector
 from server.engine.plan import RunnerOutput, StepPlan
 from server.engine.request import Request
 from server.model.attention import AttentionMetadata, build_attention_metadata
@@ -95,6 +96,7 @@ class ModelRunner:
             device=self.device,
         )
         self._generators: dict[str, torch.Generator] = {}
+        self.faults = FaultInjector.from_env()
         logger.info(
             "model %s on %s/%s: %d KV blocks x %d tokens, max_model_len %d, backend %s",
             mc.model,
@@ -175,6 +177,7 @@ class ModelRunner:
         if batch.logit_rows:
             rows = torch.tensor(batch.logit_rows, device=self.device)
             logits = self.model.compute_logits(hidden[rows])  # [N, V] float32
+            self._drop_non_finite(plan, logits, batch, out)
             if batch.sample_requests:
                 self._sample(logits, batch, out)
             for r, idx, targets in batch.prompt_rows:
@@ -186,6 +189,30 @@ class ModelRunner:
                 self._verify(plan, logits, batch, out)
         out.execute_time = time.perf_counter() - t0
         return out
+
+    def _drop_non_finite(
+        self, plan: StepPlan, logits: torch.Tensor, batch: _Batch, out: RunnerOutput
+    ) -> None:
+        """Takes every request with a NaN or infinite logit out of ``batch`` and into
+        ``out.failed``: sampling or verifying it would raise (and fail the whole step) or
+        emit garbage; the rest of the batch goes on. One reduction and one sync per step."""
+        rows = _rows_by_request(plan, batch)
+        if self.faults is not None:
+            self.faults.poison_logits(logits, rows, plan.requests)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        bad = {rid for rid, idx in rows.items() if not all(finite[i] for i in idx)}
+        if not bad:
+            return
+        for rid in bad:
+            out.failed[rid] = "the model produced NaN or infinite logits for this request"
+        logger.error("non-finite logits: failing %s alone", sorted(bad))
+        keep = [i for i, r in enumerate(batch.sample_requests) if r.request_id not in bad]
+        batch.sample_requests = [batch.sample_requests[i] for i in keep]
+        batch.sample_rows = [batch.sample_rows[i] for i in keep]
+        batch.prompt_rows = [p for p in batch.prompt_rows if p[0].request_id not in bad]
+        keep = [i for i, r in enumerate(batch.spec_requests) if r.request_id not in bad]
+        batch.spec_requests = [batch.spec_requests[i] for i in keep]
+        batch.spec_rows = [batch.spec_rows[i] for i in keep]
 
     def _sample(self, logits: torch.Tensor, batch: _Batch, out: RunnerOutput) -> None:
         reqs = batch.sample_requests
@@ -309,3 +336,16 @@ class ModelRunner:
             spec_requests=spec_requests,
             spec_rows=spec_rows,
         )
+
+
+def _rows_by_request(plan: StepPlan, batch: _Batch) -> dict[str, list[int]]:
+    """request_id -> the indices into ``batch.logit_rows`` of its logits this step."""
+    rows: dict[str, list[int]] = {}
+    for r, i in zip(batch.sample_requests, batch.sample_rows, strict=True):
+        rows.setdefault(r.request_id, []).append(i)
+    for r, idx, _ in batch.prompt_rows:
+        rows.setdefault(r.request_id, []).extend(idx)
+    for r, first in zip(batch.spec_requests, batch.spec_rows, strict=True):
+        n = len(plan.spec_trees[r.request_id].token_ids)
+        rows.setdefault(r.request_id, []).extend(range(first, first + n))
+    return rows

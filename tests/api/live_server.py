@@ -52,6 +52,7 @@ def run_server(
     extra_args: Sequence[str] = (),
     api_key: str | None = None,
     startup_timeout_s: float = 300,
+    env: dict[str, str] | None = None,
 ) -> Iterator[LiveServer]:
     """Starts `python -m server.cli serve`, waits for /health, yields, then stops it (SIGINT)."""
     port = free_port()
@@ -64,9 +65,11 @@ def run_server(
         *(["--api-key", api_key] if api_key else []),
         *extra_args,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env
+        )
     base_url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(proc, base_url, log_path, startup_timeout_s)
