@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from loadtest.records import RequestRecord, Sample
-from loadtest.sse import SSEDecoder, error_message, interpret
+from loadtest.sse import SSEDecoder, error_message, interpret, sse_lines
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 
@@ -95,7 +95,7 @@ async def _stream(
         last = st
         text_parts: list[str] = []
         usage_tokens: int | None = None
-        async for line in resp.aiter_lines():
+        async for line in sse_lines(resp.aiter_text()):
             data = decoder.feed_line(line)
             if data is None:
                 continue

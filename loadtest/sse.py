@@ -9,7 +9,8 @@ send one JSON object per event and finish with `data: [DONE]`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +46,29 @@ class SSEDecoder:
         return data
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+async def sse_lines(chunks: AsyncIterable[str]) -> AsyncIterator[str]:
+    """A body's lines, split at CR, LF or CRLF only, as SSE defines them. httpx's
+    aiter_lines splits like str.splitlines, at U+2028, U+0085 and others too: a model may
+    generate those and a JSON encoder need not escape them, so a chunk would break in two."""
+    buf = ""
+    async for text in chunks:
+        buf += text
+        # A CR at the end may be half of a CRLF split between reads: keep it for the next.
+        held = "\r" if buf.endswith("\r") else ""
+        *lines, buf = _LINE_END.split(buf[: len(buf) - len(held)])
+        buf += held
+        for line in lines:
+            yield line
+    if buf:
+        yield buf.rstrip("\r")
+
+
 def parse_sse_text(text: str) -> list[str]:
     """Every event's data in a complete event-stream body, in order."""
-    return parse_sse_lines(text.splitlines())
+    return parse_sse_lines(_LINE_END.split(text))
 
 
 def parse_sse_lines(lines: Iterable[str]) -> list[str]:

@@ -8,6 +8,7 @@ import time
 
 import httpx
 
+from loadtest.sse import sse_lines
 from tests.api.live_server import LiveServer
 
 # Long enough that no request finishes before the client leaves.
@@ -48,7 +49,7 @@ async def _stream_then_leave(client: httpx.AsyncClient, server: LiveServer, i: i
     seen = 0
     async with client.stream("POST", path, json={**body, **LONG, "stream": True}) as r:
         assert r.status_code == 200
-        async for line in r.aiter_lines():
+        async for line in sse_lines(r.aiter_text()):
             if line.startswith("data: "):
                 assert line != "data: [DONE]", "the request finished before the client left"
                 seen += 1

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from loadtest.sse import sse_lines
 from tests.api.live_server import LiveServer, run_server
 from tests.api.test_bad_requests import assert_error_shape
 from tests.api.test_disconnect import read_metric, wait_idle
@@ -55,7 +56,7 @@ async def _stream_events(client: httpx.AsyncClient, body: dict[str, object]) -> 
     """Every SSE data payload of a streamed completion, parsed ("[DONE]" kept as a string)."""
     events: list[object] = []
     async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-        async for line in r.aiter_lines():
+        async for line in sse_lines(r.aiter_text()):
             if line.startswith("data: "):
                 data = line[6:]
                 events.append(data if data == "[DONE]" else json.loads(data))

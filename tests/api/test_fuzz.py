@@ -17,6 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loadtest.sse import parse_sse_text
 from tests.api.live_server import LiveServer, run_server
 from tests.api.test_bad_requests import assert_error_shape
 from tests.api.test_disconnect import read_metric, wait_idle
@@ -195,7 +196,7 @@ def send(http: httpx.Client, path: str, body: Any) -> None:
             httpx.Response(r.status_code, headers=r.headers, content=raw), r.status_code
         )
     elif r.headers["content-type"].startswith("text/event-stream"):
-        events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+        events = parse_sse_text(raw.decode())
         assert events and events[-1] == "[DONE]", raw[-300:]
         for event in events[:-1]:
             assert "error" not in json.loads(event), event

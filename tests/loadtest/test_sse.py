@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
-from loadtest.sse import SSEDecoder, error_message, interpret, parse_sse_text
+from loadtest.sse import SSEDecoder, error_message, interpret, parse_sse_text, sse_lines
 
 
 def test_framing_rules() -> None:
@@ -64,3 +65,21 @@ def test_errors() -> None:
     assert "unparseable" in (interpret("{not json").error or "")
     assert error_message({"detail": "Not Found"}) == "Not Found"
     assert error_message("plain text") == "plain text"
+
+
+async def test_sse_lines_split_at_cr_and_lf_only() -> None:
+    async def chunks(*parts: str) -> AsyncIterator[str]:
+        for p in parts:
+            yield p
+
+    # U+2028 and U+0085 inside a JSON string are data, not line ends (httpx would split there).
+    body = ('data: {"t": "a\u2028b\x85c"}\r', "\n\r\ndata: x\rdata: y\n", "\ndata: [DO", "NE]")
+    lines = [line async for line in sse_lines(chunks(*body))]
+    assert lines == ['data: {"t": "a\u2028b\x85c"}', "", "data: x", "data: y", "", "data: [DONE]"]
+
+
+def test_parse_sse_text_keeps_unicode_line_separators_in_data() -> None:
+    assert parse_sse_text('data: {"t": "a\u2028b"}\n\ndata: [DONE]\n\n') == [
+        '{"t": "a\u2028b"}',
+        "[DONE]",
+    ]
