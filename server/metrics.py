@@ -6,9 +6,10 @@ custom collector, so the engine loop never pays for metrics bookkeeping.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -18,6 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from server.engine.request_timing import RequestTiming
 from server.engine.scheduler import SchedulerStats
 from server.engine.speculation import SpeculationStats
 
@@ -234,3 +236,100 @@ def register_admission_gauges(
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards built for it read ours alike.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+_PHASE_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                  60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+FINISHED_REASONS = ("stop", "length", "abort")
+
+
+def _one_two_five(limit: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (vLLM's token-count buckets)."""
+    out: list[float] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return out
+            out.append(float(m * scale))
+        scale *= 10
+
+
+class RequestMetrics:
+    """Per-request histograms and the success counter, observed in the API process from each
+    request's timeline (server/engine/request_timing.py). Latency histograms count requests
+    that finished ("stop", "length"); aborted ones (client gone, engine error, timeout) count
+    only in request_success_total{finished_reason="abort"}."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, max_model_len: int) -> None:
+        labels = ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Any:
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry).labels(
+                model_name
+            )
+
+        self._ttft = histogram(
+            "specd:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS
+        )
+        self._itl = histogram(
+            "specd:inter_token_latency_seconds",
+            "Time between consecutive outputs of a request (one per engine step that emitted "
+            "tokens: a verify step's accepted drafts arrive together).",
+            _ITL_BUCKETS,
+        )
+        self._e2e = histogram(
+            "specd:e2e_request_latency_seconds", "Arrival to last token.", _PHASE_BUCKETS
+        )
+        self._queue = histogram(
+            "specd:request_queue_time_seconds", "Arrival to first scheduled.", _PHASE_BUCKETS
+        )
+        self._prefill = histogram(
+            "specd:request_prefill_time_seconds",
+            "First scheduled to first token.",
+            _PHASE_BUCKETS,
+        )
+        self._decode = histogram(
+            "specd:request_decode_time_seconds", "First token to last token.", _PHASE_BUCKETS
+        )
+        token_buckets = _one_two_five(max_model_len)
+        self._prompt_tokens = histogram(
+            "specd:request_prompt_tokens", "Prompt tokens per request.", token_buckets
+        )
+        self._generation_tokens = histogram(
+            "specd:request_generation_tokens", "Generated tokens per request.", token_buckets
+        )
+        self._success = Counter(
+            "specd:request_success",
+            "Requests finished, by why (stop, length, abort).",
+            ["model_name", "finished_reason"],
+            registry=registry,
+        )
+        self._model_name = model_name
+        for reason in FINISHED_REASONS:
+            self._success.labels(model_name, reason)
+
+    def inter_token(self, seconds: float) -> None:
+        self._itl.observe(seconds)
+
+    def finished(self, timing: RequestTiming) -> None:
+        reason = timing.finish_reason or "abort"
+        self._success.labels(self._model_name, reason).inc()
+        if reason == "abort":
+            return
+        for histogram, value in (
+            (self._ttft, timing.ttft_s),
+            (self._e2e, timing.e2e_s),
+            (self._queue, timing.queue_s),
+            (self._prefill, timing.prefill_s),
+            (self._decode, timing.decode_s),
+        ):
+            if value is not None:
+                histogram.observe(max(value, 0.0))
+        self._prompt_tokens.observe(timing.num_prompt_tokens)
+        self._generation_tokens.observe(timing.num_generation_tokens)

@@ -47,6 +47,7 @@ def build_app(client: AsyncEngineClient, server_config: ServerConfig) -> FastAPI
     registry = metrics.build_registry(client.model_name, client.stats)
     rejections = metrics.RejectionCounter(registry, client.model_name)
     app.state.rejections = rejections
+    client.observer = metrics.RequestMetrics(registry, client.model_name, client.max_model_len)
     # Added first = innermost: a bad API key is refused before the body is even read.
     app.add_middleware(
         BodyLimitMiddleware,

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
@@ -31,6 +32,7 @@ from server.engine.core_proc import (
 )
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import EngineCoreOutput, RequestOutput
+from server.engine.request_timing import RequestObserver, RequestTiming
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import SchedulerStats
 from server.model.loader import resolve_model
@@ -90,6 +92,8 @@ class AsyncEngineClient:
         self._worker = worker
         self._streams: dict[str, _Stream] = {}
         self._stats = SchedulerStats(num_blocks_total=self.num_blocks)
+        # Told each request's token gaps and timeline (the API's latency histograms).
+        self.observer: RequestObserver | None = None
         self._dead: str | None = None
         self._loop = asyncio.get_running_loop()
         self._reader = threading.Thread(
@@ -173,6 +177,7 @@ class AsyncEngineClient:
         )
         self._streams[request_id] = stream
         finished = False
+        timing = RequestTiming(arrival=time.monotonic(), num_prompt_tokens=len(prompt_token_ids))
         try:
             self._to_core.send(AddRequest(request_id, list(prompt_token_ids), params))
             while not finished:
@@ -180,6 +185,7 @@ class AsyncEngineClient:
                 if isinstance(item, Exception):
                     raise item
                 out = self._to_request_output(stream, item)
+                self._time(timing, item, out)
                 finished = out.finished
                 if finished and item.finish_reason is None:
                     # A stop string ended it here; the core is still generating: stop it.
@@ -189,6 +195,20 @@ class AsyncEngineClient:
             self._streams.pop(request_id, None)
             if not finished:
                 self._send_abort(request_id)
+                timing.finish_reason = "abort"
+            if self.observer is not None:
+                timing.finished = time.monotonic()
+                self.observer.finished(timing)
+
+    def _time(self, timing: RequestTiming, item: EngineCoreOutput, out: RequestOutput) -> None:
+        now = time.monotonic()
+        if timing.first_scheduled is None:
+            timing.first_scheduled = item.first_scheduled_time
+        gap = timing.tokens_arrived(now, len(out.new_token_ids))
+        if gap is not None and self.observer is not None:
+            self.observer.inter_token(gap)
+        if out.finished:
+            timing.finish_reason = "abort" if out.error else out.finish_reason
 
     async def abort(self, request_id: str) -> None:
         self._send_abort(request_id)

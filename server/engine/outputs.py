@@ -32,6 +32,8 @@ class EngineCoreOutput:
     num_accepted_tokens: int = 0
     # Set when the engine could not run this request (finish_reason "abort"): the API answers 500.
     error: str | None = None
+    # time.monotonic() when the engine first scheduled it (the same clock in every process).
+    first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:

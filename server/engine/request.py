@@ -52,6 +52,8 @@ class Request:
     # Hard cap on prompt + output tokens (max_model_len).
     max_total_tokens: int
     arrival_time: float = field(default_factory=time.monotonic)
+    # time.monotonic() when first scheduled (the end of its queue time); None before.
+    first_scheduled_time: float | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -158,6 +158,7 @@ class Scheduler:
                 break
             if request.num_cached_tokens < 0:  # first admission: report it in usage
                 request.num_cached_tokens = num_cached
+                request.first_scheduled_time = time.monotonic()
                 self.block_manager.record_lookup(request.num_tokens, num_cached)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -298,6 +299,7 @@ class Scheduler:
             num_cached_tokens=max(request.num_cached_tokens, 0),
             num_draft_tokens=request.num_draft_tokens,
             num_accepted_tokens=request.num_accepted_tokens,
+            first_scheduled_time=request.first_scheduled_time,
         )
 
     def stats(self) -> SchedulerStats:
