@@ -50,6 +50,7 @@ _FLAG_TO_FIELD: dict[str, tuple[str, str]] = {
     "max_request_body_bytes": ("server", "max_request_body_bytes"),
     "request_timeout": ("server", "request_timeout_s"),
     "log_prompts": ("server", "log_prompts"),
+    "shutdown_timeout": ("server", "shutdown_timeout_s"),
 }
 
 
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-queued-tokens",
         type=int,
         help="prompt tokens of those waiting requests before new ones get 503 (default 262144)",
+    )
+    a(
+        "--shutdown-timeout",
+        type=float,
+        help="on SIGTERM, seconds to let requests in flight finish (default 30)",
     )
     a(
         "--log-prompts",

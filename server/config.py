@@ -173,6 +173,8 @@ class ServerConfig:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 512
     max_logit_bias_entries: int = 1024
+    # On SIGTERM, seconds to let requests in flight finish before stopping (server/api/drain.py).
+    shutdown_timeout_s: float = 30.0
     # Log each request's prompt (and not just its id and sizes). Off: prompts are user data.
     log_prompts: bool = False
     # Seconds a generation request may take, queueing included, before it is aborted (408).
@@ -191,6 +193,8 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"shutdown_timeout_s must be >= 0 (got {self.shutdown_timeout_s})")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0 (got {self.request_timeout_s})")
         for name in ("max_logprobs", "max_logit_bias_entries"):

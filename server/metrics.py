@@ -190,6 +190,7 @@ REJECTION_REASONS = (
     "request_limit",  # 400: n, logprobs, stop strings or logit_bias beyond their limits
     "invalid_request",  # 400/404/422: any other bad input
     "engine_unavailable",  # 503: the engine process is not running
+    "draining",  # 503: the server is draining before it stops (SIGTERM)
 )
 
 

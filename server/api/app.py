@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from server import metrics
 from server.api.auth import APIKeyMiddleware
 from server.api.body_limit import BodyLimitMiddleware
+from server.api.drain import DrainingServer, DrainState
 from server.api.errors import error_response, install_error_handlers
 from server.api.protocol import (
     ChatCompletionRequest,
@@ -23,6 +24,7 @@ from server.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from server.api.request_id import RequestIdMiddleware
 from server.api.serving import ServingContext
 from server.api.serving_chat import ChatServer
 from server.api.serving_completions import CompletionServer
@@ -40,8 +42,11 @@ def _version() -> str:
         return "0.0.0+unknown"
 
 
-def build_app(client: AsyncEngineClient, server_config: ServerConfig) -> FastAPI:
-    """The HTTP app over a started engine client. The caller owns the client's lifetime."""
+def build_app(
+    client: AsyncEngineClient, server_config: ServerConfig, drain: DrainState | None = None
+) -> FastAPI:
+    """The HTTP app over a started engine client. The caller owns the client's lifetime;
+    ``drain`` is the server's drain state (see drain.py), None when nothing drains it."""
     app = FastAPI(title="specd", version=_version())
     install_error_handlers(app)
     registry = metrics.build_registry(client.model_name, client.stats)
@@ -56,8 +61,9 @@ def build_app(client: AsyncEngineClient, server_config: ServerConfig) -> FastAPI
     )
     if server_config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server_config.api_key)
+    app.add_middleware(RequestIdMiddleware)  # outermost: even a 401 or 413 echoes the id
 
-    ctx = ServingContext(client, server_config)
+    ctx = ServingContext(client, server_config, drain or DrainState())
     metrics.register_admission_gauges(
         registry,
         client.model_name,
@@ -80,6 +86,9 @@ def build_app(client: AsyncEngineClient, server_config: ServerConfig) -> FastAPI
 
     @app.get("/ready")
     async def ready() -> Response:
+        """Whether to send this replica traffic: not while it drains (health stays 200)."""
+        if ctx.drain.draining:
+            return error_response("The server is draining", 503, code="draining")
         return await health()
 
     @app.get("/metrics")
@@ -122,8 +131,9 @@ async def serve(config: SpecdConfig) -> None:
     """Starts the engine, serves HTTP until SIGINT/SIGTERM, then shuts the engine down."""
     client = await AsyncEngineClient.start(config.engine)
     try:
-        app = build_app(client, config.server)
-        server = uvicorn.Server(
+        drain = DrainState()
+        app = build_app(client, config.server, drain)
+        server = DrainingServer(
             uvicorn.Config(
                 app,
                 host=config.server.host,
@@ -132,7 +142,10 @@ async def serve(config: SpecdConfig) -> None:
                 # One line per request costs API-process CPU that streaming needs under load.
                 access_log=config.server.log_level == "debug",
                 timeout_graceful_shutdown=5,
-            )
+            ),
+            drain,
+            lambda: client.num_in_flight,
+            config.server.shutdown_timeout_s,
         )
         logger.info(
             "serving %s on http://%s:%d", client.model_name, config.server.host, config.server.port

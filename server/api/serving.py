@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import jinja2
 from starlette.requests import Request
 
 from server.api.admission import AdmissionQueue, Ticket
+from server.api.drain import DrainState
 from server.api.errors import CLIENT_CLOSED, APIError, BadRequest
 from server.api.logprobs import TokenStrings
 from server.api.protocol import (
@@ -39,8 +41,39 @@ _RESERVED_TEMPLATE_KWARGS = frozenset(
 )
 
 
+class Draining(APIError):
+    """503 while the server drains before it stops: retry on another replica."""
+
+    reason = "draining"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The server is shutting down; retry on another replica", status=503, code="draining"
+        )
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# A client's X-Request-Id is taken as the request's id when it is this tame (it goes into
+# logs and the response body); anything else gets an id of our own.
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+def request_ids(raw_request: Request, prefix: str) -> tuple[str, str]:
+    """(the request's id, the prefix of its engine requests' ids). The id is the client's
+    X-Request-Id when it sent a tame one (as vLLM), else a random one. Engine ids get a nonce
+    after a client's id: two requests may share an X-Request-Id, engine ids must differ."""
+    given = raw_request.headers.get("x-request-id", "")
+    if _CLIENT_ID.match(given):
+        return given, f"{given}-{uuid.uuid4().hex[:8]}"
+    request_id = random_id(prefix)
+    return request_id, request_id
 
 
 @dataclass
@@ -71,8 +104,11 @@ class ChoiceUsage:
 class ServingContext:
     """The engine client and server config, plus helpers every route needs."""
 
-    def __init__(self, client: AsyncEngineClient, server_config: ServerConfig) -> None:
+    def __init__(
+        self, client: AsyncEngineClient, server_config: ServerConfig, drain: DrainState
+    ) -> None:
         self.client = client
+        self.drain = drain
         self.config = server_config
         self.tokenizer = client.tokenizer
         self.strings = TokenStrings(client.tokenizer)
@@ -95,6 +131,8 @@ class ServingContext:
         Before any tokenising or template rendering, so refusing costs next to nothing."""
         if not self.client.is_healthy():
             raise APIError("The engine is not running", status=503, code="engine_unavailable")
+        if self.drain.draining:
+            raise Draining()
         self.admission.check()
 
     def admit(

@@ -35,7 +35,7 @@ from server.api.serving import (
     ChoiceUsage,
     ServingContext,
     merge_streams,
-    random_id,
+    request_ids,
     until_disconnected,
     with_deadline,
 )
@@ -71,12 +71,12 @@ class ChatServer:
             body, max_tokens=max_tokens, logprobs=num_top if body.logprobs else None
         )
 
-        request_id = random_id("chatcmpl")
+        request_id, engine_id = request_ids(raw_request, "chatcmpl")
         ticket = ctx.admit(request_id, body, [prompt_ids], body.messages)
         streams = [
             with_deadline(
                 ticket.track(
-                    j, ctx.client.generate(f"{request_id}-{j}", prompt_ids, params.for_child(j))
+                    j, ctx.client.generate(f"{engine_id}-{j}", prompt_ids, params.for_child(j))
                 ),
                 deadline,
             )

@@ -32,7 +32,7 @@ from server.api.serving import (
     ChoiceUsage,
     ServingContext,
     merge_streams,
-    random_id,
+    request_ids,
     until_disconnected,
     with_deadline,
 )
@@ -95,7 +95,7 @@ class CompletionServer:
             )
         prompts = [self._prompt(body, text, ids) for text, ids in self._split_prompts(body)]
 
-        request_id = random_id("cmpl")
+        request_id, engine_id = request_ids(raw_request, "cmpl")
         ticket = ctx.admit(request_id, body, [p.token_ids for p in prompts], body.prompt)
         choices: list[Choice] = []
         streams: list[AsyncIterator[RequestOutput]] = []
@@ -107,7 +107,7 @@ class CompletionServer:
                     choice.logprobs = CompletionLogprobsBuilder(ctx.strings)
                 choices.append(choice)
                 stream = ctx.client.generate(
-                    f"{request_id}-{index}", prompt.token_ids, prompt.params.for_child(j)
+                    f"{engine_id}-{index}", prompt.token_ids, prompt.params.for_child(j)
                 )
                 streams.append(with_deadline(ticket.track(index, stream), deadline))
         if body.stream:

@@ -159,6 +159,11 @@ class AsyncEngineClient:
     def is_healthy(self) -> bool:
         return self._dead is None and self._worker.is_alive()
 
+    @property
+    def num_in_flight(self) -> int:
+        """Engine requests whose streams have not ended (a drain waits for 0)."""
+        return len(self._streams)
+
     def stats(self) -> SchedulerStats:
         return self._stats
 

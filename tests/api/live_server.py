@@ -29,6 +29,8 @@ class LiveServer:
     model: str  # the served model name (what clients send as "model")
     max_model_len: int
     api_key: str | None = None
+    # The `specd serve` process (None for a server started elsewhere, SPECD_TEST_URL).
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def v1(self) -> str:
@@ -75,7 +77,7 @@ def run_server(
         _wait_healthy(proc, base_url, log_path, startup_timeout_s)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         card = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=10).json()["data"][0]
-        yield LiveServer(base_url, card["id"], card["max_model_len"], api_key)
+        yield LiveServer(base_url, card["id"], card["max_model_len"], api_key, proc)
     finally:
         _stop(proc)
 
