@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,15 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
     return tiny_model_dirs["llama"]
+
+
+@pytest.fixture
+def no_cpu_linear_plans() -> Iterator[None]:
+    """No CPU linear plan during the test (server/model/cpu_linear.py); the plans the process
+    had are back afterwards."""
+    from server.model import cpu_linear
+
+    saved = cpu_linear.saved_plans()
+    cpu_linear.clear_plans()
+    yield
+    cpu_linear.restore_plans(saved)

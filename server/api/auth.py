@@ -7,11 +7,10 @@ refused before its body is read or validated.
 from __future__ import annotations
 
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api.errors import error_body
+from server.api.errors import send_error
 
 
 class APIKeyMiddleware:
@@ -40,16 +39,6 @@ class APIKeyMiddleware:
             if given
             else "Missing API key: send the header 'Authorization: Bearer <key>'."
         )
-        body = json.dumps(error_body(message, 401, code="invalid_api_key")).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
+        await send_error(
+            send, message, 401, code="invalid_api_key", headers=((b"www-authenticate", b"Bearer"),)
         )
-        await send({"type": "http.response.body", "body": body})

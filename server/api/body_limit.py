@@ -7,12 +7,11 @@ passes it. A body within the limit is handed on to the app unchanged.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import error_body
+from server.api.errors import send_error
 
 
 class BodyLimitMiddleware:
@@ -60,16 +59,6 @@ class BodyLimitMiddleware:
         if self.on_reject is not None:
             self.on_reject()
         message = f"The request body is larger than this server's limit of {self.max_bytes} bytes"
-        body = json.dumps(error_body(message, 413, code="request_too_large")).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
+        await send_error(
+            send, message, 413, code="request_too_large", headers=((b"connection", b"close"),)
         )
-        await send({"type": "http.response.body", "body": body})

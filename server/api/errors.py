@@ -7,6 +7,7 @@ that shape with OpenAI's status codes.
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from server.engine.sampling_params import InvalidParamError
 
@@ -78,6 +80,29 @@ def error_body(
             "code": code,
         }
     }
+
+
+async def send_error(
+    send: Send,
+    message: str,
+    status: int,
+    code: str | None = None,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
+    """An OpenAI error answered straight from an ASGI middleware (before any route runs)."""
+    body = json.dumps(error_body(message, status, code=code)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_response(

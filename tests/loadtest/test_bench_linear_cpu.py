@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -11,13 +9,7 @@ from loadtest.bench_linear_cpu import SHAPES, plan_summary
 from server.model import cpu_linear
 from server.model.cpu_linear import FEW_ROWS, RowChoice
 
-
-@pytest.fixture(autouse=True)
-def no_plans() -> Iterator[None]:
-    saved = cpu_linear.saved_plans()
-    cpu_linear.clear_plans()
-    yield
-    cpu_linear.restore_plans(saved)
+pytestmark = pytest.mark.usefixtures("no_cpu_linear_plans")
 
 
 def test_plan_summary_names_rows_and_product_per_shape() -> None:

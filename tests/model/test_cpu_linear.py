@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -14,13 +12,7 @@ from torch.nn import functional as F
 from server.model import cpu_linear
 from server.model.cpu_linear import FEW_ROWS, RowChoice, choose_rows, describe_padding
 
-
-@pytest.fixture(autouse=True)
-def no_plans() -> Iterator[None]:
-    saved = cpu_linear.saved_plans()
-    cpu_linear.clear_plans()
-    yield
-    cpu_linear.restore_plans(saved)
+pytestmark = pytest.mark.usefixtures("no_cpu_linear_plans")
 
 
 def test_a_cliff_is_padded_over_and_noise_is_not() -> None:
