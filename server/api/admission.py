@@ -127,9 +127,15 @@ class Ticket:
 
     async def track(self, index: int, stream: AsyncIterator[T]) -> AsyncIterator[T]:
         """``stream`` (choice ``index``'s engine stream), leaving the queue as it starts."""
+        iterator = aiter(stream)
         try:
-            async for item in stream:
-                self._queue._leave(self._pending, index, started=True)
+            try:
+                first = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            self._queue._leave(self._pending, index, started=True)
+            yield first
+            async for item in iterator:  # out of the queue now: a plain pass-through
                 yield item
         finally:
             self._queue._leave(self._pending, index, started=False)

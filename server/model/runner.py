@@ -195,11 +195,15 @@ class ModelRunner:
     ) -> None:
         """Takes every request with a NaN or infinite logit out of ``batch`` and into
         ``out.failed``: sampling or verifying it would raise (and fail the whole step) or
-        emit garbage; the rest of the batch goes on. One reduction and one sync per step."""
-        rows = _rows_by_request(plan, batch)
+        emit garbage; the rest of the batch goes on. One reduction and one sync per step; the
+        per-request bookkeeping only when some row is bad."""
         if self.faults is not None:
-            self.faults.poison_logits(logits, rows, plan.requests)
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+            self.faults.poison_logits(logits, _rows_by_request(plan, batch), plan.requests)
+        finite_rows = torch.isfinite(logits).all(dim=-1)
+        if bool(finite_rows.all()):
+            return
+        rows = _rows_by_request(plan, batch)
+        finite = finite_rows.tolist()
         bad = {rid for rid, idx in rows.items() if not all(finite[i] for i in idx)}
         if not bad:
             return
