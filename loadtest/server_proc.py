@@ -1,4 +1,4 @@
-"""Start `specd serve` (or any server command) on a free local port and wait for /health."""
+"""Start `specd serve` (or any server command) on a free local port and wait until it is ready."""
 
 from __future__ import annotations
 
@@ -21,19 +21,24 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll GET /health until 200. Raises RuntimeError when the process dies or time runs out."""
+    """Poll until the server takes traffic: GET /ready 200 (specd: HTTP is up while the model
+    loads, and /ready says when it is done), or /health 200 for a server with no /ready (404).
+    Raises RuntimeError when the process dies or time runs out."""
     deadline = time.monotonic() + timeout_s
-    url = base_url.rstrip("/") + "/health"
+    base = base_url.rstrip("/")
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} before /health")
+            raise RuntimeError(f"server exited with code {proc.returncode} before it was ready")
         try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
+            status = httpx.get(base + "/ready", timeout=2.0).status_code
+            if status == 404:
+                status = httpx.get(base + "/health", timeout=2.0).status_code
+            if status == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"{url} not healthy after {timeout_s:.0f} s")
+    raise RuntimeError(f"{base} not ready after {timeout_s:.0f} s")
 
 
 def specd_argv(serve_args: Sequence[str], port: int) -> list[str]:

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--sample-interval", type=float, default=5.0, help="seconds between samples")
     a("--request-timeout", type=float, default=120.0, help="seconds a request may take")
     a("--windows", type=int, default=10, help="time windows of the latency table")
-    a("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health")
+    a("--startup-timeout", type=float, default=600.0, help="seconds to wait for /ready")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.concurrency < 1 or args.sample_interval <= 0:
         p.error("--duration and --sample-interval must be > 0 and --concurrency >= 1")

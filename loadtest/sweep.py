@@ -1,7 +1,7 @@
 """`python -m loadtest sweep --config configs/sweeps/<name>.yaml`.
 
 For each configuration: start `specd serve <serve_args>` (or `command`, any server with
-{port}) on a free local port and wait for /health, or use its `base_url` ($VARS expand in
+{port}) on a free local port and wait until it is ready, or use its `base_url` ($VARS expand in
 all three); send a few warm-up requests; for each dataset, run its prompts at every rate (each
 run's prompts made new to the server, see `loadtest.uniqueness`); save each result JSON; stop
 the server. Then write report.md with tables and plots. YAML keys named like the CLI flags

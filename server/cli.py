@@ -10,9 +10,10 @@ import argparse
 import dataclasses
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from server.cli_env import apply_env, unknown_env
 from server.config import (
     CacheConfig,
     ModelConfig,
@@ -22,6 +23,7 @@ from server.config import (
     SpeculativeConfig,
     parse_size,
 )
+from server.log_format import configure_logging
 from server.spec_decode.policies import available_policies
 
 # flag dest -> (config section, field). Sections: model, cache, scheduler, server, engine.
@@ -43,8 +45,13 @@ _FLAG_TO_FIELD: dict[str, tuple[str, str]] = {
     "attention_backend": ("engine", "attention_backend"),
     "host": ("server", "host"),
     "port": ("server", "port"),
-    "api_key": ("server", "api_key"),
+    "api_key": ("server", "api_keys"),
     "log_level": ("server", "log_level"),
+    "log_format": ("server", "log_format"),
+    "allowed_origins": ("server", "allowed_origins"),
+    "allowed_methods": ("server", "allowed_methods"),
+    "allowed_headers": ("server", "allowed_headers"),
+    "allow_credentials": ("server", "allow_credentials"),
     "max_num_queued_reqs": ("server", "max_num_queued_reqs"),
     "max_num_queued_tokens": ("server", "max_num_queued_tokens"),
     "max_request_body_bytes": ("server", "max_request_body_bytes"),
@@ -57,7 +64,14 @@ _FLAG_TO_FIELD: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over the OpenAI API",
+        epilog="Every flag can also be set by an environment variable: SPECD_ and the flag's "
+        "name in capitals, '-' as '_' (--max-num-seqs 8 is SPECD_MAX_NUM_SEQS=8; on/off flags "
+        "take true/false; flags with several values take them comma-separated). The command "
+        "line wins over the environment, which wins over --config.",
+    )
     # Every default is None so that only flags the user typed override the YAML file.
     a = serve.add_argument
     a("model_tag", nargs="?", default=None, help="the model, as vLLM's positional argument")
@@ -89,8 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     a("--draft-model", help="shorthand for a draft_model speculative config")
     a("--host")
     a("--port", type=int)
-    a("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    a(
+        "--api-key",
+        nargs="+",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1 routes; several keys may be given "
+        "(SPECD_API_KEY: comma-separated)",
+    )
     a("--log-level", choices=["debug", "info", "warning", "error"])
+    a("--log-format", choices=["text", "json"], help="json: one JSON object a line (default text)")
+    a(
+        "--allowed-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help="answer CORS requests from these origins ('*' for any); default: no CORS headers",
+    )
+    a("--allowed-methods", nargs="+", metavar="METHOD", help="CORS methods (default '*')")
+    a("--allowed-headers", nargs="+", metavar="HEADER", help="CORS request headers (default '*')")
+    a(
+        "--allow-credentials",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CORS: allow cookies and Authorization from browsers (default off)",
+    )
     a(
         "--max-num-queued-reqs",
         type=int,
@@ -125,10 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> SpecdConfig:
-    base = SpecdConfig.from_yaml(args.config) if args.config else SpecdConfig()
+def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `serve` subcommand's own parser (its flags are what SPECD_* variables name)."""
+    for action in parser._actions:  # argparse offers no public accessor for subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices["serve"]
+    raise LookupError("no serve subcommand")
+
+
+def config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> SpecdConfig:
+    """The config from flags, then SPECD_* variables (``environ``, default os.environ) for the
+    flags not given, then the YAML file, then the defaults."""
     if args.model_tag and not args.model:
         args.model = args.model_tag
+    apply_env(serve_parser(build_parser()), args, environ)
+    base = SpecdConfig.from_yaml(args.config) if args.config else SpecdConfig()
     sections: dict[str, dict[str, Any]] = {
         "model": {},
         "cache": {},
@@ -182,10 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.server.log_level, config.server.log_format)
+    for name in unknown_env(serve_parser(parser)):
+        logging.getLogger("specd").warning("%s is not a specd serve setting; ignored", name)
     if args.command == "serve":
         import asyncio
 

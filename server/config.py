@@ -157,8 +157,15 @@ class EngineConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    # Bearer keys accepted on /v1 routes; empty: no auth. A YAML string is one key.
+    api_keys: tuple[str, ...] = ()
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object a line, for log shippers
+    # CORS (Starlette's CORSMiddleware). No origins: no CORS headers at all, browsers refuse.
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
     # Seconds a client may take to read before its request is aborted.
     disconnect_poll_interval: float = 0.1
     # Admission (server/api/admission.py): engine requests (choices) admitted without a first
@@ -182,6 +189,14 @@ class ServerConfig:
     request_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
+        # Flags give lists and YAML a list or a single string; the config holds tuples.
+        for name in ("api_keys", "allowed_origins", "allowed_methods", "allowed_headers"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if any(not key for key in self.api_keys):
+            raise ValueError("api_keys: an API key must not be empty")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be 'text' or 'json' (got {self.log_format!r})")
         positive = (
             "max_num_queued_reqs",
             "max_num_queued_tokens",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.metadata
 import logging
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from server import metrics
@@ -29,8 +32,10 @@ from server.api.serving import ServingContext
 from server.api.serving_chat import ChatServer
 from server.api.serving_completions import CompletionServer
 from server.api.serving_tokenize import TokenizeServer
+from server.api.startup_gate import StartupGate
 from server.config import ServerConfig, SpecdConfig
 from server.engine.client import AsyncEngineClient
+from server.log_format import uvicorn_log_config
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +64,20 @@ def build_app(
         max_bytes=server_config.max_request_body_bytes,
         on_reject=lambda: rejections.inc("body_too_large"),
     )
-    if server_config.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=server_config.api_key)
-    app.add_middleware(RequestIdMiddleware)  # outermost: even a 401 or 413 echoes the id
+    if server_config.api_keys:
+        app.add_middleware(APIKeyMiddleware, api_keys=server_config.api_keys)
+    app.add_middleware(RequestIdMiddleware)  # even a 401 or 413 echoes the id
+    if server_config.allowed_origins:
+        # Outermost: a browser's preflight (OPTIONS, no API key) is answered here, and every
+        # response, errors included, carries the headers a browser needs to read it.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(server_config.allowed_origins),
+            allow_methods=list(server_config.allowed_methods),
+            allow_headers=list(server_config.allowed_headers),
+            allow_credentials=server_config.allow_credentials,
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
 
     ctx = ServingContext(client, server_config, drain or DrainState())
     metrics.register_admission_gauges(
@@ -128,28 +144,51 @@ def build_app(
 
 
 async def serve(config: SpecdConfig) -> None:
-    """Starts the engine, serves HTTP until SIGINT/SIGTERM, then shuts the engine down."""
-    client = await AsyncEngineClient.start(config.engine)
+    """Serves HTTP from the start (see startup_gate.py), starts the engine, opens the real app
+    once the engine is up, and runs until SIGINT/SIGTERM; then shuts the engine down."""
+    drain = DrainState()
+    gate = StartupGate(drain, _version())
+    engine: list[AsyncEngineClient] = []  # the started client, once there is one
+    server = DrainingServer(
+        uvicorn.Config(
+            gate,
+            host=config.server.host,
+            port=config.server.port,
+            log_level=config.server.log_level,
+            log_config=uvicorn_log_config(config.server.log_format),
+            # One line per request costs API-process CPU that streaming needs under load.
+            access_log=config.server.log_level == "debug",
+            timeout_graceful_shutdown=5,
+        ),
+        drain,
+        lambda: engine[0].num_in_flight if engine else 0,
+        config.server.shutdown_timeout_s,
+    )
+    http = asyncio.create_task(server.serve(), name="http")
+    starting = asyncio.create_task(
+        AsyncEngineClient.start(config.engine, config.server.log_format), name="engine-start"
+    )
     try:
-        drain = DrainState()
-        app = build_app(client, config.server, drain)
-        server = DrainingServer(
-            uvicorn.Config(
-                app,
-                host=config.server.host,
-                port=config.server.port,
-                log_level=config.server.log_level,
-                # One line per request costs API-process CPU that streaming needs under load.
-                access_log=config.server.log_level == "debug",
-                timeout_graceful_shutdown=5,
-            ),
-            drain,
-            lambda: client.num_in_flight,
-            config.server.shutdown_timeout_s,
-        )
+        await asyncio.wait({http, starting}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # HTTP stopped (SIGTERM, SIGINT, port taken) during the load
+            starting.cancel()
+            logger.info("stopped while the model was loading")
+            await http
+            return
+        engine.append(starting.result())  # raises if the engine failed to start
+        gate.open(build_app(engine[0], config.server, drain))
         logger.info(
-            "serving %s on http://%s:%d", client.model_name, config.server.host, config.server.port
+            "serving %s on http://%s:%d",
+            engine[0].model_name,
+            config.server.host,
+            config.server.port,
         )
-        await server.serve()
+        await http
     finally:
-        client.shutdown_now()
+        if engine:
+            engine[0].shutdown_now()
+        else:
+            starting.cancel()
+            server.should_exit = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await http

@@ -154,6 +154,7 @@ class ServingContext:
             getattr(req, "max_tokens", None),
             req.stream,
             f", prompt={prompt_text!r}" if self.config.log_prompts else "",
+            extra={"request_id": request_id},
         )
         return ticket
 

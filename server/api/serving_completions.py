@@ -285,6 +285,8 @@ class CompletionServer:
         except InvalidParamError as e:
             yield sse_event(from_invalid_param(e).body())
         except Exception as e:
-            logger.exception("completion stream %s failed", request_id)
+            logger.exception(
+                "completion stream %s failed", request_id, extra={"request_id": request_id}
+            )
             yield sse_event(error_body(f"Internal server error: {type(e).__name__}: {e}", 500))
         yield DONE

@@ -104,8 +104,9 @@ class AsyncEngineClient:
     # --- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, config: EngineConfig) -> AsyncEngineClient:
-        """Resolves (and on first use converts) the model, then starts the engine core."""
+    async def start(cls, config: EngineConfig, log_format: str = "text") -> AsyncEngineClient:
+        """Resolves (and on first use converts) the model, then starts the engine core (whose
+        own process logs in ``log_format``, as the API process does)."""
         model_dir = await asyncio.to_thread(resolve_model, config.model.model)
         # The core loads the resolved directory: conversion happens once, here, with progress.
         config = replace(
@@ -119,7 +120,7 @@ class AsyncEngineClient:
         if config.separate_process:
             worker = mp.get_context("spawn").Process(
                 target=run_engine_core,
-                args=(config, core_in_recv, core_out_send),
+                args=(config, core_in_recv, core_out_send, log_format),
                 name="specd-engine-core",
                 daemon=True,
             )
@@ -136,7 +137,17 @@ class AsyncEngineClient:
             # output pipe for good, so the reader sees EOF instead of waiting forever.
             core_in_recv.close()
             core_out_send.close()
-        first = await asyncio.to_thread(_recv_while_alive, core_out_recv, worker)
+        try:
+            first = await asyncio.to_thread(_recv_while_alive, core_out_recv, worker)
+        except BaseException:
+            # Cancelled while the model loads (the server stops before it is ready): end the
+            # core so the thread waiting on it returns, and the process can exit.
+            if isinstance(worker, mp.process.BaseProcess):
+                worker.kill()
+            else:
+                with contextlib.suppress(OSError):
+                    core_in_send.send(Shutdown())
+            raise
         if isinstance(first, EngineDead):
             raise EngineDeadError(first.message)
         assert isinstance(first, Ready)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -19,6 +20,7 @@ from server.config import EngineConfig
 from server.engine.outputs import EngineCoreOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import SchedulerStats
+from server.log_format import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +64,22 @@ class StepOutputs:
     stats: SchedulerStats
 
 
-def run_engine_core(config: EngineConfig, inbox: Connection, outbox: Connection) -> None:
+def run_engine_core(
+    config: EngineConfig, inbox: Connection, outbox: Connection, log_format: str = "text"
+) -> None:
     """The engine loop. Blocks on the inbox only while there is no work."""
     if threading.current_thread() is threading.main_thread():
         # Its own process: a terminal's Ctrl-C reaches the whole process group, but only the
         # API process decides when to stop (it sends Shutdown after draining HTTP).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+        # Its own logging too, in the API process's format, so every line is alike.
+        configure_logging("info", log_format)
     try:
+        from server.engine.faults import FaultInjector  # imports torch: in the child only
+
+        faults = FaultInjector.from_env()
+        if faults is not None and faults.load_delay_s:
+            time.sleep(faults.load_delay_s)
         from server.engine.core import EngineCore  # heavy import, in the child only
 
         core = EngineCore(config)

@@ -9,6 +9,10 @@ Each value is a token id. A request whose prompt *starts* with that id triggers 
 - ``step_error``: the engine step that carries it raises before the forward;
 - ``exit``: the engine process exits at once when that step starts (a crash, an OOM kill).
 
+And one that is not a token id: ``load_delay_s`` (seconds) makes the engine core wait that
+long before it loads the model, a slow start-up (a large model, a cold disk) that the tests of
+`/ready` during loading can count on.
+
 The reliability tests (tests/api/test_faults.py) use it to show that each fault fails only
 what it touches. Unset - always, outside those tests - nothing is checked.
 """
@@ -39,6 +43,7 @@ class FaultInjector:
     nan_logits: int | None = None
     step_error: int | None = None
     exit: int | None = None
+    load_delay_s: float | None = None
 
     @classmethod
     def from_env(cls) -> FaultInjector | None:

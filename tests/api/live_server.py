@@ -55,8 +55,11 @@ def run_server(
     api_key: str | None = None,
     startup_timeout_s: float = 300,
     env: dict[str, str] | None = None,
+    wait_ready: bool = True,
 ) -> Iterator[LiveServer]:
-    """Starts `python -m server.cli serve`, waits for /health, yields, then stops it (SIGINT)."""
+    """Starts `python -m server.cli serve`, waits for /ready, yields, then stops it (SIGINT).
+    With ``wait_ready`` False it yields as soon as HTTP is up (/health), the model still
+    loading: then `model` and `max_model_len` are not known yet (empty, 0)."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "server.cli", "serve",
@@ -74,6 +77,10 @@ def run_server(
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
+        if not wait_ready:
+            _wait_healthy(proc, base_url, log_path, startup_timeout_s, path="/health")
+            yield LiveServer(base_url, "", 0, api_key, proc)
+            return
         _wait_healthy(proc, base_url, log_path, startup_timeout_s)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         card = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=10).json()["data"][0]
@@ -82,17 +89,21 @@ def run_server(
         _stop(proc)
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], base_url: str, log: Path, timeout: float) -> None:
+def _wait_healthy(
+    proc: subprocess.Popen[bytes], base_url: str, log: Path, timeout: float, path: str = "/ready"
+) -> None:
+    """Polls ``path`` until 200: /ready by default, not /health, which is 200 as soon as HTTP
+    is up, while the model still loads."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"specd serve exited with {proc.returncode}:\n{_tail(log)}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{base_url}{path}", timeout=2).status_code == 200:
                 return
         time.sleep(0.25)
     _stop(proc)
-    raise RuntimeError(f"specd serve not healthy after {timeout:.0f} s:\n{_tail(log)}")
+    raise RuntimeError(f"specd serve not ready after {timeout:.0f} s:\n{_tail(log)}")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
