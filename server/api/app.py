@@ -148,7 +148,7 @@ async def serve(config: SpecdConfig) -> None:
     once the engine is up, and runs until SIGINT/SIGTERM; then shuts the engine down."""
     drain = DrainState()
     gate = StartupGate(drain, _version())
-    engine: list[AsyncEngineClient] = []  # the started client, once there is one
+    client: AsyncEngineClient | None = None  # once the engine has started
     server = DrainingServer(
         uvicorn.Config(
             gate,
@@ -161,7 +161,7 @@ async def serve(config: SpecdConfig) -> None:
             timeout_graceful_shutdown=5,
         ),
         drain,
-        lambda: engine[0].num_in_flight if engine else 0,
+        lambda: client.num_in_flight if client is not None else 0,
         config.server.shutdown_timeout_s,
     )
     http = asyncio.create_task(server.serve(), name="http")
@@ -175,19 +175,16 @@ async def serve(config: SpecdConfig) -> None:
             logger.info("stopped while the model was loading")
             await http
             return
-        engine.append(starting.result())  # raises if the engine failed to start
-        gate.open(build_app(engine[0], config.server, drain))
+        client = starting.result()  # raises if the engine failed to start
+        gate.open(build_app(client, config.server, drain))
         logger.info(
-            "serving %s on http://%s:%d",
-            engine[0].model_name,
-            config.server.host,
-            config.server.port,
+            "serving %s on http://%s:%d", client.model_name, config.server.host, config.server.port
         )
         await http
     finally:
-        if engine:
-            engine[0].shutdown_now()
-        else:
+        if client is not None:
+            client.shutdown_now()
+        else:  # the engine failed to start, or the load was interrupted
             starting.cancel()
             server.should_exit = True
             with contextlib.suppress(Exception, asyncio.CancelledError):
