@@ -40,3 +40,12 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Every GPU check in one run (kernels/gpu_check/): kernel tests, kernel bench, 8B-shaped engine
+# steps, greedy identity. No `setup` dependency: a lent GPU machine has no network, so it runs
+# with whatever python has torch. `make gpu-check ARGS=--dry-run` runs the CPU dry run.
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m kernels.gpu_check $(ARGS)
