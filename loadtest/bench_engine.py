@@ -1,17 +1,28 @@
-"""Offline engine throughput on the embedded model, and single-stream decode vs transformers.
+"""Offline engine throughput on the embedded model, weight formats side by side.
 
-    python -m loadtest.bench_engine [--model smollm2-135m-instruct] [--batch-sizes 1 8 32]
-        [--new-tokens 128] [--out loadtest/results/engine]
+    python -m loadtest.bench_engine [--model smollm2-135m-instruct] [--quantization none int4]
+        [--batch-sizes 1 8 32] [--new-tokens 128] [--verify-rows 16] [--verify-context 256]
+        [--no-transformers] [--out loadtest/results/engine]
 
-Everything is measured in one run on one machine: the engine's output tokens/s at each batch
-size (all prompts submitted at once, ignore_eos, greedy), and single-stream decode tokens/s of
-the engine against transformers' ``generate`` on the same weights (a ratio). Writes a JSON file
-and a markdown table named by date, with the command, the machine and the versions.
+Everything is measured in one run on one machine, one weight format (``--quantization``,
+ModelConfig.quantization) after the other in the same process, each engine freed before the
+next is built. Per format: the engine's output tokens/s at each batch size (all prompts
+submitted at once, ignore_eos, greedy), single-stream decode tokens/s (prefill excluded), and
+the verify-row cost curve: one engine step (ModelRunner.execute) of one greedy request at a
+fixed context with 1..N query rows (1 = plain decode, k + 1 = verifying k draft tokens as a
+chain), built and timed by kernels/gpu_check/engine_stages.py's ``step_plan`` / ``time_step``
+on the engine's own runner. For ``none`` the single stream is also compared with transformers'
+``generate`` on the same weights (fp32). Then every format against the first one given
+(``none`` by default): tokens/s side by side, the single-stream ratio against issue 11's
+target (int4 >= 2.5x fp32), and step ms per row count, with a PNG of the curves. Writes a
+JSON file, a markdown report and the PNG named by date, with the command, the machine, the
+versions and the load average at the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -19,13 +30,16 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loadtest import report
+from loadtest.host import format_loadavg, loadavg
 from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from server.engine.offline import OfflineEngine
 from server.engine.sampling_params import SamplingParams
+from server.model.int4 import Int4Linear
 from server.model.loader import resolve_model
 
 PROMPTS = [
@@ -38,6 +52,9 @@ PROMPTS = [
     "Summarise the plot of Romeo and Juliet in a paragraph.",
     "Why is the sky blue? Answer for a ten year old.",
 ]
+# Issue 11: single-stream decode with int4 weights at least this many times fp32's.
+INT4_SINGLE_STREAM_TARGET = 2.5
+_DTYPE_LABELS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def machine_info() -> dict[str, str]:
@@ -98,6 +115,28 @@ def single_stream(engine: OfflineEngine, prompt: list[int], new_tokens: int, rep
     return statistics.median(rates)
 
 
+def verify_row_curve(runner: Any, max_rows: int, context: int, repeats: int) -> list[dict]:
+    """Median seconds of one step of one greedy request at `context` cached tokens with
+    1..max_rows query rows (rows - 1 draft tokens verified as a chain), timed on the engine's
+    runner between its requests: the step writes K/V into blocks 0, 1, ..., which no request
+    holds then (and prefix caching is off, so nothing reads them back)."""
+    from kernels.gpu_check.engine_stages import step_plan, time_step
+
+    device = str(runner.device.type)
+    out = []
+    for rows in range(1, max_rows + 1):
+        step = step_plan(runner, 1, context, rows - 1, False, seed=rows)
+        seconds = time_step(runner, step, repeats, device)
+        out.append(
+            {
+                "rows": rows,
+                "step_ms": round(seconds * 1e3, 3),
+                "ms_per_row": round(seconds * 1e3 / rows, 3),
+            }
+        )
+    return out
+
+
 def transformers_single_stream(
     model_dir: Path, prompt: list[int], new_tokens: int, repeats: int
 ) -> float:
@@ -122,11 +161,213 @@ def transformers_single_stream(
     return statistics.median(rates)
 
 
+def engine_config(args: argparse.Namespace, model_dir: Path, quantization: str) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(
+            model=str(model_dir),
+            dtype=args.dtype,
+            quantization=quantization,  # type: ignore[arg-type]
+            cpu_linear_plan=args.cpu_linear_plan,
+        ),
+        # Off: every measurement computes its prompts (no reuse across repeats).
+        cache=CacheConfig(enable_prefix_caching=False),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens
+        ),
+        separate_process=False,
+    )
+
+
+def bench_format(args: argparse.Namespace, model_dir: Path, quantization: str) -> dict:
+    """Every measurement of one weight format, on one engine (freed by the caller's gc)."""
+    t0 = time.perf_counter()
+    engine = OfflineEngine(engine_config(args, model_dir, quantization))
+    build_s = time.perf_counter() - t0
+    runner = engine.core.runner
+    int4 = any(isinstance(m, Int4Linear) for m in runner.model.modules())
+    label = "int4" if int4 else _DTYPE_LABELS.get(runner.dtype, str(runner.dtype))
+    if quantization == "auto":
+        label += " (auto)"
+    print(f"[{quantization}] engine built in {build_s:.1f} s ({label})", flush=True)
+    throughput = []
+    for batch in args.batch_sizes:
+        row = engine_throughput(engine, chat_prompts(engine.tokenizer, batch), args.new_tokens)
+        print(
+            f"[{quantization}] batch {batch}: {row['output_tokens_per_s']} output tok/s", flush=True
+        )
+        throughput.append(row)
+    prompt = chat_prompts(engine.tokenizer, 1)[0]
+    ours = single_stream(engine, prompt, args.new_tokens, args.repeats)
+    print(f"[{quantization}] single stream: {ours:.1f} tok/s", flush=True)
+    curve = verify_row_curve(runner, args.verify_rows, args.verify_context, args.verify_repeats)
+    print(
+        f"[{quantization}] verify rows: "
+        + ", ".join(f"{r['rows']}: {r['step_ms']:.1f} ms" for r in curve),
+        flush=True,
+    )
+    del runner, engine
+    return {
+        "quantization": quantization,
+        "label": label,
+        "build_s": round(build_s, 1),
+        "throughput": throughput,
+        "single_stream": {"repeats": args.repeats, "tokens_per_s": ours},
+        "verify_rows": curve,
+        "prompt": prompt,
+    }
+
+
+def compare(formats: list[dict]) -> dict:
+    """Each format after the first against the first (the baseline): tokens/s per batch,
+    single stream, and step ms per row count; ratios are other / baseline."""
+    base = formats[0]
+    out: dict[str, Any] = {"baseline": base["quantization"], "against": {}}
+    for f in formats[1:]:
+        by_batch = {r["batch"]: r for r in f["throughput"]}
+        by_rows = {r["rows"]: r for r in f["verify_rows"]}
+        single = f["single_stream"]["tokens_per_s"] / base["single_stream"]["tokens_per_s"]
+        entry: dict[str, Any] = {
+            "throughput_ratio": {
+                r["batch"]: round(
+                    by_batch[r["batch"]]["output_tokens_per_s"] / r["output_tokens_per_s"], 3
+                )
+                for r in base["throughput"]
+            },
+            "single_stream_ratio": round(single, 3),
+            "step_ms_ratio": {
+                r["rows"]: round(by_rows[r["rows"]]["step_ms"] / r["step_ms"], 3)
+                for r in base["verify_rows"]
+            },
+        }
+        if f["quantization"] == "int4" and base["quantization"] == "none":
+            entry["single_stream_target"] = INT4_SINGLE_STREAM_TARGET
+            entry["single_stream_target_met"] = single >= INT4_SINGLE_STREAM_TARGET
+        out["against"][f["quantization"]] = entry
+    return out
+
+
+def plot_verify_rows(formats: list[dict], path: Path, context: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after use("Agg")
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for f in formats:
+        rows = [r["rows"] for r in f["verify_rows"]]
+        ax.plot(rows, [r["step_ms"] for r in f["verify_rows"]], marker="o", label=f["label"])
+    ax.set_xlabel("query rows in the step (1 = decode, k + 1 = verify k drafts)")
+    ax.set_ylabel("step ms (median)")
+    ax.set_title(f"One engine step, one request at {context} cached tokens")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _format_section(f: dict, result: dict) -> list[str]:
+    s = f["single_stream"]
+    lines = [
+        f"## {f['label']} (--quantization {f['quantization']})",
+        "",
+        f"Engine built in {f['build_s']} s.",
+        "",
+        "| batch | output tokens | seconds | output tokens/s |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in f["throughput"]:
+        lines.append(
+            f"| {row['batch']} | {row['output_tokens']} | {row['seconds']} | "
+            f"{row['output_tokens_per_s']} |"
+        )
+    text = (
+        f"Single-stream decode (median of {s['repeats']}, prefill excluded): specd "
+        f"{s['tokens_per_s']:.1f} tok/s"
+    )
+    hf = result.get("transformers")
+    if hf is not None and f["quantization"] == hf["quantization"]:
+        text += (
+            f", transformers generate ({hf['dtype']}) {hf['tokens_per_s']:.1f} tok/s, "
+            f"ratio **{s['tokens_per_s'] / hf['tokens_per_s']:.2f}x**"
+        )
+    return [*lines, "", text + ".", ""]
+
+
+def _comparison_section(result: dict, png: Path) -> list[str]:
+    formats = result["formats"]
+    base, others = formats[0], formats[1:]
+    against = result["comparison"]["against"]
+    names = " / ".join(f["label"] for f in others)
+    lines = [
+        f"## {names} against {base['label']}",
+        "",
+        f"Ratios are other / {base['label']}: above 1 means more tokens/s (the throughput "
+        "tables, the single stream) or a slower step (the verify-row table).",
+        "",
+    ]
+    head = ["batch", f"{base['label']} tok/s"]
+    for f in others:
+        head += [f"{f['label']} tok/s", f"{f['label']} / {base['label']}"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for row in base["throughput"]:
+        cells = [str(row["batch"]), str(row["output_tokens_per_s"])]
+        for f in others:
+            other = next(r for r in f["throughput"] if r["batch"] == row["batch"])
+            ratio = against[f["quantization"]]["throughput_ratio"][row["batch"]]
+            cells += [str(other["output_tokens_per_s"]), f"{ratio:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    b = base["single_stream"]["tokens_per_s"]
+    for f in others:
+        c = against[f["quantization"]]
+        text = (
+            f"Single-stream decode: {f['label']} {f['single_stream']['tokens_per_s']:.1f} tok/s "
+            f"against {base['label']} {b:.1f} tok/s, **{c['single_stream_ratio']:.2f}x**"
+        )
+        if "single_stream_target" in c:
+            met = "met" if c["single_stream_target_met"] else "not met"
+            text += f" (target >= {c['single_stream_target']}x: {met})"
+        lines += [text + ".", ""]
+    lines += [
+        "### Verify-row cost",
+        "",
+        f"One engine step (ModelRunner.execute) of one greedy request at "
+        f"{result['verify']['context']} cached tokens: 1 row is a plain decode, k + 1 rows "
+        f"verify k draft tokens as a chain; median of {result['verify']['repeats']} after a "
+        "warm-up.",
+        "",
+    ]
+    head = ["rows"]
+    for f in formats:
+        head += [f"{f['label']} ms", f"{f['label']} ms/row"]
+    head += [f"{f['label']} / {base['label']}" for f in others]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for i, row in enumerate(base["verify_rows"]):
+        cells = [str(row["rows"])]
+        for f in formats:
+            r = f["verify_rows"][i]
+            cells += [f"{r['step_ms']:.2f}", f"{r['ms_per_row']:.2f}"]
+        cells += [
+            f"{against[f['quantization']]['step_ms_ratio'][row['rows']]:.2f}x" for f in others
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", f"![step ms against rows]({png.name})", ""]
+
+
 def write_report(out_dir: Path, result: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    png = plot_verify_rows(
+        result["formats"], out_dir / f"{stamp}-verify-rows.png", result["verify"]["context"]
+    )
     (out_dir / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
+    la = result["load_average"]
     lines = [
         f"# Engine throughput, {m['date']}",
         "",
@@ -134,25 +375,20 @@ def write_report(out_dir: Path, result: dict) -> Path:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
         f"({m['torch_threads']} threads), Python {m['python']}, commit {m['git_commit']}.",
-        f"Model: {result['model']} (float32), {result['new_tokens']} new tokens per request, "
-        "greedy, ignore_eos, all requests submitted at once.",
-        "",
-        "| batch | output tokens | seconds | output tokens/s |",
-        "|---:|---:|---:|---:|",
-    ]
-    for row in result["throughput"]:
-        lines.append(
-            f"| {row['batch']} | {row['output_tokens']} | {row['seconds']} | "
-            f"{row['output_tokens_per_s']} |"
-        )
-    s = result["single_stream"]
-    lines += [
-        "",
-        f"Single-stream decode (median of {s['repeats']}, prefill excluded): specd "
-        f"{s['specd_tokens_per_s']:.1f} tok/s, transformers generate "
-        f"{s['transformers_tokens_per_s']:.1f} tok/s, ratio **{s['ratio']:.2f}x**.",
+        f"Load average (1, 5, 15 min) at start: {format_loadavg(la['start'])}; "
+        f"at end: {format_loadavg(la['end'])}.",
+        f"Model: {result['model']}, weight formats "
+        + ", ".join(f"{f['label']} (--quantization {f['quantization']})" for f in result["formats"])
+        + f", one after the other; {result['new_tokens']} new tokens per request, greedy, "
+        "ignore_eos, all requests submitted at once.",
         "",
     ]
+    for f in result["formats"]:
+        lines += _format_section(f, result)
+    if len(result["formats"]) > 1:
+        lines += _comparison_section(result, png)
+    else:
+        lines += [f"![step ms against rows]({png.name})", ""]
     path = out_dir / f"{stamp}.md"
     path.write_text("\n".join(lines))
     return path
@@ -161,46 +397,68 @@ def write_report(out_dir: Path, result: dict) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument(
+        "--quantization",
+        nargs="+",
+        choices=["none", "int4", "auto"],
+        default=["none", "int4"],
+        help="weight formats, measured in this order; the first is the baseline of the ratios",
+    )
+    ap.add_argument("--dtype", default="auto", help="ModelConfig.dtype (auto: fp32 on CPU)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--verify-rows", type=int, default=16, help="the curve's rows: 1..N")
+    ap.add_argument("--verify-context", type=int, default=256, help="cached tokens in the curve")
+    ap.add_argument("--verify-repeats", type=int, default=7, help="timed steps per row count")
+    ap.add_argument(
+        "--no-transformers",
+        dest="transformers",
+        action="store_false",
+        help="skip the single-stream comparison with transformers' generate (none only)",
+    )
+    ap.add_argument(
+        "--no-cpu-linear-plan",
+        dest="cpu_linear_plan",
+        action="store_false",
+        help="ModelConfig.cpu_linear_plan off (no start-up timing of the linear shapes)",
+    )
     ap.add_argument("--out", type=Path, default=Path("loadtest/results/engine"))
     args = ap.parse_args(argv)
+    if len(set(args.quantization)) != len(args.quantization):
+        ap.error("--quantization: each format once")
 
+    load_start = loadavg()
     model_dir = resolve_model(args.model)
-    config = EngineConfig(
-        model=ModelConfig(model=str(model_dir), dtype="float32"),
-        # Off: every measurement computes its prompts (no reuse across repeats).
-        cache=CacheConfig(enable_prefix_caching=False),
-        scheduler=SchedulerConfig(
-            max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens
-        ),
-        separate_process=False,
-    )
-    engine = OfflineEngine(config)
-    throughput = []
-    for batch in args.batch_sizes:
-        row = engine_throughput(engine, chat_prompts(engine.tokenizer, batch), args.new_tokens)
-        print(f"batch {batch}: {row['output_tokens_per_s']} output tok/s", flush=True)
-        throughput.append(row)
-    prompt = chat_prompts(engine.tokenizer, 1)[0]
-    ours = single_stream(engine, prompt, args.new_tokens, args.repeats)
-    del engine
-    theirs = transformers_single_stream(model_dir, prompt, args.new_tokens, args.repeats)
-    print(f"single stream: specd {ours:.1f} tok/s, transformers {theirs:.1f} tok/s", flush=True)
+    formats = []
+    for quantization in args.quantization:
+        formats.append(bench_format(args, model_dir, quantization))
+        gc.collect()  # the engine is gone before the next one is built
+    hf = None
+    if args.transformers and "none" in args.quantization:
+        none = next(f for f in formats if f["quantization"] == "none")
+        rate = transformers_single_stream(model_dir, none["prompt"], args.new_tokens, args.repeats)
+        gc.collect()
+        hf = {"quantization": "none", "dtype": "fp32", "tokens_per_s": rate}
+        ours = none["single_stream"]["tokens_per_s"]
+        print(f"single stream: specd {ours:.1f} tok/s, transformers {rate:.1f} tok/s", flush=True)
+    for f in formats:
+        del f["prompt"]
     result = {
         "command": "python -m loadtest.bench_engine " + " ".join(argv or sys.argv[1:]),
         "machine": machine_info(),
+        "load_average": {"start": load_start, "end": loadavg()},
         "model": args.model,
         "new_tokens": args.new_tokens,
-        "throughput": throughput,
-        "single_stream": {
-            "repeats": args.repeats,
-            "specd_tokens_per_s": ours,
-            "transformers_tokens_per_s": theirs,
-            "ratio": ours / theirs,
+        "verify": {
+            "context": args.verify_context,
+            "rows": args.verify_rows,
+            "repeats": args.verify_repeats,
         },
+        "formats": formats,
+        "transformers": hf,
+        "comparison": compare(formats),
     }
     print(f"wrote {write_report(args.out, result)}")
     return 0

@@ -35,6 +35,7 @@ _FLAG_TO_FIELD: dict[str, tuple[str, str]] = {
     "device": ("model", "device"),
     "seed": ("model", "seed"),
     "cpu_linear_plan": ("model", "cpu_linear_plan"),
+    "quantization": ("model", "quantization"),
     "block_size": ("cache", "block_size"),
     "kv_cache_memory": ("cache", "kv_cache_memory"),
     "num_kv_blocks": ("cache", "num_blocks"),
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="time few-row linears at start-up on CPU and take the cheapest way (default on)",
+    )
+    a(
+        "--quantization",
+        choices=["auto", "none", "int4"],
+        help="int4: 4-bit linear weights on CPU (a Q4_0/Q4_1 GGUF's blocks repacked as they "
+        "are, other weights rounded to nearest in groups of 32). auto (default): int4 for a Q4 "
+        "GGUF on CPU with --dtype auto, else none",
     )
     a("--max-model-len", type=int)
     a("--block-size", type=int)

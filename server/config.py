@@ -17,6 +17,7 @@ import yaml
 DType = Literal["auto", "float32", "float16", "bfloat16", "float64"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
 Device = Literal["auto", "cpu", "cuda"]
+Quantization = Literal["auto", "none", "int4"]
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,15 @@ class ModelConfig:
     # On CPU, time the model's linear shapes at 1..64 rows at start-up (~4 s for SmolLM2) and
     # compute each row count the cheapest measured way (server/model/cpu_linear.py).
     cpu_linear_plan: bool = True
+    # Linear weights served as 4-bit (server/model/quantize.py). auto: int4 for a GGUF whose
+    # decoder linears are all Q4_0 / Q4_1 (the file's own precision), on CPU with dtype auto;
+    # none otherwise. int4: any model, CPU only (non-Q4 linears are rounded to nearest; the
+    # LM head stays dense unless the source holds it in Q4).
+    quantization: Quantization = "auto"
 
     def __post_init__(self) -> None:
+        if self.quantization not in ("auto", "none", "int4"):
+            raise ValueError(f"quantization must be auto, none or int4 (got {self.quantization!r})")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
 

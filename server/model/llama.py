@@ -228,8 +228,11 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, V]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        if self.lm_head is None:
+            return linear(hidden, self.model.embed_tokens.weight).float()
+        # A Linear, or an Int4Linear (server/model/int4.py; a tied one then holds an int4
+        # copy of the embedding table while the lookup reads the dense one).
+        return self.lm_head(hidden).float()
 
     # ---- weight loading -------------------------------------------------------------------
 

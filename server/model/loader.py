@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 # apart (the header holds the metadata and tensor table), cheap even for multi-GB files.
 _HASH_PREFIX_BYTES = 1 << 20
 _REQUIRED_FILES = ("config.json", "model.safetensors")
+# In a conversion entry: the GGUF file it was converted from (see _record_source).
+SOURCE_FILE = "specd_source.json"
+_INT4_SUFFIXES = (".qweight", ".scales", ".zeros")
 
 
 def cache_root() -> Path:
@@ -74,24 +78,65 @@ def resolve_model(spec: str) -> Path:
 def convert_gguf(gguf_path: Path) -> Path:
     """Converts a GGUF file to a cached safetensors directory (once) and returns it."""
     target = gguf_cache_dir(gguf_path)
-    if all((target / f).is_file() for f in _REQUIRED_FILES):
+    build_cache_entry(target, _REQUIRED_FILES, lambda out: _convert_into(gguf_path, out))
+    _record_source(target, gguf_path)
+    return target
+
+
+def build_cache_entry(
+    target: Path, required: tuple[str, ...], build: Callable[[Path], None]
+) -> Path:
+    """Runs ``build(tmp)`` into a temporary sibling of ``target`` and renames it into place,
+    unless ``target`` already holds every ``required`` file."""
+    if all((target / f).is_file() for f in required):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry should be readable like ~/.cache
     try:
-        _convert_into(gguf_path, tmp)
+        build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
             # Another process finished the same conversion first: its entry is as good.
-            if not all((target / f).is_file() for f in _REQUIRED_FILES):
+            if not all((target / f).is_file() for f in required):
                 raise
             logger.info("cache entry %s appeared meanwhile; using it", target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _record_source(entry: Path, gguf_path: Path) -> None:
+    """Notes in a conversion entry which GGUF file it came from: the runner hands on only the
+    converted directory, and ``--quantization auto/int4`` go back to the file's raw 4-bit
+    blocks (server/model/quantize.py). Entries made before this note get it on their next use.
+    """
+    marker = entry / SOURCE_FILE
+    text = json.dumps({"gguf": str(gguf_path.resolve())})
+    if marker.is_file() and marker.read_text() == text:
+        return
+    try:
+        write_atomic(marker, text)
+    except OSError as e:  # a read-only cache: served as before, just never int4 by `auto`
+        logger.warning("cannot note the source of %s (%s); --quantization auto = none", entry, e)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes a small file so that readers see the old content or the new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def source_gguf(model_dir: Path) -> Path | None:
+    """The GGUF file a conversion entry came from, if it still exists."""
+    marker = Path(model_dir) / SOURCE_FILE
+    if not marker.is_file():
+        return None
+    path = Path(json.loads(marker.read_text())["gguf"])
+    return path if path.is_file() else None
 
 
 def _convert_into(gguf_path: Path, out: Path) -> None:
@@ -152,24 +197,45 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     backend: AttentionBackend | None = None,
+    quantization: str = "none",
 ) -> tuple[CausalLM, Any, Any]:
     """Builds our model from config.json and loads its safetensors weights.
 
     Returns (model, hf_config, tokenizer); the model is in eval mode on `device` in `dtype`
     (dtype/device "auto": bfloat16 on CUDA, float32 on CPU). `backend` defaults to torch.
+    `quantization` (auto, none, int4) is resolved by server/model/quantize.py; int4 loads the
+    linears from the model's int4 cache entry (built on first use).
     """
     from transformers import AutoConfig, AutoTokenizer
+
+    from server.model import quantize
 
     path = Path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    int4 = quantize.choose_quantization(quantization, path, dtype, dev) == "int4"
+    if int4:
+        if dt != torch.float32:
+            raise ValueError(
+                f"--quantization int4 needs float32 activations (--dtype auto or float32); "
+                f"got --dtype {dtype}"
+            )
+        path = quantize.int4_dir(path)
     hf_config = AutoConfig.from_pretrained(path)
     spec = decoder_spec(hf_config)
     t0 = time.perf_counter()
     # Built on the meta device: no random init of weights that the checkpoint overwrites.
     with torch.device("meta"):
         model = CausalLM(spec, backend)
-    model = model.to_empty(device=dev).to(dt)
+    if int4:
+        quant, _ = quantize.read_int4_tensors(path)
+        layers = quantize.int4_layers(spec, quant)
+        quantize.drop_dense_weights(model, list(layers))
+        model = model.to_empty(device=dev).to(dt)
+        quantize.install_int4(model, layers)
+        logger.info("int4: %d linear layers from %s", len(layers), path)
+    else:
+        model = model.to_empty(device=dev).to(dt)
     load_weights(model, path, dt, dev)
     model.eval()
     logger.info("loaded %s weights in %.2f s", hf_config.architectures, time.perf_counter() - t0)
@@ -189,6 +255,8 @@ def load_weights(model: CausalLM, path: Path, dtype: torch.dtype, device: torch.
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if name.endswith(_INT4_SUFFIXES):
+                    continue  # int4 weights: installed by server/model/quantize.py
                 tensor = f.get_tensor(name).to(device=device, dtype=dtype)
                 loaded.update(model.load_weight(name, tensor))
     missing = model.finish_loading(loaded)

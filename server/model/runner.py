@@ -22,6 +22,7 @@ from server.engine.request import Request
 from server.model.attention import AttentionMetadata, build_attention_metadata
 from server.model.attention_backends import get_attention_backend
 from server.model.cpu_linear import plan_linears
+from server.model.int4 import plan_int4_linears
 from server.model.loader import eos_token_ids, load_model, resolve_device, resolve_model
 from server.model.sampler import compute_logprobs, sample
 from server.model.spec_step import (
@@ -73,11 +74,12 @@ class ModelRunner:
         self.model_path = resolve_model(mc.model)
         backend = get_attention_backend(engine_config.attention_backend, self.device)
         self.model, self.hf_config, self.tokenizer = load_model(
-            self.model_path, mc.dtype, str(self.device), backend
+            self.model_path, mc.dtype, str(self.device), backend, mc.quantization
         )
         self.dtype = next(self.model.parameters()).dtype
         if self.device.type == "cpu" and mc.cpu_linear_plan:
             plan_linears(self.model)
+            plan_int4_linears(self.model)
         spec = self.model.spec
         self.vocab_size: int = spec.vocab_size
         self.block_size: int = engine_config.cache.block_size

@@ -1,0 +1,253 @@
+"""4-bit weights in groups of 32 along the input dim, computed by torch's CPU int4 kernel.
+
+A quantized weight [N, K] is q in 0..15 with, per row and group of GROUP_SIZE inputs, a scale
+and a zero: w = (q - 8) * scale + zero. That is the form of
+``torch.ops.aten._weight_int4pack_mm_for_cpu`` (checked against a dense reference on torch
+2.13: scales_and_zeros is [K / group, N, 2] holding (scale, zero)), and both GGUF 4-bit types
+map onto it exactly: Q4_0 (w = d * (q - 8)) is scale d, zero 0; Q4_1 (w = d * q + m) is
+scale d, zero m + 8 d.
+
+Decode on CPU is bound by the bytes of weights read per token; these read ~1/6 of fp32's
+(4 bits a weight plus a bf16 scale and zero per 32 weights: 5 bits a weight).
+
+The kernel computes in bfloat16 (COMPUTE_DTYPE): in torch 2.13 its float32 path is ~10-20x
+slower than its bfloat16 one on this machine (seen 1.7 ms vs 0.08-0.15 ms for one row of a
+1536 x 576 matrix, noisy) and slower than a dense fp32 matmul, so float32 would defeat the
+purpose. bfloat16 rounds each layer's input activations, the scales and zeros (8 bits of
+mantissa; a GGUF fp16 scale loses 3) and the output; the sums themselves are wider (against
+a float64 product of the same bf16 inputs the error is at the output's bf16 rounding, 2^-9).
+The model around the linears (norms, attention, residuals) stays float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from server.model.cpu_linear import FEW_ROWS, LARGE_WEIGHT, RowChoice, choose_rows
+
+logger = logging.getLogger(__name__)
+
+GROUP_SIZE = 32
+# The CPU packing wants N divisible by 16; other row counts are padded with zero rows.
+_ROW_MULTIPLE = 16
+# inner_k_tiles of _convert_weight_to_int4pack_for_cpu (the CPU kernel accepts 2, 4 or 8).
+_INNER_K_TILES = 2
+# The kernel's activation / scale dtype (see the module docstring). float32 is exact to float
+# rounding against dequantize() and serves as the reference in tests.
+COMPUTE_DTYPE = torch.bfloat16
+
+
+@dataclass
+class QuantizedWeight:
+    """w[n, k] = (q[n, k] - 8) * scale[n, k // G] + zero[n, k // G]; G = GROUP_SIZE."""
+
+    q: torch.Tensor  # uint8 [N, K], values 0..15
+    scale: torch.Tensor  # float32 [N, K / G]
+    zero: torch.Tensor  # float32 [N, K / G]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q.shape[0], self.q.shape[1])
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K], computed as the kernel does: (q - 8) * scale + zero."""
+        scale = self.scale.repeat_interleave(GROUP_SIZE, dim=1)
+        zero = self.zero.repeat_interleave(GROUP_SIZE, dim=1)
+        return (self.q.float() - 8) * scale + zero
+
+    def kernel_weight(self, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
+        """float32 [N, K]: the weights the kernel computes with, scales and zeros in ``dtype``."""
+        return QuantizedWeight(
+            self.q, self.scale.to(dtype).float(), self.zero.to(dtype).float()
+        ).dequantize()
+
+    def rows(self, index: torch.Tensor | slice) -> QuantizedWeight:
+        return QuantizedWeight(self.q[index], self.scale[index], self.zero[index])
+
+    @staticmethod
+    def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """Stacked along N (fused q/k/v, gate/up): groups run along K, so this is exact."""
+        return QuantizedWeight(
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat([p.zero for p in parts]),
+        )
+
+    # Storage: two values a byte (even k in the low nibble) halves the cache entry.
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        q = self.q.reshape(self.q.shape[0], -1, 2)
+        return {
+            f"{prefix}.qweight": (q[..., 0] | (q[..., 1] << 4)).contiguous(),
+            f"{prefix}.scales": self.scale.contiguous(),
+            f"{prefix}.zeros": self.zero.contiguous(),
+        }
+
+    @staticmethod
+    def from_tensors(
+        packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+    ) -> QuantizedWeight:
+        q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+        return QuantizedWeight(q, scales.float(), zeros.float())
+
+
+def supports(shape: tuple[int, ...]) -> bool:
+    """Whether a weight [N, K] can take the int4 path (K in whole groups)."""
+    return len(shape) == 2 and shape[1] % GROUP_SIZE == 0
+
+
+def quantize_rtn(w: torch.Tensor) -> QuantizedWeight:
+    """Round-to-nearest asymmetric quantization per group of GROUP_SIZE along the input dim.
+
+    scale = (max - min) / 15 and zero = min + 8 scale, so q = round((w - min) / scale)
+    reconstructs every element within scale / 2.
+    """
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = (hi - lo) / 15
+    # A constant group: any positive scale works; q = 0 then reconstructs lo exactly.
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((g - lo[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
+    zero = lo + 8 * scale
+    return QuantizedWeight(q.reshape(n, k), scale, zero)
+
+
+def relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
+    """||w - deq(qw)||_F / ||w||_F."""
+    w = w.float()
+    return float((w - qw.dequantize()).norm() / w.norm().clamp_min(1e-30))
+
+
+class Int4Linear(nn.Module):
+    """A linear layer whose weight is held packed for ``_weight_int4pack_mm_for_cpu``.
+
+    Inputs are cast to ``compute_dtype`` (see the module docstring) and outputs back to the
+    input's dtype. The bias, if any, stays a parameter so checkpoints load it as before.
+    """
+
+    def __init__(
+        self,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype = COMPUTE_DTYPE,
+    ) -> None:
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        n, k = qw.shape
+        if not supports(qw.shape):
+            raise ValueError(f"int4 needs in_features divisible by {GROUP_SIZE} (got {k})")
+        self.in_features, self.out_features = k, n
+        pad = -n % _ROW_MULTIPLE
+        q, scale, zero = qw.q, qw.scale, qw.zero
+        if pad:
+            q = torch.cat([q, q.new_full((pad, k), 8)])
+            scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
+            zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).contiguous(), _INNER_K_TILES
+        )
+        self.register_buffer("packed", packed, persistent=False)
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(compute_dtype).contiguous()
+        self.register_buffer("scales_and_zeros", sz, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"int4 g{GROUP_SIZE}, {self.compute_dtype}"
+        )
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, N] in the compute dtype."""
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(self.compute_dtype), self.packed, GROUP_SIZE, self.scales_and_zeros
+        )
+        return out[:, : self.out_features] if out.shape[1] != self.out_features else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        rows = x2.shape[0]
+        plan = _PLANS.get(plan_key(self))
+        if plan is not None and 1 <= rows <= FEW_ROWS and plan[rows - 1].rows > rows:
+            padded = torch.cat([x2, x2.new_zeros(plan[rows - 1].rows - rows, x2.shape[1])])
+            out = self._mm(padded)[:rows]
+        else:
+            out = self._mm(x2)
+        out = out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+# ---- few-row plan (as server/model/cpu_linear.py does for dense linears) -------------------
+
+# (out, in, compute dtype, torch threads) -> choices for rows 1..FEW_ROWS (index rows - 1).
+_PlanKey = tuple[int, int, torch.dtype, int]
+_PLANS: dict[_PlanKey, tuple[RowChoice, ...]] = {}
+_ROUNDS, _CALLS = 3, 3
+
+
+def plan_key(layer: Int4Linear) -> _PlanKey:
+    return (layer.out_features, layer.in_features, layer.compute_dtype, torch.get_num_threads())
+
+
+def _time_rows(layers: list[Int4Linear], max_rows: int = FEW_ROWS) -> np.ndarray:
+    """seconds[r - 1, 0] per call for rows 1..max_rows, rotating over ``layers`` (so weights
+    come from memory, as in a forward), min over rounds that sweep all row counts."""
+    xs = [torch.randn(r, layers[0].in_features) for r in range(1, max_rows + 1)]
+    seconds = np.full((max_rows, 1), np.inf)
+    for x in xs:  # warm-up
+        layers[0]._mm(x)
+    turn = 0
+    for _ in range(_ROUNDS):
+        for r, x in enumerate(xs):
+            start = time.perf_counter()
+            for _ in range(_CALLS):
+                layers[turn % len(layers)]._mm(x)
+                turn += 1
+            seconds[r, 0] = min(seconds[r, 0], (time.perf_counter() - start) / _CALLS)
+    return seconds
+
+
+def plan_int4_linears(model: nn.Module) -> dict[tuple[int, int], tuple[RowChoice, ...]]:
+    """Times every Int4Linear shape of ``model`` (lm_heads aside) at 1..FEW_ROWS rows and
+    pads row counts to a larger one where that is >= 10 % faster (cpu_linear.choose_rows)."""
+    return plan_int4_layers(
+        m
+        for m in model.modules()
+        if isinstance(m, Int4Linear)
+        and m.packed.device.type == "cpu"
+        and m.in_features * m.out_features < LARGE_WEIGHT
+    )
+
+
+def plan_int4_layers(layers: Iterable[Int4Linear]) -> dict[tuple[int, int], tuple[RowChoice, ...]]:
+    from server.model.cpu_linear import describe_padding
+
+    by_shape: dict[_PlanKey, list[Int4Linear]] = {}
+    for layer in layers:
+        by_shape.setdefault(plan_key(layer), []).append(layer)
+    todo = [key for key in by_shape if key not in _PLANS]
+    start = time.perf_counter()
+    for i, key in enumerate(todo, 1):
+        logger.info(
+            "timing int4 linear %d/%d (%d x %d) at 1..%d rows", i, len(todo), *key[:2], FEW_ROWS
+        )
+        plan = choose_rows(_time_rows(by_shape[key]))
+        _PLANS[key] = plan
+        logger.info("int4 linear %d x %d: pads %s", *key[:2], describe_padding(plan))
+    if todo:
+        logger.info(
+            "planned %d int4 linear shapes in %.1f s", len(todo), time.perf_counter() - start
+        )
+    return {key[:2]: _PLANS[key] for key in by_shape}
+
+
+def clear_int4_plans() -> None:
+    _PLANS.clear()

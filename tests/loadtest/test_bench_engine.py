@@ -1,0 +1,54 @@
+"""loadtest.bench_engine on the tiny random Llama, fp32 and int4 one after the other: every
+table of the report is written. A smoke test of the tool, not a measurement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtest import bench_engine
+
+
+@pytest.mark.timeout(120)
+def test_bench_engine_formats_side_by_side(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPECD_CACHE_DIR", str(tmp_path / "cache"))  # the int4 entry
+    out = tmp_path / "engine"
+    rc = bench_engine.main(
+        ["--model", str(tiny_llama_dir), "--batch-sizes", "1", "2", "--new-tokens", "4",
+         "--repeats", "1", "--verify-rows", "3", "--verify-context", "16",
+         "--verify-repeats", "1", "--no-cpu-linear-plan", "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    (json_path,) = out.glob("*.json")
+    result = json.loads(json_path.read_text())
+    assert [f["quantization"] for f in result["formats"]] == ["none", "int4"]
+    assert [f["label"] for f in result["formats"]] == ["fp32", "int4"]
+    for f in result["formats"]:
+        assert [r["batch"] for r in f["throughput"]] == [1, 2]
+        assert all(r["output_tokens"] == 4 * r["batch"] for r in f["throughput"])
+        assert f["single_stream"]["tokens_per_s"] > 0
+        assert [r["rows"] for r in f["verify_rows"]] == [1, 2, 3]
+        assert all(r["step_ms"] > 0 for r in f["verify_rows"])
+    assert result["transformers"]["tokens_per_s"] > 0
+    int4 = result["comparison"]["against"]["int4"]
+    assert set(int4["throughput_ratio"]) == {"1", "2"}
+    assert set(int4["step_ms_ratio"]) == {"1", "2", "3"}
+    assert int4["single_stream_target"] == 2.5
+    assert len(result["load_average"]["start"]) == 3
+
+    (md_path,) = out.glob("*.md")
+    md = md_path.read_text()
+    assert "Load average (1, 5, 15 min) at start:" in md
+    assert "## fp32 (--quantization none)" in md and "## int4 (--quantization int4)" in md
+    assert md.count("| batch | output tokens | seconds | output tokens/s |") == 2
+    assert "transformers generate" in md
+    assert "| batch | fp32 tok/s | int4 tok/s | int4 / fp32 |" in md
+    assert "Single-stream decode: int4" in md and "(target >= 2.5x:" in md
+    assert "| rows | fp32 ms | fp32 ms/row | int4 ms | int4 ms/row | int4 / fp32 |" in md
+    assert "\n| 3 | " in md
+    (png,) = out.glob("*-verify-rows.png")
+    assert png.stat().st_size > 0 and f"]({png.name})" in md

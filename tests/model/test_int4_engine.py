@@ -1,0 +1,212 @@
+"""--quantization int4 end to end on tiny random models.
+
+The independent reference is the same model whose weights are replaced by their int4 values
+(dequantized, with the kernel's bf16 scales and zeros) run dense (quantization none), its
+linears rounding inputs and outputs to bf16 as the int4 kernel does: int4 must give its greedy
+tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.nn import functional as F
+
+from server.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
+from server.engine.offline import OfflineEngine
+from server.engine.sampling_params import SamplingParams
+from server.model import quantize
+from server.model.int4 import Int4Linear
+from server.model.layers import Linear
+from server.model.loader import load_model, resolve_device
+from server.model.quantize import QUANT_FILE, choose_quantization, int4_dir, read_int4_tensors
+from tests.spec_decode.test_engine_speculation import repetitive_token_prompts
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("int4-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPECD_CACHE_DIR", str(root))
+        yield root
+
+
+def dequantized_copy(int4_entry: Path, out: Path) -> Path:
+    """A dense HF directory holding the int4 entry's weights, dequantized. A tied int4 head
+    becomes an untied lm_head.weight (the int4 model's lookup reads the dense table)."""
+    out.mkdir(parents=True)
+    for f in int4_entry.iterdir():
+        if f.suffix != ".safetensors" and f.name != QUANT_FILE:
+            shutil.copy(f, out / f.name)
+    quant, dense_names = read_int4_tensors(int4_entry)
+    from safetensors import safe_open
+
+    # The weights as the kernel holds them (bf16 scales and zeros, server/model/int4.py).
+    tensors = {f"{m}.weight": qw.kernel_weight().contiguous() for m, qw in quant.items()}
+    with safe_open(int4_entry / "model.safetensors", framework="pt") as f:
+        tensors.update({n: f.get_tensor(n) for n in dense_names})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if "lm_head" in quant:
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["tie_word_embeddings"] = False
+        (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def make_engine(
+    model: Path, quantization: str, spec: SpeculativeConfig | None = None
+) -> OfflineEngine:
+    return OfflineEngine(
+        EngineConfig(
+            model=ModelConfig(model=str(model), dtype="float32", quantization=quantization),  # type: ignore[arg-type]
+            cache=CacheConfig(block_size=8, num_blocks=256),
+            scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64),
+            speculative=spec or SpeculativeConfig(),
+            separate_process=False,
+        )
+    )
+
+
+class Bf16IoLinear(Linear):
+    """A dense Linear computed as the int4 kernel does: bf16 inputs, float32 sums, a bf16
+    result (server/model/int4.py), so that only the order of float32 additions differs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x.bfloat16().float(), self.weight).bfloat16().float()
+        return out if self.bias is None else out + self.bias
+
+
+def emulate_kernel_rounding(engine: OfflineEngine) -> OfflineEngine:
+    model = engine.core.runner.model
+    for module in model.modules():
+        if type(module) is Linear and module is not model.lm_head:  # the head stays dense
+            module.__class__ = Bf16IoLinear
+    return engine
+
+
+PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3", "qwen2"])  # plain, tied head, biases
+def test_int4_greedy_matches_dense_dequantized_weights(
+    arch: str, tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    src = tiny_model_dirs[arch]
+    entry = int4_dir(src)
+    summary = json.loads((entry / QUANT_FILE).read_text())
+    assert summary["round_to_nearest"] == 2 * 7  # 2 layers x 7 linears; the head stays dense
+    assert 0 < summary["rtn_relative_frobenius_error"]["max"] < 0.2
+    reference = dequantized_copy(entry, tmp_path / "deq")
+    prompts = repetitive_token_prompts(8)
+    int4 = make_engine(src, "int4")
+    layers = [m for m in int4.core.runner.model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 4 * 2  # qkv, o, gate_up, down per layer
+    ours = [c.token_ids for c in int4.generate(prompts, PARAMS)]
+    dense_engine = emulate_kernel_rounding(make_engine(reference, "none"))
+    dense = [c.token_ids for c in dense_engine.generate(prompts, PARAMS)]
+    assert ours == dense
+
+
+def test_int4_logits_close_to_dense_dequantized(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    src = tiny_model_dirs["llama"]
+    reference = dequantized_copy(int4_dir(src), tmp_path / "deq")
+    m4, _, _ = load_model(src, "float32", "cpu", quantization="int4")
+    md, _, _ = load_model(reference, "float32", "cpu", quantization="none")
+    h = torch.randn(5, m4.spec.hidden_size)
+    x = torch.randn(5, m4.spec.hidden_size)
+    with torch.no_grad():
+        # The head is dense in both (not Q4 in the source): the same logits.
+        torch.testing.assert_close(m4.compute_logits(h), md.compute_logits(h))
+        ours = m4.model.layers[0].mlp.gate_up_proj(x)
+        dense = md.model.layers[0].mlp.gate_up_proj
+        # bf16 activations in the kernel (server/model/int4.py): close to float32 ...
+        ref = dense(x)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-2 * float(ref.abs().max()))
+        # ... and equal to bf16 rounding when the reference rounds as the kernel does.
+        dense.__class__ = Bf16IoLinear
+        torch.testing.assert_close(ours, dense(x), rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SpeculativeConfig(policy="fixed", method="ngram", num_speculative_tokens=4),
+        SpeculativeConfig(policy="fixed", method="tree", num_speculative_tokens=8),
+    ],
+    ids=["ngram-k4", "tree-8"],
+)
+def test_speculation_stays_lossless_under_int4(
+    spec: SpeculativeConfig, tiny_model_dirs: dict[str, Path]
+) -> None:
+    src = tiny_model_dirs["llama"]
+    prompts = repetitive_token_prompts(16)
+    plain = [c.token_ids for c in make_engine(src, "int4").generate(prompts, PARAMS)]
+    engine = make_engine(src, "int4", spec)
+    speculative = [c.token_ids for c in engine.generate(prompts, PARAMS)]
+    assert speculative == plain
+    assert engine.core.stats().num_draft_tokens > 0
+
+
+def test_entry_is_built_once(tiny_model_dirs: dict[str, Path], monkeypatch) -> None:
+    src = tiny_model_dirs["qwen3"]
+    first = int4_dir(src)
+    calls: list[Path] = []
+    monkeypatch.setattr(quantize, "build_int4", lambda *a: calls.append(a[0]))
+    assert int4_dir(src) == first and calls == []
+    assert int4_dir(first) == first  # an int4 entry given as the model is used as it is
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_choose_quantization(tiny_model_dirs: dict[str, Path]) -> None:
+    src = tiny_model_dirs["llama"]
+    cpu = resolve_device("cpu")
+    assert choose_quantization("auto", src, "auto", cpu) == "none"  # not a Q4 GGUF
+    assert choose_quantization("none", src, "auto", cpu) == "none"
+    assert choose_quantization("int4", src, "auto", cpu) == "int4"
+    with pytest.raises(ValueError, match="CPU only"):
+        choose_quantization("int4", src, "auto", torch.device("cuda"))
+    with pytest.raises(ValueError, match="float32"):
+        load_model(src, "bfloat16", "cpu", quantization="int4")
+    entry = int4_dir(src)
+    assert choose_quantization("auto", entry, "auto", cpu) == "int4"
+    with pytest.raises(ValueError, match="holds int4 weights"):
+        choose_quantization("none", entry, "auto", cpu)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3"])  # untied, tied
+def test_int4_head(
+    arch: str, tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """With QUANTIZE_HEAD_RTN (what a Q4 head in a GGUF gets): the head is int4 too; a tied
+    model's lookup still reads the dense table."""
+    monkeypatch.setenv("SPECD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(quantize, "QUANTIZE_HEAD_RTN", True)
+    src = tiny_model_dirs[arch]
+    entry = int4_dir(src)
+    reference = dequantized_copy(entry, tmp_path / "deq")
+    prompts = repetitive_token_prompts(8)
+    int4 = make_engine(src, "int4")
+    model = int4.core.runner.model
+    assert isinstance(model.lm_head, Int4Linear)
+    assert isinstance(model.model.embed_tokens.weight, torch.nn.Parameter)
+    ours = [c.token_ids for c in int4.generate(prompts, PARAMS)]
+    dense_engine = make_engine(reference, "none")
+    for module in dense_engine.core.runner.model.modules():
+        if type(module) is Linear:
+            module.__class__ = Bf16IoLinear
+    dense = [c.token_ids for c in dense_engine.generate(prompts, PARAMS)]
+    assert ours == dense

@@ -1,0 +1,49 @@
+"""The embedded SmolLM2 (a Q4_1 GGUF) is served as int4 by default on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from server.engine.offline import OfflineEngine
+from server.engine.sampling_params import SamplingParams
+from server.model.int4 import Int4Linear
+from server.model.quantize import QUANT_FILE, int4_dir
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_model_auto_is_int4_repacked_exactly() -> None:
+    from server.model.loader import resolve_model
+
+    try:
+        path = resolve_model("smollm2")  # the fp32 conversion other slow tests share
+    except ValueError as e:
+        pytest.skip(str(e))
+    engine = OfflineEngine(
+        EngineConfig(
+            model=ModelConfig(model="smollm2-135m-instruct", device="cpu"),  # auto, auto
+            cache=CacheConfig(block_size=16, num_blocks=64),
+            scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256),
+            separate_process=False,
+        )
+    )
+    model = engine.core.runner.model
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 30 * 4
+    summary = json.loads((int4_dir(path) / QUANT_FILE).read_text())
+    # Every Q4_1 linear of the file dequantises to transformers' weights (checked while
+    # building); the tied head (the file's Q8_0 embedding) stays dense.
+    assert summary["repacked_exact"] == 210 and summary["round_to_nearest"] == 0
+    assert model.lm_head is None
+    tok = engine.tokenizer
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    prompt = tok.encode(text, add_special_tokens=False)
+    out = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))
+    text = tok.decode(out[0].token_ids)
+    assert out[0].token_ids and "Paris" in text, text
