@@ -17,3 +17,10 @@ Modules, one job each:
   simulate, sim/  discrete-event simulation of the real scheduler and policies (virtual clock)
   bench_*       offline benchmarks: engine, speculation policies, cost model, CPU linears
 """
+
+# Every `python -m loadtest.<tool>` imports this package first. Importing `server` sets
+# OMP_WAIT_POLICY=PASSIVE before anything here imports torch (server/__init__.py says why): the
+# in-process benchmarks (bench_engine, bench_spec, bench_cost_model, bench_serving's offline
+# side) must run the engine as `specd serve` does. With libgomp's default busy-waiting, the
+# offline engine measured 3-30x slower in bench_serving's smoke runs, and varied run to run.
+import server  # noqa: F401
