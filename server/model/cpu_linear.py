@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from torch import nn
 from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+K = TypeVar("K", bound=tuple[Any, ...])
 
 # Largest row count planned and routed away from plain F.linear on CPU (prefill chunks of
 # hundreds of rows stay on F.linear).
@@ -153,29 +157,58 @@ def plan_linears(model: nn.Module) -> dict[tuple[int, int], tuple[RowChoice, ...
 def plan_weights(weights: Iterable[torch.Tensor]) -> dict[tuple[int, int], tuple[RowChoice, ...]]:
     """Plans each shape among ``weights`` (timed over all the weights of that shape), logging
     progress and the row counts it pads; shapes planned before are not timed again."""
-    by_shape: dict[tuple[int, int, torch.dtype, int], list[torch.Tensor]] = {}
-    for weight in weights:
-        by_shape.setdefault(plan_key(weight), []).append(weight)
-    todo = [key for key in by_shape if key not in _PLANS]
+    return plan_groups(
+        weights,
+        plan_key,
+        _PLANS,
+        time_rows,
+        "CPU linear",
+        lambda plan: (
+            f"; weight @ x.T at {sum(c.transposed for c in plan)} of {len(plan)} row counts"
+        ),
+    )
+
+
+def plan_groups(
+    items: Iterable[T],
+    key_of: Callable[[T], K],
+    plans: dict[K, tuple[RowChoice, ...]],
+    time_group: Callable[[list[T]], np.ndarray],
+    what: str,
+    detail: Callable[[tuple[RowChoice, ...]], str] = lambda plan: "",
+) -> dict[tuple[int, int], tuple[RowChoice, ...]]:
+    """Groups ``items`` by ``key_of`` ((out, in, ...) first), times each group not in ``plans``
+    with ``time_group`` and records its choices there, logging progress as ``what``; returns
+    the plans of all the groups by (out, in). Shared by the dense and the int4 linears."""
+    by_key: dict[K, list[T]] = {}
+    for item in items:
+        by_key.setdefault(key_of(item), []).append(item)
+    todo = [key for key in by_key if key not in plans]
     start = time.perf_counter()
     for i, key in enumerate(todo, 1):
+        out_features, in_features = key[0], key[1]
         logger.info(
-            "timing CPU linear %d/%d (%d x %d) at 1..%d rows", i, len(todo), *key[:2], FEW_ROWS
+            "timing %s %d/%d (%d x %d) at 1..%d rows",
+            what,
+            i,
+            len(todo),
+            out_features,
+            in_features,
+            FEW_ROWS,
         )
-        plan = choose_rows(time_rows(by_shape[key]))
-        _PLANS[key] = plan
+        plan = choose_rows(time_group(by_key[key]))
+        plans[key] = plan
         logger.info(
-            "CPU linear %d x %d: pads %s; weight @ x.T at %d of %d row counts",
-            *key[:2],
+            "%s %d x %d: pads %s%s",
+            what,
+            out_features,
+            in_features,
             describe_padding(plan),
-            sum(c.transposed for c in plan),
-            len(plan),
+            detail(plan),
         )
     if todo:
-        logger.info(
-            "planned %d CPU linear shapes in %.1f s", len(todo), time.perf_counter() - start
-        )
-    return {key[:2]: _PLANS[key] for key in by_shape}
+        logger.info("planned %d %s shapes in %.1f s", len(todo), what, time.perf_counter() - start)
+    return {(key[0], key[1]): plans[key] for key in by_key}
 
 
 def describe_padding(plan: tuple[RowChoice, ...]) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from server.model.cpu_linear import FEW_ROWS, LARGE_WEIGHT, RowChoice, choose_rows
+from server.model.cpu_linear import FEW_ROWS, LARGE_WEIGHT, RowChoice, plan_groups
 
 logger = logging.getLogger(__name__)
 
@@ -228,25 +228,7 @@ def plan_int4_linears(model: nn.Module) -> dict[tuple[int, int], tuple[RowChoice
 
 
 def plan_int4_layers(layers: Iterable[Int4Linear]) -> dict[tuple[int, int], tuple[RowChoice, ...]]:
-    from server.model.cpu_linear import describe_padding
-
-    by_shape: dict[_PlanKey, list[Int4Linear]] = {}
-    for layer in layers:
-        by_shape.setdefault(plan_key(layer), []).append(layer)
-    todo = [key for key in by_shape if key not in _PLANS]
-    start = time.perf_counter()
-    for i, key in enumerate(todo, 1):
-        logger.info(
-            "timing int4 linear %d/%d (%d x %d) at 1..%d rows", i, len(todo), *key[:2], FEW_ROWS
-        )
-        plan = choose_rows(_time_rows(by_shape[key]))
-        _PLANS[key] = plan
-        logger.info("int4 linear %d x %d: pads %s", *key[:2], describe_padding(plan))
-    if todo:
-        logger.info(
-            "planned %d int4 linear shapes in %.1f s", len(todo), time.perf_counter() - start
-        )
-    return {key[:2]: _PLANS[key] for key in by_shape}
+    return plan_groups(layers, plan_key, _PLANS, _time_rows, "int4 linear")
 
 
 def clear_int4_plans() -> None:
