@@ -1,8 +1,9 @@
-"""Raw Q4_0 / Q4_1 tensors of a GGUF file, as int4 QuantizedWeights, without dequantising.
+"""Raw Q4_0 / Q4_1 / Q8_0 tensors of a GGUF file, as int4 QuantizedWeights, without dequantising.
 
 A ggml Q4 block covers 32 consecutive weights of one row (along the input dim): an fp16 scale
 d, for Q4_1 an fp16 minimum m, then 16 bytes qs where the low nibble of qs[j] is element j and
-the high nibble element j + 16. Q4_0: w = d * (q - 8); Q4_1: w = d * q + m.
+the high nibble element j + 16. Q4_0: w = d * (q - 8); Q4_1: w = d * q + m. A Q8_0 block is an
+fp16 d and 32 int8 q: w = d * q, held as two 4-bit planes (int4.split_q8), still exact.
 
 Tensor names are mapped to transformers' (blk.3.attn_q.weight ->
 model.layers.3.self_attn.q_proj.weight). llama.cpp's converter permutes the rows of
@@ -20,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.model.int4 import GROUP_SIZE, QuantizedWeight
+from server.model.int4 import GROUP_SIZE, QuantizedWeight, split_q8
 
 Q4_TYPES = ("Q4_0", "Q4_1")
+# Block types the int4 kernel computes exactly (Q8_0 as two planes).
+EXACT_TYPES = (*Q4_TYPES, "Q8_0")
 # Architectures whose converter permutes q/k rows (transformers' LlamaTensorProcessor).
 _PERMUTED_ARCHS = ("llama", "mistral")
 
@@ -69,6 +72,18 @@ def decode_q4(raw: np.ndarray, qtype: str, rows: int, cols: int) -> QuantizedWei
     )
 
 
+def decode_q8_0(raw: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
+    """Q8_0 block bytes (uint8, rows x cols / 32 blocks of 34 bytes) -> two-plane weight."""
+    blocks = np.ascontiguousarray(raw).reshape(rows, cols // GROUP_SIZE, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
+    return split_q8(torch.from_numpy(q), torch.from_numpy(d))
+
+
+def decode_block(raw: np.ndarray, qtype: str, rows: int, cols: int) -> QuantizedWeight:
+    return decode_q8_0(raw, rows, cols) if qtype == "Q8_0" else decode_q4(raw, qtype, rows, cols)
+
+
 def _unpermute_rows(qw: QuantizedWeight, n_head: int) -> QuantizedWeight:
     """transformers' _reverse_permute_weights, applied to whole rows."""
     rows = qw.shape[0]
@@ -87,9 +102,9 @@ def _field(reader: Any, key: str) -> Any:
     return part.tolist()[0]
 
 
-def q4_tensors(path: Path, hf_config: Any) -> dict[str, QuantizedWeight]:
-    """Every Q4_0 / Q4_1 matrix of the GGUF file that transformers would load, by HF name,
-    with q/k rows in transformers' order."""
+def exact_int4_tensors(path: Path, hf_config: Any) -> dict[str, QuantizedWeight]:
+    """Every Q4_0 / Q4_1 / Q8_0 matrix of the GGUF file that transformers would load, by HF
+    name, with q/k rows in transformers' order."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
@@ -99,10 +114,10 @@ def q4_tensors(path: Path, hf_config: Any) -> dict[str, QuantizedWeight]:
     out: dict[str, QuantizedWeight] = {}
     for t in reader.tensors:
         name = hf_name(t.name)
-        if name is None or t.tensor_type.name not in Q4_TYPES:
+        if name is None or t.tensor_type.name not in EXACT_TYPES:
             continue
         cols, rows = (int(x) for x in t.shape)  # GGUF lists dims innermost first
-        qw = decode_q4(t.data, t.tensor_type.name, rows, cols)
+        qw = decode_block(t.data, t.tensor_type.name, rows, cols)
         if arch in _PERMUTED_ARCHS and ".attn_q." in t.name:
             qw = _unpermute_rows(qw, heads)
         elif arch in _PERMUTED_ARCHS and ".attn_k." in t.name:

@@ -5,7 +5,10 @@ and a zero: w = (q - 8) * scale + zero. That is the form of
 ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (checked against a dense reference on torch
 2.13: scales_and_zeros is [K / group, N, 2] holding (scale, zero)), and both GGUF 4-bit types
 map onto it exactly: Q4_0 (w = d * (q - 8)) is scale d, zero 0; Q4_1 (w = d * q + m) is
-scale d, zero m + 8 d.
+scale d, zero m + 8 d. GGUF's Q8_0 (w = d * q, q int8) is exact as two 4-bit planes summed
+in the kernel's accumulator (``split_q8``). The embedded SmolLM2's LM head (its Q8_0
+embedding, 49152 x 576) runs that way ~2-5x faster than dense fp32 at 1-4 rows
+(``python -m loadtest.bench_lm_head``, loadtest/results/engine/lm-head.md).
 
 Decode on CPU is bound by the bytes of weights read per token; these read ~1/6 of fp32's
 (4 bits a weight plus a bf16 scale and zero per 32 weights: 5 bits a weight).
@@ -37,6 +40,9 @@ logger = logging.getLogger(__name__)
 GROUP_SIZE = 32
 # The CPU packing wants N divisible by 16; other row counts are padded with zero rows.
 _ROW_MULTIPLE = 16
+# The checkpoint tensors of one int4 module (QuantizedWeight.to_tensors); ".planes" only
+# when there are several.
+TENSOR_SUFFIXES = (".qweight", ".scales", ".zeros", ".planes")
 # inner_k_tiles of _convert_weight_to_int4pack_for_cpu (the CPU kernel accepts 2, 4 or 8).
 _INNER_K_TILES = 2
 # The kernel's activation / scale dtype (see the module docstring). float32 is exact to float
@@ -46,55 +52,104 @@ COMPUTE_DTYPE = torch.bfloat16
 
 @dataclass
 class QuantizedWeight:
-    """w[n, k] = (q[n, k] - 8) * scale[n, k // G] + zero[n, k // G]; G = GROUP_SIZE."""
+    """w[n, k] = (q[n, k] - 8) * scale[n, k // G] + zero[n, k // G]; G = GROUP_SIZE.
 
-    q: torch.Tensor  # uint8 [N, K], values 0..15
-    scale: torch.Tensor  # float32 [N, K / G]
-    zero: torch.Tensor  # float32 [N, K / G]
+    With ``planes`` > 1 the weight is a sum of 4-bit planes laid side by side along the input
+    dim: q is [N, planes * K] and w = sum over p of plane p (columns p * K .. (p + 1) * K).
+    An 8-bit block is two planes (``split_q8``); the kernel sees one [N, planes * K] matrix
+    and an input repeated ``planes`` times, so the planes are summed inside its accumulator.
+    """
+
+    q: torch.Tensor  # uint8 [N, planes * K], values 0..15
+    scale: torch.Tensor  # float32 [N, planes * K / G]
+    zero: torch.Tensor  # float32 [N, planes * K / G]
+    planes: int = 1
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.q.shape[0], self.q.shape[1])
+        return (self.q.shape[0], self.q.shape[1] // self.planes)
 
     def dequantize(self) -> torch.Tensor:
-        """float32 [N, K], computed as the kernel does: (q - 8) * scale + zero."""
+        """float32 [N, K], computed as the kernel does: (q - 8) * scale + zero, planes summed."""
         scale = self.scale.repeat_interleave(GROUP_SIZE, dim=1)
         zero = self.zero.repeat_interleave(GROUP_SIZE, dim=1)
-        return (self.q.float() - 8) * scale + zero
+        w = (self.q.float() - 8) * scale + zero
+        if self.planes == 1:
+            return w
+        n, k = self.shape
+        return w.reshape(n, self.planes, k).sum(dim=1)
 
     def kernel_weight(self, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
         """float32 [N, K]: the weights the kernel computes with, scales and zeros in ``dtype``."""
         return QuantizedWeight(
-            self.q, self.scale.to(dtype).float(), self.zero.to(dtype).float()
+            self.q, self.scale.to(dtype).float(), self.zero.to(dtype).float(), self.planes
         ).dequantize()
 
     def rows(self, index: torch.Tensor | slice) -> QuantizedWeight:
-        return QuantizedWeight(self.q[index], self.scale[index], self.zero[index])
+        return QuantizedWeight(self.q[index], self.scale[index], self.zero[index], self.planes)
+
+    def with_planes(self, planes: int) -> QuantizedWeight:
+        """The same weight in ``planes`` planes: the extra ones are zero (q 8, scale and zero 0)."""
+        extra = planes - self.planes
+        if extra <= 0:
+            return self
+        n, k = self.shape
+        groups = k // GROUP_SIZE
+        return QuantizedWeight(
+            torch.cat([self.q, self.q.new_full((n, extra * k), 8)], dim=1),
+            torch.cat([self.scale, self.scale.new_zeros(n, extra * groups)], dim=1),
+            torch.cat([self.zero, self.zero.new_zeros(n, extra * groups)], dim=1),
+            planes,
+        )
 
     @staticmethod
     def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
-        """Stacked along N (fused q/k/v, gate/up): groups run along K, so this is exact."""
+        """Stacked along N (fused q/k/v, gate/up): groups run along K, so this is exact. Parts
+        with fewer planes get zero planes (a Q4 q_proj fused with a Q8_0 v_proj)."""
+        planes = max(p.planes for p in parts)
+        parts = [p.with_planes(planes) for p in parts]
         return QuantizedWeight(
             torch.cat([p.q for p in parts]),
             torch.cat([p.scale for p in parts]),
             torch.cat([p.zero for p in parts]),
+            planes,
         )
 
     # Storage: two values a byte (even k in the low nibble) halves the cache entry.
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         q = self.q.reshape(self.q.shape[0], -1, 2)
-        return {
+        out = {
             f"{prefix}.qweight": (q[..., 0] | (q[..., 1] << 4)).contiguous(),
             f"{prefix}.scales": self.scale.contiguous(),
             f"{prefix}.zeros": self.zero.contiguous(),
         }
+        if self.planes > 1:
+            out[f"{prefix}.planes"] = torch.tensor([self.planes], dtype=torch.int32)
+        return out
 
     @staticmethod
     def from_tensors(
-        packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+        packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, planes: int = 1
     ) -> QuantizedWeight:
         q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-        return QuantizedWeight(q, scales.float(), zeros.float())
+        return QuantizedWeight(q, scales.float(), zeros.float(), planes)
+
+
+def split_q8(q8: torch.Tensor, d: torch.Tensor) -> QuantizedWeight:
+    """An 8-bit weight w = d * q8 (q8 int8 [N, K], one scale d per group of 32: GGUF's Q8_0)
+    as two exact 4-bit planes: q8 = 16 hi + lo with hi = q8 >> 4 in -8..7 and lo = q8 & 15.
+    Plane hi: (hi + 8 - 8) * 16 d + 0; plane lo: (lo - 8) * d + 8 d. The kernel reads 10 bits a
+    weight instead of 32 and computes the 8-bit weights exactly (scales rounded to its dtype)."""
+    q = q8.to(torch.int16)
+    hi = (q >> 4) + 8
+    lo = q & 15
+    d = d.float()
+    return QuantizedWeight(
+        torch.cat([hi, lo], dim=1).to(torch.uint8),
+        torch.cat([16 * d, d], dim=1),
+        torch.cat([torch.zeros_like(d), 8 * d], dim=1),
+        planes=2,
+    )
 
 
 def supports(shape: tuple[int, ...]) -> bool:
@@ -144,10 +199,11 @@ class Int4Linear(nn.Module):
         if not supports(qw.shape):
             raise ValueError(f"int4 needs in_features divisible by {GROUP_SIZE} (got {k})")
         self.in_features, self.out_features = k, n
+        self.planes = qw.planes
         pad = -n % _ROW_MULTIPLE
         q, scale, zero = qw.q, qw.scale, qw.zero
         if pad:
-            q = torch.cat([q, q.new_full((pad, k), 8)])
+            q = torch.cat([q, q.new_full((pad, q.shape[1]), 8)])
             scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
             zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
@@ -161,13 +217,17 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"int4 g{GROUP_SIZE}, {self.compute_dtype}"
+            f"int4 g{GROUP_SIZE}{f' x {self.planes} planes' if self.planes > 1 else ''}, "
+            f"{self.compute_dtype}"
         )
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N] in the compute dtype."""
+        x = x.to(self.compute_dtype)
+        if self.planes > 1:
+            x = x.repeat(1, self.planes)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(self.compute_dtype), self.packed, GROUP_SIZE, self.scales_and_zeros
+            x, self.packed, GROUP_SIZE, self.scales_and_zeros
         )
         return out[:, : self.out_features] if out.shape[1] != self.out_features else out
 
@@ -187,14 +247,20 @@ class Int4Linear(nn.Module):
 
 # ---- few-row plan (as server/model/cpu_linear.py does for dense linears) -------------------
 
-# (out, in, compute dtype, torch threads) -> choices for rows 1..FEW_ROWS (index rows - 1).
-_PlanKey = tuple[int, int, torch.dtype, int]
+# (out, in, planes, compute dtype, torch threads) -> choices for rows 1..FEW_ROWS (index rows - 1).
+_PlanKey = tuple[int, int, int, torch.dtype, int]
 _PLANS: dict[_PlanKey, tuple[RowChoice, ...]] = {}
 _ROUNDS, _CALLS = 3, 3
 
 
 def plan_key(layer: Int4Linear) -> _PlanKey:
-    return (layer.out_features, layer.in_features, layer.compute_dtype, torch.get_num_threads())
+    return (
+        layer.out_features,
+        layer.in_features,
+        layer.planes,
+        layer.compute_dtype,
+        torch.get_num_threads(),
+    )
 
 
 def _time_rows(layers: list[Int4Linear], max_rows: int = FEW_ROWS) -> np.ndarray:

@@ -230,8 +230,8 @@ class CausalLM(nn.Module):
         """hidden [N, H] -> float32 logits [N, V]."""
         if self.lm_head is None:
             return linear(hidden, self.model.embed_tokens.weight).float()
-        # A Linear, or an Int4Linear (server/model/int4.py; a tied one then holds an int4
-        # copy of the embedding table while the lookup reads the dense one).
+        # A Linear, or a RescoredInt4Head (server/model/int4_head.py; a tied one then holds an
+        # int4 copy of the embedding table while the lookup reads the dense one).
         return self.lm_head(hidden).float()
 
     # ---- weight loading -------------------------------------------------------------------

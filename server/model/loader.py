@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from server.model.attention import AttentionBackend
 from server.model.embedded import embedded_names, find_embedded
+from server.model.int4 import TENSOR_SUFFIXES
 from server.model.llama import CausalLM, decoder_spec
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ _HASH_PREFIX_BYTES = 1 << 20
 _REQUIRED_FILES = ("config.json", "model.safetensors")
 # In a conversion entry: the GGUF file it was converted from (see _record_source).
 SOURCE_FILE = "specd_source.json"
-_INT4_SUFFIXES = (".qweight", ".scales", ".zeros")
 
 
 def cache_root() -> Path:
@@ -255,7 +255,7 @@ def load_weights(model: CausalLM, path: Path, dtype: torch.dtype, device: torch.
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if name.endswith(_INT4_SUFFIXES):
+                if name.endswith(TENSOR_SUFFIXES):
                     continue  # int4 weights: installed by server/model/quantize.py
                 tensor = f.get_tensor(name).to(device=device, dtype=dtype)
                 loaded.update(model.load_weight(name, tensor))

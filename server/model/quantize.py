@@ -2,13 +2,16 @@
 
 An int4 cache entry is a model directory (config, tokenizer) whose ``model.safetensors``
 holds each linear weight as ``<module>.qweight`` (two 4-bit values a byte), ``.scales`` and
-``.zeros`` (server/model/int4.py), and every other tensor dense. For a GGUF source the Q4_0 /
-Q4_1 matrices are repacked from the file's own blocks (exact: the file's precision, checked
-against transformers' dequantised weights while building); any other matrix, and every
-matrix of a Hugging Face directory, is quantized round-to-nearest in groups of 32, and its
-error is logged; except the LM head, which stays dense unless the source holds it in Q4
-(QUANTIZE_HEAD_RTN). The entry sits beside the source's conversion entry, keyed by the source and
-the quantization, and is written with the same temporary-directory + rename pattern.
+``.zeros`` (server/model/int4.py; ``.planes`` for an 8-bit weight held as two 4-bit planes),
+and every other tensor dense. For a GGUF source the Q4_0 / Q4_1 / Q8_0 matrices are repacked
+from the file's own blocks (exact: the file's precision, checked against transformers'
+dequantised weights while building); any other matrix, and every matrix of a Hugging Face
+directory, is quantized round-to-nearest in groups of 32, and its error is logged; except the
+LM head, which stays dense unless the source holds it in one of those block types
+(QUANTIZE_HEAD_RTN). A tied head (the embedded SmolLM2's Q8_0 embedding) is read as two
+planes by the head and densely by the embedding lookup, which touches one row a token. The
+entry sits beside the source's conversion entry, keyed by the source and the quantization,
+and is written with the same temporary-directory + rename pattern.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from server.model.int4 import Int4Linear, QuantizedWeight, quantize_rtn, relative_error, supports
+from server.model.int4 import (
+    TENSOR_SUFFIXES,
+    Int4Linear,
+    QuantizedWeight,
+    quantize_rtn,
+    relative_error,
+    supports,
+)
 from server.model.llama import CausalLM, DecoderSpec
 
 logger = logging.getLogger(__name__)
@@ -36,14 +46,14 @@ QUANT_FILE = "quantization.json"
 # In a GGUF conversion entry: [Q4_0/Q4_1 decoder linears, all decoder linears] of its file.
 _Q4_NOTE = "specd_q4.json"
 _REQUIRED = ("config.json", "model.safetensors", QUANT_FILE)
-_QUANT_SUFFIXES = (".qweight", ".scales", ".zeros")
 # The matrices computed by linear layers (the embedding itself stays dense for its lookup).
 _LINEAR = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
-# Round an LM head that is not 4-bit in the source to int4 too? Off: the embedded SmolLM2's
-# head is its Q8_0 embedding, and rounding it to int4 (relative Frobenius error 0.09) changed
-# its greedy answers (Paris -> "L'Étoile ...") where the repacked Q4_1 linears alone did not.
+# Round an LM head that the source holds in no exact block type to int4 too? Off: rounding
+# the embedded SmolLM2's Q8_0 head to one int4 plane (relative Frobenius error 0.09) changed
+# its greedy answers (Paris -> "L'Étoile ...") where the repacked Q4_1 linears alone did not;
+# its two exact planes keep them.
 QUANTIZE_HEAD_RTN = False
-# A repacked Q4 tensor must dequantise to transformers' weights up to this (relative to the
+# A repacked tensor must dequantise to transformers' weights up to this (relative to the
 # matrix's largest weight): the two differ only in how d*q + m is rounded.
 _EXACT_TOL = 1e-6
 
@@ -112,7 +122,7 @@ def int4_dir(model_dir: Path) -> Path:
 def _source_key(model_dir: Path, gguf: Path | None) -> str:
     """A hash of where the weights come from: the GGUF file (its conversion entry's name
     already hashes its contents), or a directory's path and its files' sizes and mtimes."""
-    h = hashlib.sha256(f"int4-g32-v2:{model_dir.resolve()}:{gguf}".encode())
+    h = hashlib.sha256(f"int4-g32-v3:{model_dir.resolve()}:{gguf}".encode())
     for f in [*sorted(model_dir.glob("*.safetensors")), model_dir / "config.json"]:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -130,10 +140,10 @@ def build_int4(model_dir: Path, gguf: Path | None, out: Path) -> None:
             shutil.copy(f, out / f.name)
     raw: dict[str, QuantizedWeight] = {}
     if gguf is not None:
-        from server.model.gguf_q4 import q4_tensors
+        from server.model.gguf_q4 import exact_int4_tensors
 
-        logger.warning("int4: reading the 4-bit blocks of %s", gguf.name)
-        raw = q4_tensors(gguf, hf_config)
+        logger.warning("int4: reading the Q4_0 / Q4_1 / Q8_0 blocks of %s", gguf.name)
+        raw = exact_int4_tensors(gguf, hf_config)
     dense: dict[str, torch.Tensor] = {}
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(file, framework="pt", device="cpu") as f:
@@ -159,7 +169,7 @@ def build_int4(model_dir: Path, gguf: Path | None, out: Path) -> None:
             continue
         repacked = qw is not None and _matches(qw, w)
         if name == "lm_head.weight" and not repacked and not QUANTIZE_HEAD_RTN:
-            logger.warning("int4: the LM head stays dense (not Q4_0/Q4_1 in the source)")
+            logger.warning("int4: the LM head stays dense (not Q4_0/Q4_1/Q8_0 in the source)")
             if not tied:
                 tensors[name] = w.contiguous()
             continue
@@ -219,14 +229,16 @@ def read_int4_tensors(path: Path) -> tuple[dict[str, QuantizedWeight], list[str]
     dense_names: list[str] = []
     with safe_open(path / "model.safetensors", framework="pt", device="cpu") as f:
         for name in f.keys():  # noqa: SIM118
-            for suffix in _QUANT_SUFFIXES:
+            for suffix in TENSOR_SUFFIXES:
                 if name.endswith(suffix):
                     quant.setdefault(name.removesuffix(suffix), {})[suffix] = f.get_tensor(name)
                     break
             else:
                 dense_names.append(name)
     return {
-        module: QuantizedWeight.from_tensors(t[".qweight"], t[".scales"], t[".zeros"])
+        module: QuantizedWeight.from_tensors(
+            t[".qweight"], t[".scales"], t[".zeros"], int(t[".planes"][0]) if ".planes" in t else 1
+        )
         for module, t in quant.items()
     }, dense_names
 
@@ -267,11 +279,15 @@ def drop_dense_weights(model: CausalLM, modules: list[str]) -> None:
 
 def install_int4(model: CausalLM, layers: dict[str, QuantizedWeight]) -> None:
     """Replaces each named linear of the materialised model by an Int4Linear (its bias stays
-    a parameter for the checkpoint to fill). A tied head with int4 weights gets its own copy
-    of the table: the head reads the packed copy, the embedding lookup the dense one."""
+    a parameter for the checkpoint to fill), and the LM head by a RescoredInt4Head
+    (server/model/int4_head.py). A tied head with int4 weights gets its own copy of the
+    table: the head reads the packed copy, the embedding lookup the dense one."""
+    from server.model.int4_head import RescoredInt4Head
+
     for name, qw in layers.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, attr)
         bias = None if old is None else old.bias
-        setattr(parent, attr, Int4Linear(qw, bias))
+        module = RescoredInt4Head(qw, bias) if name == "lm_head" else Int4Linear(qw, bias)
+        setattr(parent, attr, module)

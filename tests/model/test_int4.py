@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.model.gguf_q4 import _unpermute_rows, decode_q4, hf_name
+from server.model.gguf_q4 import _unpermute_rows, decode_q4, decode_q8_0, hf_name
 from server.model.int4 import (
     GROUP_SIZE,
     Int4Linear,
@@ -14,6 +14,7 @@ from server.model.int4 import (
     clear_int4_plans,
     plan_int4_layers,
     quantize_rtn,
+    split_q8,
 )
 
 gquants = pytest.importorskip("gguf.quants")
@@ -69,6 +70,44 @@ def test_int4_linear_matches_dequantized_reference(qtype: str, rows: int) -> Non
     out16 = fast(x)
     assert out16.dtype == torch.float32
     torch.testing.assert_close(out16.double(), ref16, rtol=1e-2, atol=2e-2 * ref16.abs().max())
+
+
+def test_q8_0_blocks_are_two_exact_planes() -> None:
+    """Q8_0 (w = d * q8) held as planes 16 d hi + d lo: dequantizes to gguf's own values
+    exactly, and the kernel computes with those weights (bf16 scales) in one call."""
+    rng = np.random.default_rng(3)
+    n, k = 40, 96
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[0, :32] = -1.0  # q8 = -127 and friends: hi at its lowest plane values
+    raw = gquants.quantize(w, GGMLQuantizationType.Q8_0)
+    ref = torch.from_numpy(gquants.dequantize(raw, GGMLQuantizationType.Q8_0)).reshape(n, k)
+    qw = decode_q8_0(raw, n, k)
+    assert qw.planes == 2 and qw.shape == (n, k) and qw.q.shape == (n, 2 * k)
+    assert int(qw.q.max()) <= 15
+    assert torch.equal(qw.dequantize(), ref)
+    x = torch.randn(5, k)
+    exact = Int4Linear(qw, compute_dtype=torch.float32)
+    torch.testing.assert_close(
+        exact(x).double(), x.double() @ ref.double().t(), rtol=1e-5, atol=1e-5
+    )
+    fast = Int4Linear(qw)
+    ref16 = x.bfloat16().double() @ qw.kernel_weight().double().t()
+    torch.testing.assert_close(fast(x).double(), ref16, rtol=1e-2, atol=2e-2 * ref16.abs().max())
+    t = qw.to_tensors("m")
+    back = QuantizedWeight.from_tensors(t["m.qweight"], t["m.scales"], t["m.zeros"], 2)
+    assert int(t["m.planes"][0]) == 2 and torch.equal(back.dequantize(), ref)
+
+
+def test_stacking_weights_of_different_planes_pads_with_zero_planes() -> None:
+    one = quantize_rtn(torch.randn(16, 64))
+    two = split_q8(torch.randint(-128, 128, (32, 64), dtype=torch.int8), torch.rand(32, 2))
+    both = QuantizedWeight.cat([one, two])
+    assert both.planes == 2 and both.shape == (48, 64)
+    assert torch.equal(both.dequantize(), torch.cat([one.dequantize(), two.dequantize()]))
+    x = torch.randn(3, 64)
+    lin = Int4Linear(both, compute_dtype=torch.float32)
+    ref = x.double() @ both.dequantize().double().t()
+    torch.testing.assert_close(lin(x).double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max())
 
 
 def test_rtn_error_is_at_most_half_a_step() -> None:
@@ -152,7 +191,7 @@ def test_reading_a_gguf_file_matches_transformers_processing(tmp_path) -> None:
     import gguf
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from server.model.gguf_q4 import q4_summary, q4_tensors
+    from server.model.gguf_q4 import exact_int4_tensors, q4_summary
 
     rng = np.random.default_rng(2)
     shapes = {
@@ -175,7 +214,7 @@ def test_reading_a_gguf_file_matches_transformers_processing(tmp_path) -> None:
     class Cfg:
         num_attention_heads, num_key_value_heads = 4, 2
 
-    got = q4_tensors(path, Cfg())
+    got = exact_int4_tensors(path, Cfg())
     assert q4_summary(path) == (3, 3)
     proc = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
     for name, ((n, k), qtype) in shapes.items():
@@ -183,3 +222,49 @@ def test_reading_a_gguf_file_matches_transformers_processing(tmp_path) -> None:
         expected = proc.process(deq, name).weights
         ours = got[hf_name(name)].dequantize().numpy()
         np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+
+
+def _near_tie_head(n: int = 512, k: int = 96) -> tuple[QuantizedWeight, torch.Tensor]:
+    """A Q8_0-like head whose rows come in near-equal pairs (logits a hair apart), and inputs."""
+    torch.manual_seed(4)
+    q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    q8[1::2] = q8[0::2]
+    q8[1::2, 0] = (q8[0::2, 0].to(torch.int16) + 1).clamp(-127, 127).to(torch.int8)
+    d = torch.rand(n, k // GROUP_SIZE) * 0.02 + 0.001
+    d[1::2] = d[0::2]
+    return split_q8(q8, d), torch.randn(200, k) * 3
+
+
+def test_rescored_head_argmax_is_the_dense_heads() -> None:
+    from server.model.int4_head import RescoredInt4Head
+
+    qw, x = _near_tie_head()
+    head = RescoredInt4Head(qw)
+    exact = x.double() @ qw.dequantize().double().t()
+    kernel = head.kernel(x).double()
+    out = head(x)
+    assert out.dtype == torch.float32 and out.shape == exact.shape
+    # The bound holds, and the kernel alone picks another token on some near tie.
+    bound = head.error_bound(x, kernel.float()).double()
+    assert bool(((kernel - exact).abs() <= bound).all())
+    assert bool((kernel.argmax(1) != exact.argmax(1)).any())
+    assert torch.equal(out.argmax(1), exact.argmax(1))
+    # The recomputed logits are the dense ones; each row's largest is among them.
+    top = exact.argmax(1)
+    got, want = out.double().gather(1, top[:, None]), exact.gather(1, top[:, None])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # float32 sums
+    assert head.rows_seen == 200 and head.logits_rescored >= 200
+    # Rows do not depend on the batch (verify rows see what plain decode sees).
+    for r in (1, 3, 64):
+        assert torch.equal(head(x[:r]), out[:r])
+
+
+def test_rescored_head_bias() -> None:
+    from server.model.int4_head import RescoredInt4Head
+
+    qw, x = _near_tie_head(64, 64)
+    bias = torch.randn(64)
+    head = RescoredInt4Head(qw, bias)
+    exact = x.double() @ qw.dequantize().double().t() + bias.double()
+    assert torch.equal(head(x).argmax(1), exact.argmax(1))
+    assert [n for n, _ in head.named_parameters()] == ["bias"]

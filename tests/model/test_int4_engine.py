@@ -29,6 +29,7 @@ from server.engine.offline import OfflineEngine
 from server.engine.sampling_params import SamplingParams
 from server.model import quantize
 from server.model.int4 import Int4Linear
+from server.model.int4_head import RescoredInt4Head
 from server.model.layers import Linear
 from server.model.loader import load_model, resolve_device
 from server.model.quantize import QUANT_FILE, choose_quantization, int4_dir, read_int4_tensors
@@ -53,8 +54,12 @@ def dequantized_copy(int4_entry: Path, out: Path) -> Path:
     quant, dense_names = read_int4_tensors(int4_entry)
     from safetensors import safe_open
 
-    # The weights as the kernel holds them (bf16 scales and zeros, server/model/int4.py).
-    tensors = {f"{m}.weight": qw.kernel_weight().contiguous() for m, qw in quant.items()}
+    # The weights as the kernel holds them (bf16 scales and zeros, server/model/int4.py);
+    # the head's as its exact rescoring reads them (fp32 scales, server/model/int4_head.py).
+    tensors = {
+        f"{m}.weight": (qw.dequantize() if m == "lm_head" else qw.kernel_weight()).contiguous()
+        for m, qw in quant.items()
+    }
     with safe_open(int4_entry / "model.safetensors", framework="pt") as f:
         tensors.update({n: f.get_tensor(n) for n in dense_names})
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -191,8 +196,9 @@ def test_choose_quantization(tiny_model_dirs: dict[str, Path]) -> None:
 def test_int4_head(
     arch: str, tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch
 ) -> None:
-    """With QUANTIZE_HEAD_RTN (what a Q4 head in a GGUF gets): the head is int4 too; a tied
-    model's lookup still reads the dense table."""
+    """With QUANTIZE_HEAD_RTN (what a Q4 head in a GGUF gets): the head is int4 too, rescored,
+    so greedy tokens are those of its weights in a dense fp32 head; a tied model's lookup
+    still reads the dense table."""
     monkeypatch.setenv("SPECD_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(quantize, "QUANTIZE_HEAD_RTN", True)
     src = tiny_model_dirs[arch]
@@ -201,12 +207,14 @@ def test_int4_head(
     prompts = repetitive_token_prompts(8)
     int4 = make_engine(src, "int4")
     model = int4.core.runner.model
-    assert isinstance(model.lm_head, Int4Linear)
+    assert isinstance(model.lm_head, RescoredInt4Head)
     assert isinstance(model.model.embed_tokens.weight, torch.nn.Parameter)
     ours = [c.token_ids for c in int4.generate(prompts, PARAMS)]
     dense_engine = make_engine(reference, "none")
-    for module in dense_engine.core.runner.model.modules():
-        if type(module) is Linear:
+    dense_model = dense_engine.core.runner.model
+    for module in dense_model.modules():
+        if type(module) is Linear and module is not dense_model.lm_head:  # the head: fp32
             module.__class__ = Bf16IoLinear
     dense = [c.token_ids for c in dense_engine.generate(prompts, PARAMS)]
     assert ours == dense
+    assert model.lm_head.rows_seen > 0

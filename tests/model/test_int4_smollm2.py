@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from server.engine.offline import OfflineEngine
 from server.engine.sampling_params import SamplingParams
 from server.model.int4 import Int4Linear
+from server.model.int4_head import RescoredInt4Head
 from server.model.quantize import QUANT_FILE, int4_dir
 
 pytestmark = pytest.mark.slow
@@ -31,12 +33,13 @@ def test_embedded_model_auto_is_int4_repacked_exactly() -> None:
         )
     )
     model = engine.core.runner.model
-    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 30 * 4
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 30 * 4 + 1
     summary = json.loads((int4_dir(path) / QUANT_FILE).read_text())
-    # Every Q4_1 linear of the file dequantises to transformers' weights (checked while
-    # building); the tied head (the file's Q8_0 embedding) stays dense.
-    assert summary["repacked_exact"] == 210 and summary["round_to_nearest"] == 0
-    assert model.lm_head is None
+    # Every Q4_1 linear of the file, and its Q8_0 embedding as the tied head, dequantises to
+    # transformers' weights (checked while building); the lookup keeps the dense table.
+    assert summary["repacked_exact"] == 211 and summary["round_to_nearest"] == 0
+    assert isinstance(model.lm_head, RescoredInt4Head) and model.lm_head.planes == 2
+    assert isinstance(model.model.embed_tokens.weight, torch.nn.Parameter)
     tok = engine.tokenizer
     text = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
