@@ -35,6 +35,7 @@ _FLAG_TO_FIELD: dict[str, tuple[str, str]] = {
     "device": ("model", "device"),
     "seed": ("model", "seed"),
     "cpu_linear_plan": ("model", "cpu_linear_plan"),
+    "cpu_threads": ("model", "cpu_threads"),
     "quantization": ("model", "quantization"),
     "block_size": ("cache", "block_size"),
     "kv_cache_memory": ("cache", "kv_cache_memory"),
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="time few-row linears at start-up on CPU and take the cheapest way (default on)",
+    )
+    a(
+        "--cpu-threads",
+        type=int,
+        help="torch intra-op threads on CPU (default 0: usable cores - 1, one left to the API "
+        "process)",
     )
     a(
         "--quantization",

@@ -36,10 +36,13 @@ class ModelConfig:
     # On CPU, time the model's linear shapes at 1..64 rows at start-up (~4 s for SmolLM2) and
     # compute each row count the cheapest measured way (server/model/cpu_linear.py).
     cpu_linear_plan: bool = True
+    # torch intra-op threads on CPU; 0 (auto): usable cores - 1, leaving one to the API
+    # process (server/model/cpu_threads.py has the measurements).
+    cpu_threads: int = 0
     # Linear weights served as 4-bit (server/model/quantize.py). auto: int4 for a GGUF whose
     # decoder linears are all Q4_0 / Q4_1 (the file's own precision), on CPU with dtype auto;
     # none otherwise. int4: any model, CPU only (non-Q4 linears are rounded to nearest; the
-    # LM head stays dense unless the source holds it in Q4).
+    # LM head stays dense unless the source holds it in Q4_0 / Q4_1 / Q8_0).
     quantization: Quantization = "auto"
 
     def __post_init__(self) -> None:
@@ -47,6 +50,8 @@ class ModelConfig:
             raise ValueError(f"quantization must be auto, none or int4 (got {self.quantization!r})")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0, 0 for auto (got {self.cpu_threads})")
 
     @property
     def name(self) -> str:
