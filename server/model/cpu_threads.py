@@ -1,14 +1,15 @@
 """How many intra-op threads the engine's torch uses on CPU.
 
-Measured on the 2-vCPU machine this project develops on (2026-12-03, int4 SmolLM2, engine in
-one process, OMP_WAIT_POLICY=PASSIVE as served): one thread beat two at every batch size,
-42.7 against 29.0 tok/s at batch 1 and 110.6 against 67.8 at batch 32 (fp32: 15.6 against
-16.9 at batch 1, 78.4 against 67.0 at batch 32). A decode step is hundreds of small parallel
-regions, and waking a passive OpenMP worker for each costs more than the second core gives;
-letting the workers spin instead made a lone engine fast (45 tok/s) and an engine sharing its
-cores with any other busy process 9x slower (5 tok/s), which is what serving is: the API
-process (HTTP, detokenisation, SSE) needs a core too. Hence vLLM's CPU backend's rule of
-reserving a core for the serving frontend: auto = usable cores - 1, at least 1.
+Measured on the 2-vCPU machine this project develops on (``python -m loadtest.bench_threads``,
+loadtest/results/engine/threads.md; int4 SmolLM2, offline engine, OMP_WAIT_POLICY=PASSIVE as
+served): one thread beat two at every batch size, 38.1 against 24.1 tok/s at batch 1 and 104.6
+against 64.4 at batch 32 (fp32: 23.8 against 18.8, 107.9 against 76.4). A decode step is
+hundreds of small parallel regions, and waking a passive OpenMP worker for each costs more
+than the second core gives. Spinning workers (GOMP_SPINCOUNT=10000) made a lone engine the
+fastest (55.8 tok/s) and an engine beside one busy process 5-10x slower (4.9 tok/s), which is
+what serving is: the API process (HTTP, detokenisation, SSE) needs a core too. Hence vLLM's
+CPU backend's rule of reserving a core for the serving frontend: auto = usable cores - 1, at
+least 1 (loadtest/results/serving/2026-12-03-findings.md).
 """
 
 from __future__ import annotations
