@@ -40,7 +40,10 @@ class GoodputPolicy(LearnedPolicy):
             # Propose everything and let select() keep what is worth verifying, unless not
             # even the best possible first draft of any request would pay for its row (a
             # compute-bound batch): then skip proposing too (it is cheap, not free).
-            if not self._may_pay(base, requests):
+            best_case = self._best_case(base, requests)
+            if not any(best_case.counts):
+                # No speculation this step: the estimate is that of plain decoding.
+                self.record_goodput(best_case.goodput)
                 self._previous.update((r.request_id, 0) for r in requests)
                 return [0] * len(requests)
             return list(caps)
@@ -57,12 +60,14 @@ class GoodputPolicy(LearnedPolicy):
             pruned.append(tree if n == tree.num_drafts else tree.subtree(nodes[:n].tolist()))
         return pruned
 
-    def _may_pay(self, base: StepBase, requests: list[Request]) -> bool:
+    def _best_case(self, base: StepBase, requests: list[Request]) -> Allocation:
+        """The best allocation if every request's first draft were as likely as its best
+        first draft has been: no draft in it means none can pay this step."""
         best_case = [
             RequestCandidates.chain([self.estimator.best_first_prob(r.request_id)])
             for r in requests
         ]
-        return sum(self.allocator.best(base, best_case).counts) > 0
+        return self.allocator.best(base, best_case)
 
     def choose(
         self, base: StepBase, requests: list[Request], candidates: list[RequestCandidates]

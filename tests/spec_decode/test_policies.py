@@ -115,6 +115,9 @@ def test_goodput_does_not_even_propose_when_no_draft_could_pay() -> None:
     policy = GoodputPolicy(context(compute_bound, free=True))
     teach(policy, {"r0": 0.6, "r1": 0.6})
     assert policy.allocate(base(2), requests(2), [8, 8]) == [0, 0]
+    # The estimate it exports is plain decoding's: 2 tokens in the predicted step.
+    plain = 2 / compute_bound.predict(base(2).shape)
+    assert policy.stats().estimated_goodput == pytest.approx(plain)
     idle = CostModel.from_coefficients({"intercept": 0.05, "rows": 0.0001})
     policy = GoodputPolicy(context(idle, free=True))
     teach(policy, {"r0": 0.6, "r1": 0.6})
