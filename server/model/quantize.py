@@ -39,6 +39,7 @@ from server.model.int4 import (
     supports,
 )
 from server.model.llama import CausalLM, DecoderSpec
+from server.model.model_cache import build_cache_entry, cache_root, source_gguf, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,6 @@ def choose_quantization(
     if device.type != "cpu" or dtype != "auto":
         return "none"
     from server.model.gguf_q4 import q4_summary
-    from server.model.loader import source_gguf, write_atomic
 
     gguf = source_gguf(model_dir)
     if gguf is None:
@@ -109,7 +109,6 @@ def is_int4_entry(model_dir: Path) -> bool:
 def int4_dir(model_dir: Path) -> Path:
     """The int4 cache entry of a model directory (built once), or the directory itself when
     it already is one."""
-    from server.model.loader import build_cache_entry, cache_root, source_gguf
 
     model_dir = Path(model_dir)
     if is_int4_entry(model_dir):

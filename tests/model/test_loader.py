@@ -10,7 +10,8 @@ import torch
 
 from server.model import loader
 from server.model.embedded import find_embedded
-from server.model.loader import gguf_cache_dir, load_model, resolve_model
+from server.model.loader import load_model, resolve_model
+from server.model.model_cache import gguf_cache_dir
 from tests.tiny_models import make_tiny_model
 
 
