@@ -39,7 +39,7 @@ NGINX_PORT = 8080
 PROFILES = ("cpu", "gpu")
 # SPECD_* variables specd reads that are not `specd serve` flags, with the file that reads each.
 NON_FLAG_ENV = {
-    "SPECD_CACHE_DIR": REPO_ROOT / "server" / "model" / "loader.py",
+    "SPECD_CACHE_DIR": REPO_ROOT / "server" / "model" / "model_cache.py",
     "SPECD_INJECT_FAULTS": REPO_ROOT / "server" / "engine" / "faults.py",
 }
 TOOL_TIMEOUT_S = 60
