@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from loadtest.bench_engine import machine_info
 from loadtest.host import format_loadavg, loadavg
 from server.model.cpu_linear import linear
+from server.model.cpu_threads import apply_cpu_threads
 from server.model.int4 import Int4Linear, quantize_rtn
 from server.model.int4_head import RescoredInt4Head
 from server.model.loader import resolve_model
@@ -58,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=6)
+    ap.add_argument("--cpu-threads", type=int, default=0, help="as specd's flag (0: cores - 1)")
     ap.add_argument("--out", type=Path, default=Path("loadtest/results/engine"))
     args = ap.parse_args(argv)
     load_start = loadavg()
+    threads = apply_cpu_threads(args.cpu_threads)  # as the engine runs (cpu_threads.py)
     dense_dir = resolve_model(args.model)
     quant, _ = read_int4_tensors(int4_dir(dense_dir))
     planes = quant["lm_head"]
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "load_average": {"start": load_start, "end": loadavg()},
         "head_shape": list(table.shape),
+        "torch_threads": threads,
         "rows": rows_out,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{result['command'].strip()}`",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"({m['torch_threads']} threads), commit {m['git_commit']}. Load average at start: "
-        f"{format_loadavg(load_start)}; at end: {format_loadavg(result['load_average']['end'])}.",
+        f"({threads} threads, as the engine runs), commit {m['git_commit']}. "
+        f"Load average at start: {format_loadavg(load_start)}; "
+        f"at end: {format_loadavg(result['load_average']['end'])}.",
         "",
         f"Head {table.shape[0]} x {table.shape[1]} (the embedded SmolLM2's tied Q8_0 "
         "embedding); ms per call, min of rounds; ratio = fp32 dense / served.",

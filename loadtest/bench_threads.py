@@ -25,6 +25,8 @@ from pathlib import Path
 from loadtest.bench_engine import machine_info
 from loadtest.host import format_loadavg, loadavg
 
+# Every child imports `server`, which sets OMP_WAIT_POLICY=PASSIVE by default; libgomp takes
+# an explicit GOMP_SPINCOUNT over the policy's spin count, so the last row spins.
 CONFIGS = [
     ("passive, 1 thread", {"OMP_WAIT_POLICY": "PASSIVE"}, 1),
     ("passive, 2 threads", {"OMP_WAIT_POLICY": "PASSIVE"}, 2),

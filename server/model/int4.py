@@ -7,8 +7,9 @@ and a zero: w = (q - 8) * scale + zero. That is the form of
 map onto it exactly: Q4_0 (w = d * (q - 8)) is scale d, zero 0; Q4_1 (w = d * q + m) is
 scale d, zero m + 8 d. GGUF's Q8_0 (w = d * q, q int8) is exact as two 4-bit planes summed
 in the kernel's accumulator (``split_q8``). The embedded SmolLM2's LM head (its Q8_0
-embedding, 49152 x 576) runs that way ~2-5x faster than dense fp32 at 1-4 rows
-(``python -m loadtest.bench_lm_head``, loadtest/results/engine/lm-head.md).
+embedding, 49152 x 576) runs that way 1.2-1.8x faster than dense fp32 at 1-16 rows on one
+thread and slower from 32 rows (``python -m loadtest.bench_lm_head``,
+loadtest/results/engine/lm-head.md).
 
 Decode on CPU is bound by the bytes of weights read per token; these read ~1/6 of fp32's
 (4 bits a weight plus a bf16 scale and zero per 32 weights: 5 bits a weight).
