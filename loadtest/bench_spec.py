@@ -1,8 +1,10 @@
-"""Speculation policies side by side on the embedded model: none, fixed k, SmartSpec, goodput.
+"""Speculation policies and drafters side by side on the embedded model: none, fixed k,
+SmartSpec, goodput, for each drafter method.
 
     python -m loadtest.bench_spec [--methods ngram] [--budgets 1 2 4 8] [--max-budget 8]
-        [--batch-sizes 1 8 32] [--datasets repetitive free-form mix] [--new-tokens 64]
-        [--repeats 2] [--out loadtest/results/spec]
+        [--policies fixed smartspec_uniform goodput] [--batch-sizes 1 8 32]
+        [--datasets repetitive free-form mix] [--new-tokens 64] [--repeats 2]
+        [--weights int4] [--out loadtest/results/spec] [--name DATE]
 
 Every configuration's engine is built first (the cost-aware policies run their start-up
 profile then) and kept in memory; each cell (dataset x batch size) then runs every
@@ -12,17 +14,28 @@ tokens / wall time of the whole batch (greedy, ignore_eos). Batch b runs b promp
 (batch 1: 4 prompts one after another). Outputs are checked identical to no speculation.
 
 Configurations per drafter method: fixed with each of ``--budgets``; smartspec_uniform and
-goodput with ``num_speculative_tokens = --max-budget``. Writes JSON, a markdown table and a
-PNG named by date, with the bars the goodput policy must clear.
+goodput with ``num_speculative_tokens = --max-budget`` (``--policies`` picks among them).
+
+Drafters that learn across requests (recycle's shared table, the suffix cache, auto) would
+otherwise draft a repeat from the previous run of the same prompts. So every engine first
+serves a warm-up set of prompts that no cell measures (the last ones of each dataset file: the
+"earlier traffic" a server has seen), its drafter's state is saved, and every timed run
+starts from that saved state.
+
+Writes JSON, a markdown table and a PNG named by date (or ``--name``), with the bars the
+goodput policy must clear and, per drafter, its acceptance, mean accepted length and speed-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +66,14 @@ DATASET_FILES = {
 }
 # Batch 1 runs this many prompts one after another (a lone request is the slowest cell).
 _BATCH1_PROMPTS = 4
+# The warm-up prompts: the tail of each file, beyond what any cell measures (cells take the
+# first prompts of a file: up to 32 of one file, or 16 of each in the mix).
+_WARMUP_FROM = {"repetitive.jsonl": 32, "chat.jsonl": 32}
+_WARMUP_TOKENS = 64
+WEIGHTS = {
+    "int4": ModelConfig(model="", quantization="int4"),
+    "fp32": ModelConfig(model="", dtype="float32", quantization="none"),
+}
 
 
 @dataclass
@@ -107,10 +128,10 @@ def encode_chat(engine: OfflineEngine, texts: list[str]) -> list[list[int]]:
     return out
 
 
-def make_engine(model_dir: Path, spec: SpeculativeConfig) -> OfflineEngine:
+def make_engine(model_dir: Path, spec: SpeculativeConfig, weights: str = "int4") -> OfflineEngine:
     return OfflineEngine(
         EngineConfig(
-            model=ModelConfig(model=str(model_dir), dtype="float32"),
+            model=dataclasses.replace(WEIGHTS[weights], model=str(model_dir)),
             # No prefix-cache reuse across repeats: every run computes its prompts. 256 MiB of
             # KV each (~5.8k tokens) leaves room for every configuration's engine at once.
             cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory=256 << 20),
@@ -121,16 +142,54 @@ def make_engine(model_dir: Path, spec: SpeculativeConfig) -> OfflineEngine:
     )
 
 
-def configurations(methods: list[str], budgets: list[int], max_budget: int) -> list[Configuration]:
+POLICIES = ("fixed", "smartspec_uniform", "goodput")
+
+
+def configurations(
+    methods: list[str], budgets: list[int], max_budget: int, policies: Sequence[str] = POLICIES
+) -> list[Configuration]:
+    """``methods``: drafter names, or ``recycle/request`` for recycle with per-request tables."""
     out = [Configuration("none", "none", "-", 0, SpeculativeConfig())]
     for m in methods:
-        for k in budgets:
-            spec = SpeculativeConfig(method=m, num_speculative_tokens=k, policy="fixed")  # type: ignore[arg-type]
-            out.append(Configuration(f"{m} fixed k={k}", "fixed", m, k, spec))
-        for policy in ("smartspec_uniform", "goodput"):
-            spec = SpeculativeConfig(method=m, num_speculative_tokens=max_budget, policy=policy)  # type: ignore[arg-type]
+        method, _, scope = m.partition("/")
+        extra = {"recycle_scope": scope} if scope else {}
+        if "fixed" in policies:
+            for k in budgets:
+                spec = SpeculativeConfig(
+                    method=method,  # type: ignore[arg-type]
+                    num_speculative_tokens=k,
+                    policy="fixed",
+                    **extra,  # type: ignore[arg-type]
+                )
+                out.append(Configuration(f"{m} fixed k={k}", "fixed", m, k, spec))
+        for policy in (p for p in ("smartspec_uniform", "goodput") if p in policies):
+            spec = SpeculativeConfig(
+                method=method,  # type: ignore[arg-type]
+                num_speculative_tokens=max_budget,
+                policy=policy,
+                **extra,  # type: ignore[arg-type]
+            )
             out.append(Configuration(f"{m} {policy}", policy, m, max_budget, spec))
     return out
+
+
+def warmup_prompts() -> list[str]:
+    """The prompts no cell measures (see ``_WARMUP_FROM``)."""
+    out: list[str] = []
+    for name, start in _WARMUP_FROM.items():
+        lines = [x for x in (DATASETS / name).read_text().splitlines() if x.strip()]
+        out += [json.loads(x)["prompt"] for x in lines[start:]]
+    return out
+
+
+def restore_drafter(engine: OfflineEngine, saved: object) -> None:
+    """Puts a copy of the saved drafter state back, so every run starts from the same one."""
+    if saved is None:
+        return
+    drafter = copy.deepcopy(saved)
+    engine.core.drafter = drafter  # type: ignore[assignment]
+    assert engine.core.speculator is not None
+    engine.core.speculator.drafter = drafter  # type: ignore[assignment]
 
 
 def run_batch(
@@ -151,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["ngram"])
     ap.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--max-budget", type=int, default=8)
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    ap.add_argument("--weights", default="int4", choices=list(WEIGHTS))
+    ap.add_argument("--name", help="results file name (default: the date)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--datasets", nargs="+", default=list(DATASET_FILES), choices=DATASET_FILES)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -159,12 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     model_dir = resolve_model(args.model)
-    configs = configurations(args.methods, args.budgets, args.max_budget)
+    configs = configurations(args.methods, args.budgets, args.max_budget, args.policies)
     print(f"building {len(configs)} engines (load average {format_loadavg(loadavg())})")
     engines = {}
+    saved: dict[str, object] = {}
+    warmup: list[list[int]] = []
     for c in configs:
-        engines[c.label] = make_engine(model_dir, c.spec)
-        engines[c.label].generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up
+        engine = engines[c.label] = make_engine(model_dir, c.spec, args.weights)
+        warmup = warmup or encode_chat(engine, warmup_prompts())
+        # The earlier traffic every run starts from (a plain engine only warms its caches).
+        run_batch(engine, warmup, 8, _WARMUP_TOKENS)
+        saved[c.label] = copy.deepcopy(engine.core.drafter)
         print(f"  {c.label}: ready", flush=True)
     tokenizer_engine = engines["none"]
     rows: list[Row] = []
@@ -172,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batch_sizes:
             n = _BATCH1_PROMPTS if batch == 1 else batch
             prompts = encode_chat(tokenizer_engine, load_prompts(DATASET_FILES[dataset], n))
-            rows += run_cell(args, configs, engines, dataset, batch, prompts)
+            rows += run_cell(args, configs, engines, saved, dataset, batch, prompts)
     write_report(args, rows)
     return 0
 
@@ -181,6 +248,7 @@ def run_cell(
     args: argparse.Namespace,
     configs: list[Configuration],
     engines: dict[str, OfflineEngine],
+    saved: dict[str, object],
     dataset: str,
     batch: int,
     prompts: list[list[int]],
@@ -192,6 +260,7 @@ def run_cell(
     for rep in range(args.repeats):
         shift = rep % len(configs)
         for c in configs[shift:] + configs[:shift]:
+            restore_drafter(engines[c.label], saved[c.label])
             out, seconds = run_batch(engines[c.label], prompts, batch, args.new_tokens)
             outputs[c.label] = out
             speeds[c.label].append(sum(len(o) for o in out) / seconds)
@@ -258,13 +327,93 @@ def cell_verdicts(rows: list[Row]) -> list[dict[str, object]]:
     return verdicts
 
 
+# The training-free drafters (issue 12) and the bars they must clear.
+_LEARNING_METHODS = ("recycle", "auto")
+_FREE_FORM_SPEEDUP_BAR = 1.5
+_ACCEPTED_LENGTH_BAR = 1.8
+
+
+def drafter_summary(rows: list[Row], max_budget: int) -> list[dict[str, object]]:
+    """Per cell and drafter method: its best configuration's speed-up over none, and the
+    acceptance and mean accepted length of its fixed k = max budget configuration."""
+    out = []
+    for dataset, batch in sorted({(r.dataset, r.batch) for r in rows}):
+        cell = [r for r in rows if (r.dataset, r.batch) == (dataset, batch)]
+        none = next(r for r in cell if r.policy == "none")
+        for method in dict.fromkeys(r.method for r in cell if r.method != "-"):
+            mine = [r for r in cell if r.method == method]
+            best = max(mine, key=lambda r: r.tokens_per_s)
+            full = next((r for r in mine if r.policy == "fixed" and r.budget == max_budget), None)
+            goodput = next((r for r in mine if r.policy == "goodput"), None)
+            out.append(
+                {
+                    "dataset": dataset,
+                    "batch": batch,
+                    "method": method,
+                    "best": best.config,
+                    "best_speedup": round(best.tokens_per_s / none.tokens_per_s, 3),
+                    "goodput_speedup": (
+                        round(goodput.tokens_per_s / none.tokens_per_s, 3) if goodput else None
+                    ),
+                    "acceptance_at_max": full.acceptance_rate if full else None,
+                    "accepted_length_at_max": full.mean_accepted_length if full else None,
+                }
+            )
+    return out
+
+
+def drafter_bars(summary: list[dict[str, object]]) -> list[tuple[str, str, bool]]:
+    """(bar, measured, passes) for the drafter targets that this run's cells can show."""
+    bars = []
+    free_b1 = [
+        s
+        for s in summary
+        if s["dataset"] == "free-form" and s["batch"] == 1 and s["method"] in _LEARNING_METHODS
+    ]
+    if free_b1:
+        top = max(free_b1, key=lambda s: float(s["best_speedup"]))  # type: ignore[arg-type]
+        bars.append(
+            (
+                f"recycle or auto on free-form, batch 1: >= {_FREE_FORM_SPEEDUP_BAR}x none",
+                f"{top['best_speedup']:.2f}x ({top['best']})",
+                float(top["best_speedup"]) >= _FREE_FORM_SPEEDUP_BAR,  # type: ignore[arg-type]
+            )
+        )
+    lengths = [s for s in summary if s["accepted_length_at_max"] is not None]
+    if lengths:
+        top = max(lengths, key=lambda s: float(s["accepted_length_at_max"]))  # type: ignore[arg-type]
+        bars.append(
+            (
+                f"mean accepted length >= {_ACCEPTED_LENGTH_BAR} at the max budget",
+                f"{top['accepted_length_at_max']:.2f} ({top['method']}, {top['dataset']}, "
+                f"batch {top['batch']})",
+                float(top["accepted_length_at_max"]) >= _ACCEPTED_LENGTH_BAR,  # type: ignore[arg-type]
+            )
+        )
+    for batch in sorted({int(s["batch"]) for s in summary}):  # type: ignore[call-overload]
+        by_method = {
+            s["method"]: s for s in summary if s["dataset"] == "repetitive" and s["batch"] == batch
+        }
+        if "auto" in by_method and "ngram" in by_method:
+            auto, ngram = by_method["auto"], by_method["ngram"]
+            bars.append(
+                (
+                    f"repetitive, batch {batch}: auto no worse than ngram (best configurations)",
+                    f"{auto['best_speedup']:.2f}x against {ngram['best_speedup']:.2f}x",
+                    float(auto["best_speedup"]) >= float(ngram["best_speedup"]),  # type: ignore[arg-type]
+                )
+            )
+    return bars
+
+
 def write_report(args: argparse.Namespace, rows: list[Row]) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    stamp = args.name or datetime.now(timezone.utc).strftime("%Y-%m-%d")
     machine = machine_info()
     command = "python -m loadtest.bench_spec " + " ".join(sys.argv[1:])
     verdicts = cell_verdicts(rows)
+    summary = drafter_summary(rows, args.max_budget)
     (out / f"{stamp}.json").write_text(
         json.dumps(
             {
@@ -272,6 +421,7 @@ def write_report(args: argparse.Namespace, rows: list[Row]) -> None:
                 "machine": machine,
                 "rows": [r.__dict__ for r in rows],
                 "verdicts": verdicts,
+                "drafters": summary,
             },
             indent=2,
         )
@@ -287,7 +437,8 @@ def write_report(args: argparse.Namespace, rows: list[Row]) -> None:
         f"Command: `{command}`",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-        f"commit {machine['git_commit']}. Model: {args.model} (float32, CPU), "
+        f"commit {machine['git_commit']}. Model: {args.model} ({args.weights} weights, CPU, "
+        f"one engine thread), "
         f"{args.new_tokens} new tokens per prompt, greedy; batch 1 = {_BATCH1_PROMPTS} prompts "
         f"in turn, batch b = b prompts at once; tokens/s = median of {args.repeats} runs in "
         f"rotating order. Load average at the start of each cell: "
@@ -309,6 +460,31 @@ def write_report(args: argparse.Namespace, rows: list[Row]) -> None:
             f"{v['vs_none']:.2f}x | {v['best_other']} | {v['vs_best_other']:.2f}x | "
             f"{'yes' if v['passes'] else 'NO'} |"
         )
+    lines += [
+        "",
+        "## Drafters",
+        "",
+        f"Per drafter: its best configuration, and its acceptance and mean accepted length "
+        f"(tokens per verify step, bonus included) at fixed k = {args.max_budget}.",
+        "",
+        "| dataset | batch | method | best configuration | speed-up | goodput speed-up | "
+        f"acceptance at k={args.max_budget} | mean accepted length |",
+        "|---|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for d in summary:
+        goodput = f"{d['goodput_speedup']:.2f}x" if d["goodput_speedup"] is not None else "-"
+        acc = f"{d['acceptance_at_max']:.2f}" if d["acceptance_at_max"] is not None else "-"
+        length = (
+            f"{d['accepted_length_at_max']:.2f}" if d["accepted_length_at_max"] is not None else "-"
+        )
+        lines.append(
+            f"| {d['dataset']} | {d['batch']} | {d['method']} | {d['best']} | "
+            f"{d['best_speedup']:.2f}x | {goodput} | {acc} | {length} |"
+        )
+    bars = drafter_bars(summary)
+    if bars:
+        lines += ["", "| drafter bar | measured | passes |", "|---|---|---|"]
+        lines += [f"| {b} | {m} | {'yes' if ok else 'NO'} |" for b, m, ok in bars]
     lines += [
         "",
         "## Every cell",

@@ -97,11 +97,17 @@ class SchedulerConfig:
             )
 
 
+SPECULATIVE_METHODS = ("auto", "ngram", "tree", "recycle", "suffix", "draft_model", "synthetic")
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's --speculative-config shape. method None = no speculation."""
 
-    method: Literal["ngram", "tree", "draft_model", "synthetic"] | None = None
+    # None with num_speculative_tokens > 0 means "auto" (speculation asked for, no method named).
+    method: (
+        Literal["ngram", "tree", "recycle", "suffix", "auto", "draft_model", "synthetic"] | None
+    ) = None
     # The most draft tokens (chain length, or tree nodes) one request verifies in one step.
     num_speculative_tokens: int = 0
     # ngram / tree: the suffix lengths matched against the prompt + output.
@@ -109,6 +115,12 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     # tree: the most distinct continuations merged into one request's tree.
     max_tree_width: int = 4
+    # recycle (and auto): the target's top-k kept per token, and whose table drafts a request:
+    # "shared" by all requests (hot start) or one per "request".
+    recycle_top_k: int = 8
+    recycle_scope: Literal["shared", "request"] = "shared"
+    # suffix (and auto): memory cap of the cross-request suffix cache, in MiB.
+    suffix_cache_mb: float = 64.0
     # draft_model: the draft model (a path or an embedded name sharing the target's tokenizer).
     model: str | None = None
     # synthetic (benchmarks and tests only): probability that a draft token is the target's own.
@@ -122,10 +134,12 @@ class SpeculativeConfig:
     cost_profile_seconds: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.method not in (None, "ngram", "tree", "draft_model", "synthetic"):
+        if self.method is None and self.num_speculative_tokens > 0:
+            object.__setattr__(self, "method", "auto")
+        if self.method not in (None, *SPECULATIVE_METHODS):
             raise ValueError(
                 f"unknown speculative method {self.method!r}; "
-                "choose ngram, tree, draft_model or synthetic"
+                f"choose one of {', '.join(SPECULATIVE_METHODS)}"
             )
         if self.method is not None and self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1 when a method is set")
@@ -135,6 +149,12 @@ class SpeculativeConfig:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
         if self.max_tree_width < 1:
             raise ValueError("max_tree_width must be >= 1")
+        if self.recycle_top_k < 1:
+            raise ValueError("recycle_top_k must be >= 1")
+        if self.recycle_scope not in ("shared", "request"):
+            raise ValueError('recycle_scope must be "shared" or "request"')
+        if not self.suffix_cache_mb > 0:
+            raise ValueError("suffix_cache_mb must be > 0")
         if not 0.0 <= self.acceptance_rate <= 1.0:
             raise ValueError("acceptance_rate must be in [0, 1]")
         if self.cost_profile_seconds < 0:

@@ -174,6 +174,22 @@ def _policy_metrics(
     for position, prob in enumerate(p.acceptance_by_depth):
         acceptance.add_metric([*value, str(position)], prob)
     yield acceptance
+    for name, doc, index in (
+        (
+            "specd:spec_decode_drafter_memory_bytes",
+            "Memory held by the drafter's learned state (suffix cache, recycle tables).",
+            0,
+        ),
+        (
+            "specd:spec_decode_drafter_memory_limit_bytes",
+            "The most that state may hold (suffix_cache_mb; recycle tables are fixed-size).",
+            1,
+        ),
+    ):
+        g = GaugeMetricFamily(name, doc, labels=[*labels, "part"])
+        for part, sizes in spec.drafter_memory.items():
+            g.add_metric([*value, part], float(sizes[index]))
+        yield g
 
 
 def build_registry(model_name: str, read_stats: Callable[[], SchedulerStats]) -> CollectorRegistry:

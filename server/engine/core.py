@@ -21,7 +21,7 @@ from server.engine.speculation import Speculator
 from server.model.runner import ModelRunner
 from server.spec_decode.cost_model import CostModel
 from server.spec_decode.draft_model import draft_kv_bytes_per_block
-from server.spec_decode.drafter import Drafter
+from server.spec_decode.drafter import Drafter, FinishedRequestConsumer, TopTokenConsumer
 from server.spec_decode.drafters import make_drafter
 from server.spec_decode.policies import make_policy, needs_cost_model
 from server.spec_decode.policy import PolicyContext
@@ -73,6 +73,8 @@ class EngineCore:
         self.speculator: Speculator | None = None
         if spec.enabled:
             self.drafter = _build_drafter(config, self.runner)
+            if isinstance(self.drafter, TopTokenConsumer):
+                self.runner.feedback_top_k = self.drafter.feedback_top_k
             self.speculator = Speculator(
                 self.drafter,
                 make_policy(spec.policy, self._policy_context(self.drafter)),
@@ -183,7 +185,11 @@ class EngineCore:
         failed = self.abort(list(output.failed))
         for out in failed:
             out.error = output.failed[out.request_id]
+        if output.top_tokens is not None and isinstance(self.drafter, TopTokenConsumer):
+            self.drafter.observe_top_tokens(output.top_tokens)
         outputs = failed + self.scheduler.update(plan, output)
+        if isinstance(self.drafter, FinishedRequestConsumer):
+            self.drafter.observe_finished(r for r in plan.requests if r.is_finished)
         if self.speculator is not None:
             # The whole step's wall time: what the policy's goodput is measured against.
             self.speculator.observe(plan, output, time.perf_counter() - start)
@@ -241,5 +247,32 @@ def _build_drafter(config: EngineConfig, runner: ModelRunner) -> Drafter:
             max_width=spec.max_tree_width,
             min_match=spec.prompt_lookup_min,
             max_match=spec.prompt_lookup_max,
+        )
+    if spec.method == "suffix":
+        return make_drafter(
+            "suffix",
+            max_width=spec.max_tree_width,
+            min_match=spec.prompt_lookup_min,
+            max_match=max(spec.prompt_lookup_max, 8),
+            cache_mb=spec.suffix_cache_mb,
+        )
+    if spec.method == "recycle":
+        return make_drafter(
+            "recycle",
+            vocab_size=runner.vocab_size,
+            top_k=spec.recycle_top_k,
+            max_width=spec.max_tree_width,
+            scope=spec.recycle_scope,
+        )
+    if spec.method == "auto":
+        return make_drafter(
+            "auto",
+            vocab_size=runner.vocab_size,
+            prompt_lookup_min=spec.prompt_lookup_min,
+            prompt_lookup_max=spec.prompt_lookup_max,
+            max_width=spec.max_tree_width,
+            recycle_top_k=spec.recycle_top_k,
+            recycle_scope=spec.recycle_scope,
+            suffix_cache_mb=spec.suffix_cache_mb,
         )
     raise ValueError(f"unknown speculative method {spec.method!r}")

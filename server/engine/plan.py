@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from server.engine.request import Logprob, Request
-from server.spec_decode.drafter import DraftKind
+from server.spec_decode.drafter import DraftKind, TopTokens
 from server.spec_decode.tree import TokenTree
 
 
@@ -85,5 +85,8 @@ class RunnerOutput:
     # request_id -> why it failed this step (its logits were not finite): the engine fails
     # those requests alone; the rest of the batch goes on.
     failed: dict[str, str] = field(default_factory=dict)
+    # The target's top-k guesses per computed row, for a drafter that recycles them (only
+    # when the runner's feedback_top_k is set).
+    top_tokens: TopTokens | None = None
     # Seconds the forward + sampling took.
     execute_time: float = 0.0

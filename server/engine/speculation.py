@@ -19,8 +19,14 @@ from dataclasses import dataclass, field
 from server.engine.plan import RunnerOutput, StepPlan
 from server.spec_decode.allocator import StepBase
 from server.spec_decode.cost_model import StepShape
-from server.spec_decode.drafter import Drafter, DraftWork
-from server.spec_decode.policy import PolicyStats, SpecPolicy, StepObservation, VerifiedTree
+from server.spec_decode.drafter import (
+    Drafter,
+    DraftWork,
+    StatefulDrafter,
+    VerifiedTree,
+    VerifiedTreeConsumer,
+)
+from server.spec_decode.policy import PolicyStats, SpecPolicy, StepObservation
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,8 @@ class SpeculationStats:
     # over decoding requests that could speculate (cap > 0).
     budget_counts: list[int] = field(default_factory=list)
     budget_sum: int = 0
+    # The drafter's learned state, per part: (bytes held, bytes allowed).
+    drafter_memory: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def step_base(plan: StepPlan) -> StepBase:
@@ -121,6 +129,8 @@ class Speculator:
             for rid, tree in plan.spec_trees.items()
             if rid in output.spec_accepted_nodes
         ]
+        if isinstance(self.drafter, VerifiedTreeConsumer):
+            self.drafter.observe_verified(verified)
         drafts = sum(plan.num_spec_tokens.values())
         self.policy.observe(
             StepObservation(
@@ -163,4 +173,7 @@ class Speculator:
         self._accepted_since_summary = 0
 
     def stats(self) -> SpeculationStats:
-        return SpeculationStats(self.policy.stats(), list(self._budget_counts), self._budget_sum)
+        memory = self.drafter.memory() if isinstance(self.drafter, StatefulDrafter) else {}
+        return SpeculationStats(
+            self.policy.stats(), list(self._budget_counts), self._budget_sum, memory
+        )

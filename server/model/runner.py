@@ -30,6 +30,7 @@ from server.model.spec_step import (
     compact_kv,
     compaction_slots,
     path_logprobs,
+    top_tokens,
     tree_positions,
     verify_tree,
 )
@@ -102,6 +103,9 @@ class ModelRunner:
         )
         self._generators: dict[str, torch.Generator] = {}
         self.faults = FaultInjector.from_env()
+        # Top-k guesses per computed row handed to a drafter that recycles them (0 = none);
+        # the engine core sets it from the drafter.
+        self.feedback_top_k = 0
         logger.info(
             "model %s on %s/%s: %d KV blocks x %d tokens, max_model_len %d, backend %s",
             mc.model,
@@ -192,6 +196,14 @@ class ModelRunner:
                 )
             if batch.spec_rows:
                 self._verify(plan, logits, batch, out)
+            if self.feedback_top_k and (batch.sample_rows or batch.spec_rows):
+                out.top_tokens = top_tokens(
+                    logits,
+                    plan,
+                    list(zip(batch.sample_requests, batch.sample_rows, strict=True)),
+                    list(zip(batch.spec_requests, batch.spec_rows, strict=True)),
+                    self.feedback_top_k,
+                )
         out.execute_time = time.perf_counter() - t0
         return out
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from server.engine.plan import StepPlan
 from server.engine.request import Logprob, Request
 from server.model.sampler import compute_logprobs, processed_probs
-from server.spec_decode.drafter import DraftKind
+from server.spec_decode.drafter import DraftKind, TopTokens
 from server.spec_decode.tree import TokenTree
 from server.spec_decode.verify import VerifyResult, verify
 
@@ -86,3 +88,43 @@ def compact_kv(kv_cache: torch.Tensor, src: list[int], dst: list[int]) -> None:
     flat = kv_cache.view(kv_cache.shape[0], 2, -1, *kv_cache.shape[-2:])  # [L, 2, slots, Hk, D]
     device = kv_cache.device
     flat[:, :, torch.tensor(dst, device=device)] = flat[:, :, torch.tensor(src, device=device)]
+
+
+def top_tokens(
+    logits: torch.Tensor,
+    plan: StepPlan,
+    sampled: Sequence[tuple[Request, int]],
+    verified: Sequence[tuple[Request, int]],
+    k: int,
+) -> TopTokens:
+    """The target's top-k next tokens at every plain-decode row (``sampled``: request, its
+    logit row) and every draft-tree node (``verified``: request, its tree's first row), for a
+    drafter that recycles them. One topk over all rows and one copy to the host per step."""
+    request_ids: list[str] = []
+    tokens: list[int] = []
+    prev_tokens: list[int] = []
+    rows: list[int] = []
+    for r, row in sampled:
+        ids = r.all_token_ids
+        request_ids.append(r.request_id)
+        tokens.append(ids[-1])  # a sampling row computes the last known token
+        prev_tokens.append(ids[-2] if len(ids) > 1 else -1)
+        rows.append(row)
+    for r, first_row in verified:
+        tree = plan.spec_trees[r.request_id]
+        ids = r.all_token_ids
+        request_ids += [r.request_id] * tree.num_nodes
+        tokens += tree.token_ids
+        prev_tokens.append(ids[-2] if len(ids) > 1 else -1)
+        prev_tokens += [tree.token_ids[p] for p in tree.parents[1:]]
+        rows += range(first_row, first_row + tree.num_nodes)
+    selected = logits[torch.tensor(rows, device=logits.device)]
+    top = torch.topk(selected, min(k, selected.shape[-1]), dim=-1)
+    probs = (top.values - torch.logsumexp(selected, dim=-1, keepdim=True)).exp()
+    return TopTokens(
+        tuple(request_ids),
+        np.asarray(tokens, dtype=np.int64),
+        np.asarray(prev_tokens, dtype=np.int64),
+        top.indices.to(torch.int32).cpu().numpy(),
+        probs.float().cpu().numpy(),
+    )

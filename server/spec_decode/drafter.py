@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+import numpy as np
 from torch import Tensor
 
 from server.engine.request import Request
@@ -65,6 +66,74 @@ class Drafter(Protocol):
     def release(self, request_ids: Iterable[str]) -> None:
         """Drop per-request state of finished requests (a no-op for stateless drafters)."""
         ...
+
+
+@dataclass(frozen=True)
+class TopTokens:
+    """The target's top-k next-token guesses at every row a step computed logits for (plain
+    decode rows and every node of every draft tree), handed over once per step.
+
+    request_ids: per row, its request; tokens: [N] the token the row computed (its input);
+    prev_tokens: [N] the token before it on the row's path (-1 at the start of a sequence);
+    ids / probs: [N, k] the target's k likeliest next tokens after that row and their
+    probabilities (softmax of the raw logits), best first.
+    """
+
+    request_ids: tuple[str, ...]
+    tokens: np.ndarray
+    prev_tokens: np.ndarray
+    ids: np.ndarray
+    probs: np.ndarray
+
+    def rows_by_request(self) -> dict[str, list[int]]:
+        rows: dict[str, list[int]] = {}
+        for i, rid in enumerate(self.request_ids):
+            rows.setdefault(rid, []).append(i)
+        return rows
+
+
+@dataclass(frozen=True)
+class VerifiedTree:
+    """One request's verified draft: the tree as verified (after the policy pruned it) and
+    its accepted nodes (in path order, root excluded)."""
+
+    request_id: str
+    tree: TokenTree
+    accepted_nodes: tuple[int, ...]
+
+
+@runtime_checkable
+class VerifiedTreeConsumer(Protocol):
+    """A drafter that learns from verification outcomes (the composite calibrates its
+    sources): the engine hands it each step's verified trees."""
+
+    def observe_verified(self, verified: Iterable[VerifiedTree]) -> None: ...
+
+
+@runtime_checkable
+class FinishedRequestConsumer(Protocol):
+    """A drafter that learns from whole finished requests (the cross-request suffix cache):
+    the engine hands it the requests that finished this step, with all their tokens."""
+
+    def observe_finished(self, requests: Iterable[Request]) -> None: ...
+
+
+@runtime_checkable
+class StatefulDrafter(Protocol):
+    """A drafter whose learned state takes memory worth watching (suffix cache, recycle
+    tables): per part, (bytes held, bytes allowed), for /metrics."""
+
+    def memory(self) -> dict[str, tuple[int, int]]: ...
+
+
+@runtime_checkable
+class TopTokenConsumer(Protocol):
+    """A drafter that learns from the target's top-k (Token Recycling): the runner computes
+    ``feedback_top_k`` guesses per row and the engine passes them on after each step."""
+
+    feedback_top_k: int
+
+    def observe_top_tokens(self, top: TopTokens) -> None: ...
 
 
 def check_budgets(requests: list[Request], budgets: list[int]) -> None:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from server.spec_decode.composite import AutoDrafter
 from server.spec_decode.draft_model import load_draft_model_drafter
 from server.spec_decode.drafter import Drafter
 from server.spec_decode.ngram import NgramDrafter
+from server.spec_decode.recycle import RecycleDrafter
+from server.spec_decode.suffix_drafter import SuffixDrafter
 from server.spec_decode.suffix_tree import SuffixTreeDrafter
 from server.spec_decode.synthetic import SyntheticDrafter
 
@@ -18,6 +21,9 @@ DrafterFactory = Callable[..., Drafter]
 _REGISTRY: dict[str, DrafterFactory] = {
     "ngram": NgramDrafter,
     "tree": SuffixTreeDrafter,
+    "suffix": SuffixDrafter,
+    "recycle": RecycleDrafter,
+    "auto": AutoDrafter,
     "draft_model": load_draft_model_drafter,
     "synthetic": SyntheticDrafter,
 }

@@ -28,17 +28,8 @@ from typing import Protocol
 from server.engine.request import Request
 from server.spec_decode.allocator import StepBase
 from server.spec_decode.cost_model import CostModel, StepShape
+from server.spec_decode.drafter import VerifiedTree
 from server.spec_decode.tree import TokenTree
-
-
-@dataclass(frozen=True)
-class VerifiedTree:
-    """One request's verified draft: the tree as verified and its accepted nodes (in path
-    order, root excluded)."""
-
-    request_id: str
-    tree: TokenTree
-    accepted_nodes: tuple[int, ...]
 
 
 @dataclass

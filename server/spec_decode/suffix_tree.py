@@ -13,8 +13,6 @@ Children are a deterministic function of the context ("deterministic" kind, like
 
 from __future__ import annotations
 
-import heapq
-
 from server.engine.request import Request
 from server.spec_decode.history import (
     HistoryDrafter,
@@ -23,6 +21,7 @@ from server.spec_decode.history import (
     suffix_matches,
 )
 from server.spec_decode.tree import TokenTree
+from server.spec_decode.tree_builder import Child, grow_tree
 
 # Occurrences considered per request (longest match first, then latest): bounds the Python
 # work to _MAX_CANDIDATES * budget trie insertions however common the last token is.
@@ -53,17 +52,22 @@ class SuffixTreeDrafter(HistoryDrafter):
         root = request.all_token_ids[-1]
         if budget <= 0:
             return TokenTree.root_only(root)
+        candidates = self.candidates(request, budget)
+        if not candidates:
+            return TokenTree.root_only(root)
+        best = max(length for _, length in candidates)
+        trie = _Trie()
+        for path, length in candidates:
+            trie.add(path, _LENGTH_BASE ** (length - best))
+        return trie.best_first_tree(root, budget, self.max_width)
+
+    def candidates(self, request: Request, budget: int) -> list[tuple[list[int], int]]:
+        """(continuation of up to ``budget`` tokens, suffix match length behind it) for the
+        request's own earlier occurrences of its suffix, longest match first, then latest."""
         tokens = self._history.tokens(request)
         ends, lengths = suffix_matches(tokens, self.max_match)
         picked = ordered_candidates(ends, lengths, self.min_match)[:_MAX_CANDIDATES]
-        if not picked:
-            return TokenTree.root_only(root)
-        best = int(lengths[picked[0]])
-        trie = _Trie()
-        for m in picked:
-            vote = _LENGTH_BASE ** (int(lengths[m]) - best)
-            trie.add(continuation(tokens, int(ends[m]), budget), vote)
-        return trie.best_first_tree(root, budget, self.max_width)
+        return [(continuation(tokens, int(ends[m]), budget), int(lengths[m])) for m in picked]
 
 
 class _Trie:
@@ -89,36 +93,20 @@ class _Trie:
             node = nxt
 
     def best_first_tree(self, root_token: int, budget: int, max_width: int) -> TokenTree:
-        """The ``budget`` highest-scoring trie nodes as a TokenTree (topological by design).
+        """The ``budget`` trie nodes with the highest path probability as a TokenTree.
 
-        A child's score is at most its parent's (shares <= 1, decay < 1), and children enter
-        the heap only once their parent is taken, so output order is topological. Ties go to
-        the earlier-inserted node (the longer / more recent match).
+        A child's conditional estimate is its share of its parent's votes times a per-depth
+        decay; its score (what the policy calibrates) is the share alone. Ties go to the
+        earlier-inserted node (the longer / more recent match).
         """
-        tokens = [root_token]
-        parents = [-1]
-        # Per node its vote share under its parent: the score the policy calibrates.
-        shares = [0.0]
-        # (-score, insertion order, trie node, tree index of its parent, vote share)
-        heap: list[tuple[float, int, int, int, float]] = []
-        order = 0
 
-        def push_children(trie_node: int, score: float, tree_index: int) -> None:
-            nonlocal order
-            kids = self.children[trie_node]
+        def expand(trie_node: int) -> list[Child[int]]:
             total = self.weights[trie_node]
-            ranked = sorted(kids.values(), key=lambda k: -self.weights[k])[:max_width]
-            for kid in ranked:
-                share = self.weights[kid] / total
-                child_score = score * _DEPTH_DECAY * share
-                heapq.heappush(heap, (-child_score, order, kid, tree_index, share))
-                order += 1
+            ranked = sorted(self.children[trie_node].values(), key=lambda k: -self.weights[k])
+            return [
+                Child(self.tokens[k], _DEPTH_DECAY * share, share, k)
+                for k in ranked
+                for share in (self.weights[k] / total,)
+            ]
 
-        push_children(0, 1.0, 0)
-        while heap and len(tokens) - 1 < budget:
-            neg_score, _, trie_node, parent_index, share = heapq.heappop(heap)
-            tokens.append(self.tokens[trie_node])
-            parents.append(parent_index)
-            shares.append(share)
-            push_children(trie_node, -neg_score, len(tokens) - 1)
-        return TokenTree(tuple(tokens), tuple(parents), tuple(shares))
+        return grow_tree(root_token, 0, expand, budget, max_width)

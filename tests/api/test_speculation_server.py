@@ -142,3 +142,32 @@ def test_goodput_policy_is_the_default_and_exports_its_metrics(
     assert metric(text, "specd:spec_decode_cost_model_coefficient", 'feature="intercept"') != 0
     assert metric(text, "specd:spec_decode_estimated_goodput_tokens_per_second") > 0
     assert metric(text, "specd:spec_decode_estimated_acceptance", 'position="0"') > 0
+
+
+@pytest.fixture(scope="module")
+def auto_server(
+    tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """Speculation asked for without naming a method: the composite "auto" drafter."""
+    log = tmp_path_factory.mktemp("logs") / "auto_server.log"
+    spec = json.dumps({"num_speculative_tokens": 6, "suffix_cache_mb": 1})
+    args = ["--num-kv-blocks", "512", "--speculative-config", spec]
+    with run_server(tiny_model_dir, log, extra_args=args) as live:
+        yield live
+
+
+def test_auto_drafter_is_the_default_method_and_reports_its_memory(
+    server: LiveServer, auto_server: LiveServer
+) -> None:
+    kw = dict(prompt=PROMPTS, max_tokens=32, temperature=0, extra_body={"ignore_eos": True})
+    assert [c.text for c in completions(auto_server, **kw).choices] == [
+        c.text for c in completions(server, **kw).choices
+    ]
+    with auto_server.http() as http:
+        text = http.get("/metrics").text
+    assert metric(text, "specd:spec_decode_num_accepted_tokens_total") > 0
+    # The finished requests went into the suffix cache, which stays under its 1 MiB cap.
+    held = metric(text, "specd:spec_decode_drafter_memory_bytes", 'part="suffix_cache"')
+    limit = metric(text, "specd:spec_decode_drafter_memory_limit_bytes", 'part="suffix_cache"')
+    assert 0 < held <= limit == 2**20
+    assert metric(text, "specd:spec_decode_drafter_memory_bytes", 'part="recycle_tables"') > 0

@@ -31,8 +31,22 @@ DRAFTERS = [
         policy="fixed", method="ngram", num_speculative_tokens=1, prompt_lookup_max=2
     ),
     SpeculativeConfig(policy="fixed", method="tree", num_speculative_tokens=8, max_tree_width=3),
+    SpeculativeConfig(policy="fixed", method="recycle", num_speculative_tokens=6),
+    SpeculativeConfig(
+        policy="fixed", method="recycle", num_speculative_tokens=4, recycle_scope="request"
+    ),
+    SpeculativeConfig(policy="fixed", method="suffix", num_speculative_tokens=8),
+    SpeculativeConfig(policy="fixed", method="auto", num_speculative_tokens=8),
 ]
-DRAFTER_IDS = ["ngram-k4", "ngram-k1", "tree-8x3"]
+DRAFTER_IDS = [
+    "ngram-k4",
+    "ngram-k1",
+    "tree-8x3",
+    "recycle-6",
+    "recycle-request-4",
+    "suffix-8",
+    "auto-8",
+]
 
 
 def make_engine(
@@ -240,6 +254,31 @@ def test_greedy_identity_on_the_embedded_model() -> None:
         )
         assert tokens_of(engine.generate(prompts, params)) == plain, spec.method
         assert engine.core.stats().num_accepted_tokens > 0
+
+
+@pytest.mark.slow
+def test_training_free_drafters_on_the_embedded_model_with_preemption_forced() -> None:
+    """recycle, suffix and auto over the same 32 prompts, on a KV cache too small for the
+    batch: requests are preempted and recomputed mid-draft, and the outputs still match."""
+    prompts_text = load_prompts("repetitive.jsonl", 20) + load_prompts("chat.jsonl", 12)
+    base = make_engine("smollm2-135m-instruct", dtype="float32", block_size=16, budget=512)
+    prompts = encode_chat(base, prompts_text)
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    plain = tokens_of(base.generate(prompts, params))
+    del base
+    # The longest prompt + its output needs ~30 blocks of 16; 96 can't hold the batch.
+    assert max(len(p) for p in prompts) + 32 < 96 * 16
+    for method in ("recycle", "suffix", "auto"):
+        spec = SpeculativeConfig(policy="fixed", method=method, num_speculative_tokens=6)
+        engine = make_engine(
+            "smollm2-135m-instruct", spec, dtype="float32", block_size=16, budget=512,
+            num_blocks=96,
+        )  # fmt: skip
+        assert tokens_of(engine.generate(prompts, params)) == plain, method
+        stats = engine.core.stats()
+        assert stats.num_preemptions > 0, method
+        assert stats.num_accepted_tokens > 0, method
+        assert stats.num_blocks_used == 0, method
 
 
 @pytest.mark.slow

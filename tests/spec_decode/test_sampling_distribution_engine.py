@@ -2,11 +2,13 @@
 
 The same prompt is sampled thousands of times (temperature 1, top_k 4: a small support, so
 the empirical total variation has a low noise floor) without speculation and with a chain of
-deterministic drafts (synthetic) and a chain of sampled drafts verified against their draft
-distribution (draft_model). The n-gram and suffix-tree drafters can't be checked this way:
-a random tiny model does not copy from its context, so their drafts are never accepted; the
-tree rules are checked statistically on the verification functions themselves
-(test_verify_statistics.py), which this engine path calls unchanged.
+deterministic drafts (synthetic), a chain of sampled drafts verified against their draft
+distribution (draft_model), and the deterministic trees of the training-free drafters:
+recycle (the target's own recorded top-k), suffix (what earlier requests with the same prompt
+produced, from the cross-request cache) and auto (both, with n-gram). The n-gram and
+suffix-tree drafters alone can't be checked this way: a random tiny model does not copy from
+its context, so their drafts are never accepted; the tree rules are checked statistically on
+the verification functions themselves (test_verify_statistics.py).
 Token 1 comes from the prefill; tokens 2 and 3 come from verify steps, so their joint
 distribution must match plain decoding's. The noise floor is measured in the same test (plain
 decoding against itself with other seeds), so the bound tracks the sample size.
@@ -60,7 +62,7 @@ def plain(tiny_llama_dir: Path, prompt: list[int]) -> tuple[list[tuple], float]:
     return reference, total_variation(reference, again)
 
 
-@pytest.mark.parametrize("method", ["synthetic", "draft_model"])
+@pytest.mark.parametrize("method", ["synthetic", "draft_model", "recycle", "suffix", "auto"])
 def test_sampled_outputs_follow_the_target_distribution(
     method: str,
     prompt: list[int],
@@ -74,10 +76,14 @@ def test_sampled_outputs_follow_the_target_distribution(
         spec = SpeculativeConfig(
             policy="fixed", method="draft_model", model=str(draft), num_speculative_tokens=3
         )
-    else:
+    elif method == "synthetic":
         spec = SpeculativeConfig(
             policy="fixed", method="synthetic", num_speculative_tokens=3, acceptance_rate=0.7
         )
+    else:
+        # Deterministic trees verified by the multi-draft rule. recycle drafts the target's
+        # own recorded top-k; suffix drafts what earlier requests of the same prompt sampled.
+        spec = SpeculativeConfig(policy="fixed", method=method, num_speculative_tokens=4)
     samples, accepted = sample(tiny_llama_dir, prompt, spec, seed0=2 * 10**6)
     assert accepted > N // 4, "too few accepted drafts for the check to mean anything"
     tv = total_variation(reference, samples)

@@ -1,0 +1,255 @@
+"""``auto``: n-gram, suffix (own context + other requests) and recycled top-k, merged into one
+tree per request.
+
+Each source proposes its own tree at the request's budget; the union of those trees (shared
+prefixes merged) holds up to three times the budget, and the tree handed on is grown from it
+best-first by estimated path probability (server/spec_decode/tree_builder.py). A node's
+conditional estimate combines the sources that proposed it as independent witnesses
+(noisy-or), each source's raw score first calibrated online into a probability:
+
+    P(node) = 1 - prod over its sources s of (1 - calibrated_s(score_s))
+
+Calibration is the drafter's own, per (source, score bucket): after each step the engine
+hands it the verified trees (what the policy kept of its proposals) and the accepted nodes,
+and every verified node whose parent was accepted is one test of each source behind it. The
+merged estimate is the node's score, which the goodput policy calibrates again before it
+prunes the tree.
+
+Everything is deterministic given the context and the drafter's state ("deterministic" kind).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from server.engine.request import Request
+from server.spec_decode.drafter import DraftWork, TopTokens, VerifiedTree, check_budgets
+from server.spec_decode.ngram import NgramDrafter
+from server.spec_decode.recycle import RecycleDrafter, RecycleScope
+from server.spec_decode.suffix_drafter import SuffixDrafter
+from server.spec_decode.tree import TokenTree
+from server.spec_decode.tree_builder import Child, grow_tree
+
+# Per source: its score's bucket edges, and the prior acceptance of each bucket (what the
+# calibration starts from: n-gram match lengths 1, 2, 3, 4+; suffix vote shares by quarter;
+# recycled probabilities).
+_SOURCES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "ngram": ((1.5, 2.5, 3.5), (0.15, 0.3, 0.45, 0.6)),
+    "suffix": ((0.25, 0.5, 0.75, 0.95), (0.05, 0.15, 0.3, 0.45, 0.6)),
+    # Recycled probabilities, single-token rows below 1, pair rows (probability + 1) above.
+    "recycle": (
+        RecycleDrafter.score_edges,
+        (0.02, 0.06, 0.15, 0.27, 0.4, 0.55, 0.7, 0.85) * 2,
+    ),
+}
+_PRIOR_STRENGTH = 4.0
+# Calibration counts decay per test, so it follows the traffic (~ the last 2000 tests).
+_DECAY = 0.9995
+_P_MAX = 0.98
+
+
+@dataclass
+class _Bucket:
+    prior: float
+    accepted: float = 0.0
+    tested: float = 0.0
+
+    @property
+    def prob(self) -> float:
+        p = (self.accepted + _PRIOR_STRENGTH * self.prior) / (self.tested + _PRIOR_STRENGTH)
+        return min(p, _P_MAX)
+
+    def add(self, ok: bool) -> None:
+        self.accepted = self.accepted * _DECAY + ok
+        self.tested = self.tested * _DECAY + 1.0
+
+
+class SourceCalibration:
+    """P(accepted | parent accepted) per (source, score bucket), learned from outcomes."""
+
+    def __init__(self) -> None:
+        self._buckets = {
+            source: [_Bucket(p) for p in priors] for source, (_, priors) in _SOURCES.items()
+        }
+
+    def _bucket(self, source: str, score: float) -> _Bucket:
+        edges = _SOURCES[source][0]
+        return self._buckets[source][bisect.bisect_right(edges, score)]
+
+    def prob(self, source: str, score: float) -> float:
+        return self._bucket(source, score).prob
+
+    def add(self, source: str, score: float, ok: bool) -> None:
+        self._bucket(source, score).add(ok)
+
+    def table(self) -> dict[str, list[tuple[float, float]]]:
+        """Per source, (tests, acceptance) per bucket, for reports."""
+        return {
+            s: [(b.tested, b.accepted / b.tested if b.tested else float("nan")) for b in bs]
+            for s, bs in self._buckets.items()
+        }
+
+
+@dataclass
+class _Node:
+    token: int
+    children: dict[int, int] = field(default_factory=dict)  # token -> node index
+    # (source, raw score) of every source that proposed this node.
+    witnesses: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Proposal:
+    tree: TokenTree
+    witnesses: list[list[tuple[str, float]]]  # per tree node
+
+
+class AutoDrafter:
+    name = "auto"
+    kind = "deterministic"
+    free_proposals = True
+    # Node score = the merged probability estimate.
+    score_edges = (0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
+    last_work = DraftWork()
+
+    def __init__(
+        self,
+        vocab_size: int,
+        prompt_lookup_min: int = 1,
+        prompt_lookup_max: int = 4,
+        max_width: int = 4,
+        recycle_top_k: int = 8,
+        recycle_scope: RecycleScope = "shared",
+        suffix_cache_mb: float = 64.0,
+    ) -> None:
+        self.ngram = NgramDrafter(prompt_lookup_min, prompt_lookup_max)
+        self.suffix = SuffixDrafter(
+            max_width=max_width,
+            min_match=prompt_lookup_min,
+            max_match=max(prompt_lookup_max, 8),
+            cache_mb=suffix_cache_mb,
+        )
+        self.recycle = RecycleDrafter(
+            vocab_size, top_k=recycle_top_k, max_width=max_width, scope=recycle_scope
+        )
+        self.max_width = max_width
+        self.feedback_top_k = recycle_top_k
+        self.calibration = SourceCalibration()
+        self._last: dict[str, _Proposal] = {}
+
+    # ---- proposing ----------------------------------------------------------------------
+
+    def propose(self, requests: list[Request], budgets: list[int]) -> list[TokenTree]:
+        check_budgets(requests, budgets)
+        sources = {
+            "ngram": self.ngram.propose(requests, budgets),
+            "suffix": self.suffix.propose(requests, budgets),
+            "recycle": self.recycle.propose(requests, budgets),
+        }
+        trees = []
+        for i, (request, budget) in enumerate(zip(requests, budgets, strict=True)):
+            tree, witnesses = self._merge({s: t[i] for s, t in sources.items()}, budget)
+            self._last[request.request_id] = _Proposal(tree, witnesses)
+            trees.append(tree)
+        return trees
+
+    def _merge(
+        self, trees: dict[str, TokenTree], budget: int
+    ) -> tuple[TokenTree, list[list[tuple[str, float]]]]:
+        root = next(iter(trees.values())).root_token
+        nodes = [_Node(root)]
+        for source, tree in trees.items():
+            index = [0] * tree.num_nodes
+            scores = tree.scores or (0.0,) * tree.num_nodes
+            for i in range(1, tree.num_nodes):
+                parent = nodes[index[tree.parents[i]]]
+                token = tree.token_ids[i]
+                found = parent.children.get(token)
+                if found is None:
+                    found = parent.children[token] = len(nodes)
+                    nodes.append(_Node(token))
+                nodes[found].witnesses.append((source, scores[i]))
+                index[i] = found
+
+        def estimate(node: _Node) -> float:
+            miss = 1.0
+            for source, score in node.witnesses:
+                miss *= 1.0 - self.calibration.prob(source, score)
+            return 1.0 - miss
+
+        def expand(node_index: int) -> list[Child[int]]:
+            kids = [(estimate(nodes[k]), k) for k in nodes[node_index].children.values()]
+            kids.sort(key=lambda pk: -pk[0])  # stable: earlier sources win ties
+            return [Child(nodes[k].token, p, p, k) for p, k in kids]
+
+        # grow_tree keeps no handle on which union node became which tree node, so record it.
+        tree = grow_tree(root, 0, expand, budget, self.max_width)
+        witnesses = _tree_witnesses(tree, nodes)
+        return tree, witnesses
+
+    # ---- learning -----------------------------------------------------------------------
+
+    def observe_verified(self, verified: Iterable[VerifiedTree]) -> None:
+        """Learns from the step's verified trees (the policy's pruning of this drafter's
+        proposals): every node whose parent was accepted was tested, once per source."""
+        for v in verified:
+            last = self._last.get(v.request_id)
+            if last is None:
+                continue
+            child_of = {
+                (last.tree.parents[i], last.tree.token_ids[i]): i
+                for i in range(1, last.tree.num_nodes)
+            }
+            proposed = [0] * v.tree.num_nodes  # verified node -> proposed node
+            accepted = {0, *v.accepted_nodes}
+            for i in range(1, v.tree.num_nodes):
+                parent = v.tree.parents[i]
+                node = child_of.get((proposed[parent], v.tree.token_ids[i]))
+                if node is None:
+                    break  # not this drafter's tree (cannot happen unless state was reset)
+                proposed[i] = node
+                if parent in accepted:
+                    for source, score in last.witnesses[node]:
+                        self.calibration.add(source, score, i in accepted)
+
+    def observe_top_tokens(self, top: TopTokens) -> None:
+        self.recycle.observe_top_tokens(top)
+
+    def observe_finished(self, requests: Iterable[Request]) -> None:
+        self.suffix.observe_finished(requests)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        ids = list(request_ids)
+        for part in (self.ngram, self.suffix, self.recycle):
+            part.release(ids)
+        for rid in ids:
+            self._last.pop(rid, None)
+
+    def reset(self, request_ids: Iterable[str]) -> None:
+        ids = list(request_ids)
+        for part in (self.ngram, self.suffix, self.recycle):
+            part.reset(ids)
+
+    def draft_probs(self, request_id: str) -> None:
+        return None
+
+    @property
+    def state_bytes(self) -> int:
+        return self.suffix.state_bytes + self.recycle.state_bytes
+
+    def memory(self) -> dict[str, tuple[int, int]]:
+        return self.suffix.memory() | self.recycle.memory()
+
+
+def _tree_witnesses(tree: TokenTree, nodes: list[_Node]) -> list[list[tuple[str, float]]]:
+    """Per tree node, the witnesses of the union node it came from (found by its path)."""
+    union_of = [0] * tree.num_nodes
+    out: list[list[tuple[str, float]]] = [[]]
+    for i in range(1, tree.num_nodes):
+        union_of[i] = nodes[union_of[tree.parents[i]]].children[tree.token_ids[i]]
+        out.append(nodes[union_of[i]].witnesses)
+    return out

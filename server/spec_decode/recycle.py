@@ -1,0 +1,260 @@
+"""Token Recycling ("Turning Trash into Treasure", Luo et al. 2024): the target's own top-k,
+recycled as drafts.
+
+Every verified row's logits hold the target's top-k guesses for the next token, and plain
+decoding throws all but one away. This drafter keeps them in an adjacency table, token -> its
+top-k successor candidates with their probabilities, overwritten with the newest top-k each
+time the token is computed. A draft tree then grows from the request's last token by walking
+the table, best-first by path probability (server/spec_decode/tree_builder.py), and after
+verification every computed row refreshes its token's candidates.
+
+Beyond the paper, the table is also kept per (previous token, token) pair, and a node whose
+pair has been seen drafts from the pair's row: "the" after "of" and after "in" are followed by
+different words, and the pair row remembers which. A node's score tells the policy which
+order it came from, so their acceptance is calibrated apart.
+
+Two scopes (``scope``):
+
+- ``"shared"``: one table for every request, of fixed size (2^17 tokens and 2^18 pairs, ~28
+  MB at k = 8; the oldest-written rows make room). What one request taught the table drafts
+  the next one: the paper's "hot start".
+- ``"request"``: small tables per request (~0.2 MB), gone when it finishes. Nothing leaks
+  between requests, but every request starts cold.
+
+Both are seeded from the prompt: a token (or pair) with no row yet gets the token that
+followed it in the prompt, at a low prior probability, so a request's first steps have a
+draft before the target has ever been asked about that token.
+
+The runner hands the top-k over once per step for all rows together (``TopTokens``): one
+``topk`` over the step's logits and one device-to-host copy, not a sync per request.
+Children are a function of the context and the matrix ("deterministic" kind).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import numpy as np
+
+from server.engine.request import Request
+from server.spec_decode.drafter import TopTokens
+from server.spec_decode.history import HistoryDrafter
+from server.spec_decode.tree import TokenTree
+from server.spec_decode.tree_builder import Child, grow_tree
+
+RecycleScope = Literal["shared", "request"]
+# P(accepted) given to a prompt bigram before the target has spoken about its first token.
+_SEED_PROB = 0.05
+# Rows kept per table: shared tables hold a vocabulary's worth of single tokens and many more
+# (previous token, token) pairs; a request's own tables only what one request meets.
+_SHARED_CAPACITY = {1: 1 << 17, 2: 1 << 18}
+_REQUEST_CAPACITY = {1: 1 << 10, 2: 1 << 11}
+# Estimated bytes of one dict slot (key int + slot int + hash entry), for state_bytes.
+_DICT_BYTES_PER_KEY = 100
+_TOKEN_BITS = 32
+# Bucket edges of the recorded probabilities; a (previous token, token) row's score is its
+# probability + 1, so the policy calibrates the two orders apart.
+_PROB_EDGES = (0.03, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
+
+
+class TopKTable:
+    """key -> (candidate ids, their probabilities) [k], best first, for at most ``capacity``
+    keys: when full, the oldest-written key gives its row to the new one (a ring), so memory
+    is fixed however long the server runs."""
+
+    def __init__(self, capacity: int, top_k: int) -> None:
+        self.capacity = capacity
+        self.top_k = top_k
+        self._slots: dict[int, int] = {}
+        self._keys = np.full(capacity, -1, dtype=np.int64)
+        self.ids = np.full((capacity, top_k), -1, dtype=np.int32)
+        self.probs = np.zeros((capacity, top_k), dtype=np.float32)
+        self._next = 0
+
+    def _slot_for(self, key: int) -> int:
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._next
+            self._next = (self._next + 1) % self.capacity
+            old = int(self._keys[slot])
+            if old >= 0:
+                del self._slots[old]
+            self._keys[slot] = key
+            self._slots[key] = slot
+        return slot
+
+    def put(self, keys: list[int], ids: np.ndarray, probs: np.ndarray) -> None:
+        """Rows ``keys`` take the newest top-k ``ids`` / ``probs`` [N, >= k] (a key repeated
+        in ``keys``: the later row wins, as the more recent context)."""
+        slots = [self._slot_for(key) for key in keys]
+        self.ids[slots] = ids[:, : self.top_k]
+        self.probs[slots] = probs[:, : self.top_k]
+
+    def seed(self, key: int, token: int) -> None:
+        """``token`` becomes ``key``'s only candidate, at a low prior, if ``key`` has no row."""
+        if key in self._slots:
+            return
+        slot = self._slot_for(key)
+        self.ids[slot] = -1
+        self.probs[slot] = 0.0
+        self.ids[slot, 0] = token
+        self.probs[slot, 0] = _SEED_PROB
+
+    def get(self, key: int) -> int | None:
+        """The key's row index into ``ids`` / ``probs``, or None."""
+        return self._slots.get(key)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def nbytes(self) -> int:
+        return (
+            self._keys.nbytes
+            + self.ids.nbytes
+            + self.probs.nbytes
+            + _DICT_BYTES_PER_KEY * len(self._slots)
+        )
+
+
+def pair_key(prev: int, token: int) -> int:
+    return (prev << _TOKEN_BITS) | token
+
+
+class SuccessorTables:
+    """The drafter's memory for one scope: single tokens and (previous token, token) pairs."""
+
+    def __init__(self, capacity: dict[int, int], top_k: int) -> None:
+        self.single = TopKTable(capacity[1], top_k)
+        self.pair = TopKTable(capacity[2], top_k)
+
+    def update(
+        self, prev: np.ndarray, tokens: np.ndarray, ids: np.ndarray, probs: np.ndarray
+    ) -> None:
+        self.single.put(tokens.tolist(), ids, probs)
+        has_prev = prev >= 0
+        if has_prev.any():
+            keys = [
+                pair_key(p, t)
+                for p, t in zip(prev[has_prev].tolist(), tokens[has_prev].tolist(), strict=True)
+            ]
+            self.pair.put(keys, ids[has_prev], probs[has_prev])
+
+    def seed(self, tokens: np.ndarray) -> None:
+        """The prompt's n-grams: each token's follower becomes its candidate where it has none."""
+        values = tokens.tolist()
+        for i in range(1, len(values)):
+            self.single.seed(values[i - 1], values[i])
+            if i >= 2:
+                self.pair.seed(pair_key(values[i - 2], values[i - 1]), values[i])
+
+    def candidates(self, prev: int, token: int) -> list[tuple[int, float, float]]:
+        """(candidate, probability, score offset): the pair's row first (offset 1), then the
+        single token's (offset 0); a candidate in both keeps its pair entry."""
+        out: list[tuple[int, float, float]] = []
+        rows = [(self.pair, pair_key(prev, token), 1.0)] if prev >= 0 else []
+        for table, key, offset in (*rows, (self.single, token, 0.0)):
+            slot = table.get(key)
+            if slot is not None:
+                ids, probs = table.ids[slot].tolist(), table.probs[slot].tolist()
+                out += [(t, p, offset) for t, p in zip(ids, probs, strict=True) if t >= 0]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.single.nbytes + self.pair.nbytes
+
+
+class RecycleDrafter(HistoryDrafter):
+    name = "recycle"
+    # Node score = the target's probability of the candidate when it was recorded, + 1 when
+    # it was recorded after the same two tokens (a pair row) rather than the same one.
+    score_edges = (*_PROB_EDGES, 1.0, *(1.0 + e for e in _PROB_EDGES))
+
+    def __init__(
+        self,
+        vocab_size: int,
+        top_k: int = 8,
+        max_width: int = 4,
+        scope: RecycleScope = "shared",
+    ) -> None:
+        if top_k < 1:
+            raise ValueError(f"recycle top_k must be >= 1, got {top_k}")
+        if max_width < 1:
+            raise ValueError(f"max_width must be >= 1, got {max_width}")
+        if scope not in ("shared", "request"):
+            raise ValueError(f"recycle scope must be 'shared' or 'request', got {scope!r}")
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.feedback_top_k = top_k
+        self.max_width = max_width
+        self.scope = scope
+        self._shared = SuccessorTables(_SHARED_CAPACITY, top_k) if scope == "shared" else None
+        self._per_request: dict[str, SuccessorTables] = {}
+        self._seeded: set[str] = set()
+
+    def tables(self, request_id: str) -> SuccessorTables:
+        if self._shared is not None:
+            return self._shared
+        tables = self._per_request.get(request_id)
+        if tables is None:
+            tables = SuccessorTables(_REQUEST_CAPACITY, self.feedback_top_k)
+            self._per_request[request_id] = tables
+        return tables
+
+    def _propose_one(self, request: Request, budget: int) -> TokenTree:
+        ids = request.all_token_ids
+        root = ids[-1]
+        if budget <= 0:
+            return TokenTree.root_only(root)
+        tables = self.tables(request.request_id)
+        if request.request_id not in self._seeded:
+            self._seeded.add(request.request_id)
+            tables.seed(self._history.tokens(request))
+        prev = ids[-2] if len(ids) > 1 else -1
+        return grow_tree(root, (prev, root), self.expander(tables), budget, self.max_width)
+
+    def expander(
+        self, tables: SuccessorTables
+    ) -> Callable[[tuple[int, int]], list[Child[tuple[int, int]]]]:
+        """``expand`` for grow_tree: a node (previous token, token) has the recorded top-k of
+        its pair and of its token alone as children (grow_tree keeps the first of a token
+        listed twice, and orders by probability)."""
+
+        def expand(state: tuple[int, int]) -> list[Child[tuple[int, int]]]:
+            prev, token = state
+            return [
+                Child(t, p, p + offset, (token, t))
+                for t, p, offset in tables.candidates(prev, token)
+                if t < self.vocab_size
+            ]
+
+        return expand
+
+    def observe_top_tokens(self, top: TopTokens) -> None:
+        """Every row computed this step refreshes its token's (and pair's) candidates."""
+        if self._shared is not None:
+            self._shared.update(top.prev_tokens, top.tokens, top.ids, top.probs)
+            return
+        for rid, rows in top.rows_by_request().items():
+            self.tables(rid).update(
+                top.prev_tokens[rows], top.tokens[rows], top.ids[rows], top.probs[rows]
+            )
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        ids = list(request_ids)
+        super().release(ids)
+        for rid in ids:
+            self._per_request.pop(rid, None)
+            self._seeded.discard(rid)
+
+    @property
+    def state_bytes(self) -> int:
+        if self._shared is not None:
+            return self._shared.nbytes
+        return sum(t.nbytes for t in self._per_request.values())
+
+    def memory(self) -> dict[str, tuple[int, int]]:
+        # Shared tables are allocated whole at start; per-request ones grow with the batch.
+        return {"recycle_tables": (self.state_bytes, self.state_bytes)}

@@ -1,0 +1,57 @@
+"""bench_spec's bookkeeping: which configurations run, the warm-up set, the drafter bars."""
+
+from __future__ import annotations
+
+from loadtest.bench_spec import (
+    DATASET_FILES,
+    Row,
+    configurations,
+    drafter_bars,
+    drafter_summary,
+    load_prompts,
+    warmup_prompts,
+)
+
+
+def row(dataset: str, batch: int, config: str, tok_s: float, length: float = 1.0) -> Row:
+    policy, method, budget = "none", "-", 0
+    if config != "none":
+        method, policy, *rest = config.split()
+        budget = int(rest[0].split("=")[1]) if rest else 8
+    return Row(dataset, batch, config, policy, method, budget, tok_s, [tok_s], 64, 0.2,
+               length, float(budget), True)  # fmt: skip
+
+
+def test_policies_pick_the_configurations() -> None:
+    labels = [c.label for c in configurations(["recycle"], [2, 8], 8, ["fixed", "goodput"])]
+    assert labels == ["none", "recycle fixed k=2", "recycle fixed k=8", "recycle goodput"]
+    (_, own) = configurations(["recycle/request"], [2], 8, ["fixed"])
+    assert own.spec.method == "recycle" and own.spec.recycle_scope == "request"
+
+
+def test_the_warmup_set_is_never_measured() -> None:
+    warm = set(warmup_prompts())
+    assert warm
+    for files in DATASET_FILES.values():
+        assert not warm & set(load_prompts(files, 32))
+
+
+def test_drafter_bars() -> None:
+    rows = [
+        row("free-form", 1, "none", 10.0),
+        row("free-form", 1, "recycle fixed k=8", 12.0, length=1.9),
+        row("free-form", 1, "recycle goodput", 16.0),
+        row("repetitive", 1, "none", 10.0),
+        row("repetitive", 1, "ngram goodput", 20.0),
+        row("repetitive", 1, "auto goodput", 19.0),
+    ]
+    summary = drafter_summary(rows, max_budget=8)
+    recycle = next(s for s in summary if s["method"] == "recycle")
+    assert recycle["best"] == "recycle goodput" and recycle["best_speedup"] == 1.6
+    assert recycle["accepted_length_at_max"] == 1.9
+    bars = {b: ok for b, _, ok in drafter_bars(summary)}
+    assert bars == {
+        "recycle or auto on free-form, batch 1: >= 1.5x none": True,
+        "mean accepted length >= 1.8 at the max budget": True,
+        "repetitive, batch 1: auto no worse than ngram (best configurations)": False,
+    }
