@@ -91,6 +91,10 @@ class Row:
     mean_accepted_length: float
     mean_budget: float
     identical_to_plain: bool
+    # Requests whose output equals no speculation's, and the share of output tokens before
+    # the first difference (1.0 = identical), over the cell's prompts.
+    identical_requests: float = 1.0
+    matching_prefix: float = 1.0
     loadavg_before: list[float] = field(default_factory=list)
 
 
@@ -290,16 +294,33 @@ def run_cell(
             mean_accepted_length=round(1 + accepted / drafts, 3) if drafts else 1.0,
             mean_budget=round(mean_budget, 2),
             identical_to_plain=outputs[c.label] == outputs["none"],
+            identical_requests=round(identical_share(outputs[c.label], outputs["none"]), 3),
+            matching_prefix=round(matching_prefix(outputs[c.label], outputs["none"]), 3),
             loadavg_before=list(load) if load else [],
         )
         rows.append(row)
         print(
             f"{dataset:10s} batch {batch:2d} {c.label:24s} {row.tokens_per_s:7.1f} tok/s "
             f"(runs {row.runs_tokens_per_s})  acceptance {row.acceptance_rate:.2f}  "
-            f"mean budget {row.mean_budget:.2f}  identical {row.identical_to_plain}",
+            f"mean budget {row.mean_budget:.2f}  identical {row.identical_requests:.0%} "
+            f"(matching prefix {row.matching_prefix:.0%})",
             flush=True,
         )
     return rows
+
+
+def identical_share(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    """The share of requests whose tokens equal the reference's."""
+    return sum(a == b for a, b in zip(outputs, reference, strict=True)) / len(reference)
+
+
+def matching_prefix(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    """The share of reference tokens that come before each output's first difference."""
+    same = 0
+    for a, b in zip(outputs, reference, strict=True):
+        common = min(len(a), len(b))
+        same += next((i for i in range(common) if a[i] != b[i]), common)
+    return same / max(sum(len(b) for b in reference), 1)
 
 
 def cell_verdicts(rows: list[Row]) -> list[dict[str, object]]:
@@ -490,7 +511,7 @@ def write_report(args: argparse.Namespace, rows: list[Row]) -> None:
         "## Every cell",
         "",
         "| dataset | batch | configuration | tok/s | runs | speed-up | acceptance | mean "
-        "accepted length | mean budget | identical |",
+        "accepted length | mean budget | identical to none |",
         "|---|---:|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -499,10 +520,16 @@ def write_report(args: argparse.Namespace, rows: list[Row]) -> None:
             f"| {r.dataset} | {r.batch} | {r.config} | {r.tokens_per_s} | "
             f"{' / '.join(str(x) for x in r.runs_tokens_per_s)} | {speedup:.2f}x | "
             f"{r.acceptance_rate:.2f} | {r.mean_accepted_length:.2f} | {r.mean_budget:.2f} | "
-            f"{'yes' if r.identical_to_plain else 'NO'} |"
+            f"{identical_cell(r)} |"
         )
     (out / f"{stamp}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / f'{stamp}.md'}")
+
+
+def identical_cell(r: Row) -> str:
+    if r.identical_to_plain:
+        return "yes"
+    return f"NO: {r.identical_requests:.0%} of requests, {r.matching_prefix:.0%} of tokens"
 
 
 def plot_rows(rows: list[Row], path: Path) -> None:

@@ -2,6 +2,12 @@
 
     python -m loadtest.policy_bars loadtest/reports/<date>-spec-policies \\
         [--policy goodput] [--baseline no-spec] [--lowest-rate-speedup repetitive=1.5 mix=1.2]
+        [--among no-spec ngram-k2 ngram-k4 ngram-k8 smartspec-uniform goodput] [--out bars.md]
+
+``--among`` limits "the others" to the named configurations (the headline sweep compares
+policies over one drafter, then drafters under one policy:
+``--policy auto-goodput --among goodput recycle-goodput suffix-goodput no-spec
+--lowest-rate-speedup --out bars-drafters.md``).
 
 Reads the sweep's ``sweep.json`` and checks, per dataset, on mean end-to-end latency:
 
@@ -10,8 +16,8 @@ Reads the sweep's ``sweep.json`` and checks, per dataset, on mean end-to-end lat
   ``--baseline`` (no speculation);
 - at no rate is it more than ``--vs-baseline`` (1.03) x the baseline.
 
-Writes ``bars.md`` beside the report and prints it. Exit status 0 either way: a bar that is
-missed is a finding to report, not a crash.
+Writes ``bars.md`` (or ``--out``) beside the report and prints it. Exit status 0 either way:
+a bar that is missed is a finding to report, not a crash.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class Bars:
     vs_best: float = 1.05
     vs_baseline: float = 1.03
     lowest_rate_speedup: tuple[tuple[str, float], ...] = tuple(DEFAULT_LOWEST_RATE_SPEEDUP.items())
+    # The configurations the policy is compared with (None: every other one in the sweep).
+    among: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,11 @@ def rate_checks(summary: dict[str, dict[str, list[dict[str, Any]]]], bars: Bars)
                     by_rate.setdefault(_rate(run), {})[name] = float(run["mean_e2el_ms"])
         for rate in sorted(by_rate):
             row = by_rate[rate]
-            others = {n: ms for n, ms in row.items() if n != bars.policy}
+            others = {
+                n: ms
+                for n, ms in row.items()
+                if n != bars.policy and (bars.among is None or n in bars.among)
+            }
             if bars.policy not in row or bars.baseline not in row or not others:
                 continue
             best = min(others, key=others.__getitem__)
@@ -144,13 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         default=list(DEFAULT_LOWEST_RATE_SPEEDUP.items()),
         metavar="DATASET=X",
     )
+    p.add_argument("--among", nargs="+", help="compare with these configurations only")
+    p.add_argument("--out", default="bars.md", help="file name, beside the report")
     args = p.parse_args(argv)
     bars = Bars(
-        args.policy, args.baseline, args.vs_best, args.vs_baseline, tuple(args.lowest_rate_speedup)
+        args.policy,
+        args.baseline,
+        args.vs_best,
+        args.vs_baseline,
+        tuple(args.lowest_rate_speedup),
+        tuple(args.among) if args.among else None,
     )
     summary = json.loads((args.report_dir / "sweep.json").read_text())["summary"]
     text = markdown(rate_checks(summary, bars), bars, f"`{args.report_dir}`")
-    (args.report_dir / "bars.md").write_text(text)
+    (args.report_dir / args.out).write_text(text)
     print(text)
     return 0
 

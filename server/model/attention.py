@@ -36,6 +36,11 @@ class AttentionMetadata:
     block_size: int
     # Optional bool [q_len, q_len] ancestor masks per request (None entry = causal).
     tree_masks: list[torch.Tensor | None] | None = None
+    # Optional, per request: True when its rows are a draft tree (a chain included) to verify,
+    # so that every row is one decode at its own position. The torch backend then attends row
+    # by row exactly as plain decoding would (see TorchAttentionBackend), which keeps
+    # speculative outputs bitwise those of plain decoding.
+    verify_rows: list[bool] | None = None
     # Host copy of block_tables (planning without device syncs); None = copy on demand.
     block_tables_cpu: torch.Tensor | None = None
     # Filled by AttentionBackend.prepare (once per forward, shared by all layers).
@@ -66,6 +71,7 @@ def build_attention_metadata(
     block_size: int,
     device: torch.device,
     tree_masks: list[torch.Tensor | None] | None = None,
+    verify_rows: list[bool] | None = None,
 ) -> AttentionMetadata:
     """Metadata for requests whose new tokens sit at positions prefix_len + index.
 
@@ -90,6 +96,7 @@ def build_attention_metadata(
         block_tables=table.to(device),
         block_size=block_size,
         tree_masks=tree_masks,
+        verify_rows=verify_rows,
         block_tables_cpu=table,
     )
 
@@ -161,6 +168,9 @@ class _Group:
     # [Bg, 1, Mq, Mkv] bool (None = every key visible, or is_causal).
     mask: torch.Tensor | None = None
     is_causal: bool = False
+    # Verify rows attended one by one (Bg == 1): per row, its keys' positions among the
+    # gathered kv_len, or an int n for the first n (a chain row sees a prefix of them).
+    row_keys: list[torch.Tensor | int] | None = None
 
 
 @dataclass
@@ -221,6 +231,13 @@ class TorchAttentionBackend(AttentionBackend):
         nblk = (kv_len + meta.block_size - 1) // meta.block_size
         assert meta.block_tables_cpu is not None
         blocks = meta.block_tables_cpu[b, :nblk].long()
+        if n > 1 and meta.verify_rows is not None and meta.verify_rows[b]:
+            return _Group(
+                q_slice=rows,
+                kv_blocks=blocks.to(device),
+                kv_len=kv_len,
+                row_keys=_verify_row_keys(p, n, tree, device),
+            )
         mask = None  # one query row (plain decode) may see every key
         if n > 1 or tree is not None:
             full = torch.ones(n, kv_len, dtype=torch.bool)
@@ -308,6 +325,9 @@ class TorchAttentionBackend(AttentionBackend):
             qg = q[g.q_slice].transpose(0, 1)[None]  # [1, Hq, q_len, D]
         else:
             qg = q[g.q_index].transpose(1, 2)  # [Bg, Hq, Mq, D]
+        if g.row_keys is not None:
+            assert g.kv_blocks is not None
+            return _attend_rows(g, qg, k_cache, v_cache, scale)
         if g.kv_blocks is not None:
             # [nblk, block_size, Hk, D] -> [1, Hk, kv_len, D]: whole blocks copy faster than
             # per-slot indices.
@@ -328,3 +348,52 @@ class TorchAttentionBackend(AttentionBackend):
             scale=scale,
             enable_gqa=qg.shape[1] != kg.shape[1],
         )
+
+
+def _verify_row_keys(
+    prefix_len: int, n: int, tree: torch.Tensor | None, device: torch.device
+) -> list[torch.Tensor | int]:
+    """Per verify row, the keys plain decoding of that row's token would attend: the prefix
+    and the row's ancestors-or-self, in path order (their slots hold them by node index)."""
+    if tree is None:  # a chain: row i sees the first prefix_len + i + 1 keys
+        return [prefix_len + i + 1 for i in range(n)]
+    prefix = torch.arange(prefix_len)
+    return [
+        torch.cat([prefix, prefix_len + tree[i].cpu().nonzero().squeeze(1)]).to(device)
+        for i in range(n)
+    ]
+
+
+def _attend_rows(
+    g: _Group, qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Verify rows one by one, each exactly as plain decoding attends its token: one query
+    row, no mask, its visible keys alone and laid out as decoding lays them out.
+
+    Why not one masked call: SDPA's reductions depend on the number of keys and on the mask
+    path, so row 0 of a masked k-row call differs from the one-row decode in the last bits.
+    In float32 that almost never moves a greedy token; with int4 weights the next linear
+    rounds its input to bfloat16, which turns last-bit differences into visible ones, and
+    speculative outputs then drifted from plain decoding's at near-ties (bench_spec,
+    2026-12-03-drafters). Row by row, every op a token meets is the one it meets in plain
+    decoding, so verification stays bitwise lossless; it costs one SDPA call per row.
+    """
+    assert g.kv_blocks is not None and g.row_keys is not None
+    k_all = k_cache[g.kv_blocks].flatten(0, 1)[: g.kv_len]  # [kv_len, Hk, D]
+    v_all = v_cache[g.kv_blocks].flatten(0, 1)[: g.kv_len]
+    out = []
+    for i, keys in enumerate(g.row_keys):
+        if isinstance(keys, int):
+            kg, vg = k_all[:keys], v_all[:keys]
+        else:
+            kg, vg = k_all[keys], v_all[keys]
+        out.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                qg[:, :, i : i + 1],
+                kg.transpose(0, 1)[None],
+                vg.transpose(0, 1)[None],
+                scale=scale,
+                enable_gqa=qg.shape[1] != kg.shape[1],
+            )
+        )
+    return torch.cat(out, dim=2)

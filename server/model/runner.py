@@ -304,6 +304,7 @@ class ModelRunner:
         spec_requests: list[Request] = []
         spec_rows: list[int] = []
         masks: list[torch.Tensor | None] = []
+        verify_rows: list[bool] = []
         for r in plan.requests:
             n = plan.num_scheduled_tokens[r.request_id]
             start = r.num_computed_tokens
@@ -320,11 +321,13 @@ class ModelRunner:
                 prefix_lens.append(start)
                 block_ids.append(r.block_ids)
                 masks.append(None if tree.is_chain else tree.ancestor_mask().to(self.device))
+                verify_rows.append(True)
                 spec_requests.append(r)
                 spec_rows.append(len(logit_rows))
                 logit_rows.extend(range(row0, row0 + len(tree.token_ids)))
                 continue
             masks.append(None)
+            verify_rows.append(False)
             ids.extend(r.all_token_ids[start : start + n])
             positions.extend(range(start, start + n))
             query_lens.append(n)
@@ -344,7 +347,13 @@ class ModelRunner:
         # A chain needs no mask: causal attention over its rows is exactly its ancestry.
         tree_masks = masks if any(m is not None for m in masks) else None
         attn = build_attention_metadata(
-            query_lens, prefix_lens, block_ids, self.block_size, self.device, tree_masks
+            query_lens,
+            prefix_lens,
+            block_ids,
+            self.block_size,
+            self.device,
+            tree_masks,
+            verify_rows=verify_rows if any(verify_rows) else None,
         )
         return _Batch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),

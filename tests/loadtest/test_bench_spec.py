@@ -8,7 +8,9 @@ from loadtest.bench_spec import (
     configurations,
     drafter_bars,
     drafter_summary,
+    identical_share,
     load_prompts,
+    matching_prefix,
     warmup_prompts,
 )
 
@@ -55,3 +57,11 @@ def test_drafter_bars() -> None:
         "mean accepted length >= 1.8 at the max budget": True,
         "repetitive, batch 1: auto no worse than ngram (best configurations)": False,
     }
+
+
+def test_identity_shares() -> None:
+    ref = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert identical_share(ref, ref) == 1.0 and matching_prefix(ref, ref) == 1.0
+    out = [[1, 2, 9, 9], [5, 6, 7, 8]]
+    assert identical_share(out, ref) == 0.5
+    assert matching_prefix(out, ref) == 6 / 8

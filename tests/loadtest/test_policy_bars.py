@@ -53,3 +53,19 @@ def test_cli_writes_bars_md(tmp_path) -> None:
     (tmp_path / "sweep.json").write_text(json.dumps({"summary": summary}))
     assert main([str(tmp_path)]) == 0
     assert "Every bar holds." in (tmp_path / "bars.md").read_text()
+
+
+def test_among_limits_the_others(tmp_path) -> None:
+    summary = _summary()
+    summary["repetitive"]["auto-goodput"] = [_run("0.25", 1800.0), _run("inf", 9100.0)]
+    # goodput against its own drafter's configurations: auto-goodput is not among them.
+    among = Bars(among=("no-spec", "ngram-k4"))
+    rep = [c for c in rate_checks(summary, among) if c.dataset == "repetitive"]
+    assert [c.best_other for c in rep] == ["ngram-k4", "ngram-k4"]
+    # auto-goodput against the drafters under the same policy.
+    (tmp_path / "sweep.json").write_text(json.dumps({"summary": summary}))
+    argv = [str(tmp_path), "--policy", "auto-goodput", "--among", "goodput", "no-spec",
+            "--lowest-rate-speedup", "--out", "bars-drafters.md"]  # fmt: skip
+    assert main(argv) == 0
+    text = (tmp_path / "bars-drafters.md").read_text()
+    assert "| repetitive | 0.25 | 1800 | goodput | 1900 |" in text

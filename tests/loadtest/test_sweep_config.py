@@ -51,7 +51,11 @@ def test_headline_sweep_is_the_policy_comparison() -> None:
     assert spec["goodput"]["policy"] == "goodput"
     assert spec["smartspec-uniform"]["num_speculative_tokens"] == 8
     assert spec["goodput"]["num_speculative_tokens"] == 8
-    assert len(spec) == 6
+    # The drafters under the goodput policy (issue 12), ngram's being "goodput".
+    for method in ("recycle", "suffix", "auto"):
+        assert spec[f"{method}-goodput"] == {"method": method, "num_speculative_tokens": 8,
+                                             "policy": "goodput"}  # fmt: skip
+    assert len(spec) == 9
 
 
 def test_parse_and_merge() -> None:

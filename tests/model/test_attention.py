@@ -111,3 +111,55 @@ def test_backend_registry(monkeypatch: pytest.MonkeyPatch):
         get_attention_backend("triton", cpu)
     with pytest.raises(ValueError, match="unknown"):
         get_attention_backend("flash", cpu)
+
+
+def _decode_reference(
+    q_row: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Plain decoding of one token whose visible keys are ``keys`` / ``values`` [L, Hk, D],
+    laid out at positions 0..L-1 of a fresh paged cache (the last one is the token's own)."""
+    L, hk, d = keys.shape
+    nblk = -(-L // block_size)
+    k_cache = torch.zeros(nblk, block_size, hk, d, dtype=keys.dtype)
+    v_cache = torch.zeros_like(k_cache)
+    k_cache.view(-1, hk, d)[: L - 1] = keys[:-1]
+    v_cache.view(-1, hk, d)[: L - 1] = values[:-1]
+    meta = build_attention_metadata(
+        [1], [L - 1], [list(range(nblk))], block_size, torch.device("cpu")
+    )
+    return TorchAttentionBackend(batch_decode=False).forward(
+        q_row[None], keys[-1:], values[-1:], k_cache, v_cache, meta, 0.125
+    )[0]
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("prefix", [5, 37, 130])
+def test_verify_rows_attend_bitwise_as_plain_decoding(tree: bool, prefix: int) -> None:
+    """Each verify row's attention equals, bit for bit, plain decoding of its token at its
+    position over the same keys: the property that keeps speculative greedy outputs those
+    of plain decoding under int4 weights (whose bf16 input rounding amplifies last bits)."""
+    g = torch.Generator().manual_seed(prefix)
+    hq, hk, d, bs = 9, 3, 64, 16
+    parents = [-1, 0, 1, 1, 0, 4, 2] if tree else [-1, 0, 1, 2, 3, 4, 5]
+    n = len(parents)
+    nblk = -(-(prefix + n) // bs)
+    k_cache = torch.randn(nblk, bs, hk, d, generator=g)
+    v_cache = torch.randn(nblk, bs, hk, d, generator=g)
+    q = torch.randn(n, hq, d, generator=g)
+    k = torch.randn(n, hk, d, generator=g)
+    v = torch.randn(n, hk, d, generator=g)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] = mask[p]
+        mask[i, i] = True
+    meta = build_attention_metadata(
+        [n], [prefix], [list(range(nblk))], bs, torch.device("cpu"),
+        tree_masks=[mask if tree else None], verify_rows=[True],
+    )  # fmt: skip
+    out = TorchAttentionBackend(batch_decode=False).forward(q, k, v, k_cache, v_cache, meta, 0.125)
+    flat_k, flat_v = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
+    for i in range(n):
+        visible = list(range(prefix)) + [prefix + j for j in mask[i].nonzero().squeeze(1).tolist()]
+        expect = _decode_reference(q[i], flat_k[visible], flat_v[visible], bs)
+        assert torch.equal(out[i], expect), f"row {i} differs from plain decoding"

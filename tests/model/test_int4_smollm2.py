@@ -50,3 +50,29 @@ def test_embedded_model_auto_is_int4_repacked_exactly() -> None:
     out = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))
     text = tok.decode(out[0].token_ids)
     assert out[0].token_ids and "Paris" in text, text
+
+
+def test_speculation_under_int4_is_bitwise_plain_decoding_on_the_embedded_model() -> None:
+    """int4's linears round their inputs to bfloat16, which turns last-bit differences
+    between a k-row verify and a one-row decode into different greedy tokens at near-ties;
+    verify rows are therefore attended as plain decoding attends them (attention.py). Trees
+    and chains over 16 mix prompts at batch 8 must give exactly plain int4 decoding's tokens
+    (they did not, before: bench_spec 2026-12-03-drafters)."""
+    from loadtest.bench_spec import DATASET_FILES, encode_chat, load_prompts, make_engine
+    from server.config import SpeculativeConfig
+    from server.model.loader import resolve_model
+
+    model_dir = resolve_model("smollm2-135m-instruct")
+    plain = make_engine(model_dir, SpeculativeConfig(), "int4")
+    prompts = encode_chat(plain, load_prompts(DATASET_FILES["mix"], 16))
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    reference = [r.token_ids for r in plain.generate(prompts, params)]
+    del plain
+    for method in ("ngram", "auto"):
+        spec = SpeculativeConfig(method=method, num_speculative_tokens=8, policy="fixed")
+        engine = make_engine(model_dir, spec, "int4")
+        got = []
+        for i in range(0, len(prompts), 8):
+            got += [r.token_ids for r in engine.generate(prompts[i : i + 8], params)]
+        assert got == reference, method
+        assert engine.core.stats().num_accepted_tokens > 0
