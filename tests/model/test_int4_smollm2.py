@@ -57,7 +57,7 @@ def test_speculation_under_int4_is_bitwise_plain_decoding_on_the_embedded_model(
     between a k-row verify and a one-row decode into different greedy tokens at near-ties;
     verify rows are therefore attended as plain decoding attends them (attention.py). Trees
     and chains over 16 mix prompts at batch 8 must give exactly plain int4 decoding's tokens
-    (they did not, before: bench_spec 2026-12-03-drafters)."""
+    (they did not, before: loadtest/results/spec/2026-12-03-drafters-before-verify-fix.md)."""
     from loadtest.bench_spec import DATASET_FILES, encode_chat, load_prompts, make_engine
     from server.config import SpeculativeConfig
     from server.model.loader import resolve_model
