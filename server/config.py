@@ -116,9 +116,10 @@ class SpeculativeConfig:
     # tree: the most distinct continuations merged into one request's tree.
     max_tree_width: int = 4
     # recycle (and auto): the target's top-k kept per token, and whose table drafts a request:
-    # "shared" by all requests (hot start) or one per "request".
+    # one per "request" (measured better: loadtest/results/spec/2026-12-03-drafters.md) or
+    # "shared" by all requests (the paper's hot start).
     recycle_top_k: int = 8
-    recycle_scope: Literal["shared", "request"] = "shared"
+    recycle_scope: Literal["shared", "request"] = "request"
     # suffix (and auto): memory cap of the cross-request suffix cache, in MiB.
     suffix_cache_mb: float = 64.0
     # draft_model: the draft model (a path or an embedded name sharing the target's tokenizer).

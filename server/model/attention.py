@@ -374,9 +374,10 @@ def _attend_rows(
     path, so row 0 of a masked k-row call differs from the one-row decode in the last bits.
     In float32 that almost never moves a greedy token; with int4 weights the next linear
     rounds its input to bfloat16, which turns last-bit differences into visible ones, and
-    speculative outputs then drifted from plain decoding's at near-ties (bench_spec,
-    2026-12-03-drafters). Row by row, every op a token meets is the one it meets in plain
-    decoding, so verification stays bitwise lossless; it costs one SDPA call per row.
+    speculative outputs drifted from plain decoding's at near-ties (19 of 32 speculative
+    configurations in loadtest/results/spec/2026-12-03-drafters-before-verify-fix.md). Row by
+    row, every op a token meets is the one it meets in plain decoding (the linears are
+    row-independent), so verification stays bitwise lossless; it costs one SDPA call per row.
     """
     assert g.kv_blocks is not None and g.row_keys is not None
     k_all = k_cache[g.kv_blocks].flatten(0, 1)[: g.kv_len]  # [kv_len, Hk, D]

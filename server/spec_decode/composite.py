@@ -121,7 +121,7 @@ class AutoDrafter:
         prompt_lookup_max: int = 4,
         max_width: int = 4,
         recycle_top_k: int = 8,
-        recycle_scope: RecycleScope = "shared",
+        recycle_scope: RecycleScope = "request",
         suffix_cache_mb: float = 64.0,
     ) -> None:
         self.ngram = NgramDrafter(prompt_lookup_min, prompt_lookup_max)

@@ -8,18 +8,20 @@ time the token is computed. A draft tree then grows from the request's last toke
 the table, best-first by path probability (server/spec_decode/tree_builder.py), and after
 verification every computed row refreshes its token's candidates.
 
-Beyond the paper, the table is also kept per (previous token, token) pair, and a node whose
-pair has been seen drafts from the pair's row: "the" after "of" and after "in" are followed by
-different words, and the pair row remembers which. A node's score tells the policy which
-order it came from, so their acceptance is calibrated apart.
+Beyond the paper, the table is also kept per (previous token, token) pair, and a node's
+children come from its pair's row and its token's row together (the pair's first, when both
+list a token): "the" after "of" and after "in" are followed by different words, and the pair
+row remembers which. A node's score tells the policy which row it came from, so their
+acceptance is calibrated apart.
 
 Two scopes (``scope``):
 
+- ``"request"`` (default): small tables per request (~0.2 MB), gone when it finishes.
+  Nothing leaks between requests; measured better than shared in 5 of 6 bench_spec cells
+  (loadtest/results/spec/2026-12-03-drafters.md): a shared table mixes unrelated contexts.
 - ``"shared"``: one table for every request, of fixed size (2^17 tokens and 2^18 pairs, ~28
   MB at k = 8; the oldest-written rows make room). What one request taught the table drafts
   the next one: the paper's "hot start".
-- ``"request"``: small tables per request (~0.2 MB), gone when it finishes. Nothing leaks
-  between requests, but every request starts cold.
 
 Both are seeded from the prompt: a token (or pair) with no row yet gets the token that
 followed it in the prompt, at a low prior probability, so a request's first steps have a
@@ -27,7 +29,7 @@ draft before the target has ever been asked about that token.
 
 The runner hands the top-k over once per step for all rows together (``TopTokens``): one
 ``topk`` over the step's logits and one device-to-host copy, not a sync per request.
-Children are a function of the context and the matrix ("deterministic" kind).
+Children are a function of the context and the tables ("deterministic" kind).
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ class RecycleDrafter(HistoryDrafter):
         vocab_size: int,
         top_k: int = 8,
         max_width: int = 4,
-        scope: RecycleScope = "shared",
+        scope: RecycleScope = "request",
     ) -> None:
         if top_k < 1:
             raise ValueError(f"recycle top_k must be >= 1, got {top_k}")

@@ -150,7 +150,8 @@ def auto_server(
 ) -> Iterator[LiveServer]:
     """Speculation asked for without naming a method: the composite "auto" drafter."""
     log = tmp_path_factory.mktemp("logs") / "auto_server.log"
-    spec = json.dumps({"num_speculative_tokens": 6, "suffix_cache_mb": 1})
+    # policy fixed: the goodput policy may rightly decline every draft on a tiny model.
+    spec = json.dumps({"num_speculative_tokens": 6, "suffix_cache_mb": 1, "policy": "fixed"})
     args = ["--num-kv-blocks", "512", "--speculative-config", spec]
     with run_server(tiny_model_dir, log, extra_args=args) as live:
         yield live

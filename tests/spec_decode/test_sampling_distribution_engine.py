@@ -83,7 +83,11 @@ def test_sampled_outputs_follow_the_target_distribution(
     else:
         # Deterministic trees verified by the multi-draft rule. recycle drafts the target's
         # own recorded top-k; suffix drafts what earlier requests of the same prompt sampled.
-        spec = SpeculativeConfig(policy="fixed", method=method, num_speculative_tokens=4)
+        # Shared recycle tables: one request's top-k drafts the next (3 tokens each is too
+        # short for a request's own table to learn).
+        spec = SpeculativeConfig(
+            policy="fixed", method=method, num_speculative_tokens=4, recycle_scope="shared"
+        )
     samples, accepted = sample(tiny_llama_dir, prompt, spec, seed0=2 * 10**6)
     assert accepted > N // 4, "too few accepted drafts for the check to mean anything"
     tv = total_variation(reference, samples)

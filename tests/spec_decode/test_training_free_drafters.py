@@ -128,7 +128,7 @@ def top(
 
 
 def test_recycle_drafts_from_the_targets_recorded_top_k() -> None:
-    d = RecycleDrafter(vocab_size=V, top_k=2, max_width=2)
+    d = RecycleDrafter(vocab_size=V, top_k=2, max_width=2, scope="shared")
     assert isinstance(d, Drafter) and isinstance(d, TopTokenConsumer)
     r = make_request([9, 10, 11])
     d.observe_top_tokens(top({11: [(20, 0.8), (21, 0.1)], 20: [(30, 0.9), (31, 0.05)]}))
@@ -143,7 +143,7 @@ def test_recycle_drafts_from_the_targets_recorded_top_k() -> None:
 
 
 def test_recycle_pair_rows_win_over_single_token_rows() -> None:
-    d = RecycleDrafter(vocab_size=V, top_k=2)
+    d = RecycleDrafter(vocab_size=V, top_k=2, scope="shared")
     d.observe_top_tokens(top({11: [(30, 0.6)]}, prev=9))  # after "9 11": 30
     d.observe_top_tokens(top({11: [(20, 0.5)]}))  # after 11, most recently: 20
     (tree,) = d.propose([make_request([9, 11])], [1])
@@ -294,7 +294,7 @@ def test_auto_merges_sources_within_the_budget() -> None:
 
 
 def test_auto_calibrates_each_source_from_verified_trees() -> None:
-    d = AutoDrafter(vocab_size=V)
+    d = AutoDrafter(vocab_size=V, recycle_scope="shared")
     before = d.calibration.prob("recycle", 0.9)
     for i in itertools.count():
         r = make_request([1, 2])
