@@ -16,7 +16,7 @@ plus index entries), which a test holds against tracemalloc's measurement.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -34,6 +34,15 @@ _TOKEN_BITS = 32
 
 def _key(a: int, b: int) -> int:
     return (a << _TOKEN_BITS) | b
+
+
+def _entries(seq_id: int, arr: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(bigram key, packed (sequence, end position)) of every index entry of a sequence:
+    position e indexes the bigram ending at e; only e < len - 1 has a token after it."""
+    values = arr.tolist()
+    base = seq_id << _TOKEN_BITS
+    for end in range(1, len(values) - 1):
+        yield _key(values[end - 1], values[end]), base | end
 
 
 class SuffixCache:
@@ -82,15 +91,11 @@ class SuffixCache:
         self._next_id += 1
         self._sequences[seq_id] = arr
         self._tokens += len(arr)
-        values = arr.tolist()
-        base = seq_id << _TOKEN_BITS
-        # Position e indexes the bigram ending at e; only e < len - 1 has a token after it.
-        for end in range(1, len(values) - 1):
-            key = _key(values[end - 1], values[end])
+        for key, packed in _entries(seq_id, arr):
             positions = self._index.get(key)
             if positions is None:
                 positions = self._index[key] = []
-            positions.append(base | end)
+            positions.append(packed)
             self._entries += 1
             if len(positions) > _MAX_POSITIONS_PER_KEY:
                 positions.pop(0)
@@ -105,15 +110,12 @@ class SuffixCache:
     def _evict_oldest(self) -> None:
         seq_id, arr = self._sequences.popitem(last=False)
         self._tokens -= len(arr)
-        values = arr.tolist()
-        base = seq_id << _TOKEN_BITS
-        for end in range(1, len(values) - 1):
-            key = _key(values[end - 1], values[end])
+        for key, packed in _entries(seq_id, arr):
             positions = self._index.get(key)
             if positions is None:
                 continue
             try:
-                positions.remove(base | end)
+                positions.remove(packed)
             except ValueError:
                 continue  # already pushed out by newer occurrences of a common bigram
             self._entries -= 1
