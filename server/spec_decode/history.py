@@ -46,11 +46,6 @@ class TokenHistory:
         view.flags.writeable = False
         return view
 
-    def known(self, request_id: str) -> np.ndarray | None:
-        """The request's tokens as of its last ``tokens`` call, or None if never seen."""
-        buf = self._buffers.get(request_id)
-        return None if buf is None else buf[: self._lengths[request_id]]
-
     def release(self, request_ids: Iterable[str]) -> None:
         for rid in request_ids:
             self._buffers.pop(rid, None)

@@ -239,15 +239,25 @@ def load_prompts(name: str, n: int) -> list[str]:
     return [r["prompt"] for r in rows[:n]]
 
 
-@pytest.mark.slow
-def test_greedy_identity_on_the_embedded_model() -> None:
-    """32 prompts (code edits, reformatting, quoting summaries, extraction + free-form chat)."""
+EMBEDDED_PARAMS = SamplingParams(max_tokens=32, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def embedded_identity_case() -> tuple[list[list[int]], list[list[int]]]:
+    """The identity tests' 32 prompts on the embedded model (code edits, reformatting,
+    quoting summaries, extraction + free-form chat) and plain greedy decoding's outputs."""
     prompts_text = load_prompts("repetitive.jsonl", 20) + load_prompts("chat.jsonl", 12)
     base = make_engine("smollm2-135m-instruct", dtype="float32", block_size=16, budget=512)
     prompts = encode_chat(base, prompts_text)
-    params = SamplingParams(max_tokens=32, temperature=0.0)
-    plain = tokens_of(base.generate(prompts, params))
-    del base
+    return prompts, tokens_of(base.generate(prompts, EMBEDDED_PARAMS))
+
+
+@pytest.mark.slow
+def test_greedy_identity_on_the_embedded_model(
+    embedded_identity_case: tuple[list[list[int]], list[list[int]]],
+) -> None:
+    prompts, plain = embedded_identity_case
+    params = EMBEDDED_PARAMS
     for spec in (DRAFTERS[0], DRAFTERS[2]):
         engine = make_engine(
             "smollm2-135m-instruct", spec, dtype="float32", block_size=16, budget=512
@@ -257,16 +267,15 @@ def test_greedy_identity_on_the_embedded_model() -> None:
 
 
 @pytest.mark.slow
-def test_training_free_drafters_on_the_embedded_model_with_preemption_forced() -> None:
+def test_training_free_drafters_on_the_embedded_model_with_preemption_forced(
+    embedded_identity_case: tuple[list[list[int]], list[list[int]]],
+) -> None:
     """recycle, suffix and auto over the same 32 prompts, on a KV cache too small for the
     batch: requests are preempted and recomputed mid-draft, and the outputs still match."""
-    prompts_text = load_prompts("repetitive.jsonl", 20) + load_prompts("chat.jsonl", 12)
-    base = make_engine("smollm2-135m-instruct", dtype="float32", block_size=16, budget=512)
-    prompts = encode_chat(base, prompts_text)
-    params = SamplingParams(max_tokens=32, temperature=0.0)
-    plain = tokens_of(base.generate(prompts, params))
-    del base
-    # The longest prompt + its output needs ~30 blocks of 16; 96 can't hold the batch.
+    prompts, plain = embedded_identity_case
+    params = EMBEDDED_PARAMS
+    # Every request fits 96 blocks of 16 alone (so it can always finish); the batch does not
+    # (num_preemptions > 0 below).
     assert max(len(p) for p in prompts) + 32 < 96 * 16
     for method in ("recycle", "suffix", "auto"):
         spec = SpeculativeConfig(policy="fixed", method=method, num_speculative_tokens=6)
