@@ -1,7 +1,7 @@
 """How well the goodput policy's online cost model predicts step times, on the embedded model.
 
     python -m loadtest.bench_cost_model [--waves 1 2 4 8 16 32 8 1] [--new-tokens 48]
-        [--out loadtest/results/cost_model]
+        [--weights int4|fp32] [--out loadtest/results/cost_model]
 
 Serves waves of concurrent requests (mix prompts; a wave of b requests runs b prompts at
 once, so the batch grows, shrinks and mixes prefill with decode) through an engine with the
@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from loadtest.bench_engine import machine_info
-from loadtest.bench_spec import encode_chat, load_prompts, make_engine
+from loadtest.bench_spec import WEIGHTS, encode_chat, load_prompts, make_engine
 from loadtest.host import format_loadavg, loadavg
 from server.config import SpeculativeConfig
 from server.engine.sampling_params import SamplingParams
@@ -82,12 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--waves", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 8, 1])
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--weights", default="int4", choices=list(WEIGHTS))
     ap.add_argument("--out", type=Path, default=Path("loadtest/results/cost_model"))
     args = ap.parse_args(argv)
 
     load_start = loadavg()
     spec = SpeculativeConfig(method="ngram", num_speculative_tokens=8, policy="goodput")
-    engine = make_engine(resolve_model(args.model), spec)
+    engine = make_engine(resolve_model(args.model), spec, args.weights)
     assert engine.core.speculator is not None
     cost: CostModel = engine.core.speculator.policy.cost  # type: ignore[attr-defined]
     cost.trace = []
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m loadtest.bench_cost_model " + " ".join(sys.argv[1:]),
         "machine": machine_info(),
         "loadavg_at_start": list(load_start) if load_start else None,
+        "weights": args.weights,
         "online_held_out": summary(online),
         "online_after_first_64_steps": summary(online[64:]),
         "offline_70_30": summary(offline),
@@ -175,7 +177,8 @@ def write_report(
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit "
         f"{m['git_commit']}; load average at start "
-        f"{format_loadavg(result['loadavg_at_start'])}. Embedded SmolLM2-135M, fp32, goodput "
+        f"{format_loadavg(result['loadavg_at_start'])}. Embedded SmolLM2-135M, "
+        f"{result['weights']} weights, goodput "
         "policy with n-gram drafts (k <= 8), waves of concurrent mix requests.",
         "",
         f"![predicted vs measured]({plot.name})",
