@@ -95,6 +95,26 @@ class DraftCost:
     catchup_rows_per_request: float = 1.0
 
 
+@dataclass
+class Allocations:
+    """Several allocations of one step, scored together (``Allocator.evaluate_many``)."""
+
+    counts: np.ndarray  # [A, requests]
+    expected_tokens: np.ndarray  # [A]
+    predicted_seconds: np.ndarray  # [A]
+
+    @property
+    def goodputs(self) -> np.ndarray:
+        return self.expected_tokens / self.predicted_seconds
+
+    def row(self, a: int) -> Allocation:
+        return Allocation(
+            self.counts[a].tolist(),
+            float(self.expected_tokens[a]),
+            float(self.predicted_seconds[a]),
+        )
+
+
 class Allocator:
     def __init__(self, cost: CostModel, draft_cost: DraftCost | None = None) -> None:
         self.cost = cost
@@ -108,32 +128,43 @@ class Allocator:
     ) -> Allocation:
         """The allocation with the highest predicted goodput (see the module docstring)."""
         best = self._best_prefix(base, candidates)
-        for k in uniform_ks:
-            uniform = self.evaluate(base, candidates, [min(k, c.size) for c in candidates])
-            if uniform.goodput > best.goodput:
-                best = uniform
+        if len(uniform_ks):
+            sizes = np.array([c.size for c in candidates])
+            ks = np.asarray(uniform_ks)[:, None]
+            uniform = self.evaluate_many(base, candidates, np.minimum(ks, sizes[None, :]))
+            i = int(np.argmax(uniform.goodputs))
+            if uniform.goodputs[i] > best.goodput:
+                best = uniform.row(i)
         return best
 
     def evaluate(
         self, base: StepBase, candidates: Sequence[RequestCandidates], counts: Sequence[int]
     ) -> Allocation:
         """The allocation choosing the first ``counts[i]`` candidates of request i."""
-        counts = [min(max(int(n), 0), c.size) for n, c in zip(counts, candidates, strict=True)]
-        value = sum(float(c.values[:n].sum()) for c, n in zip(candidates, counts, strict=True))
-        drafts = sum(counts)
-        spec = sum(1 for n in counts if n > 0)
-        max_depth = max(
-            (int(c.depths[:n].max()) for c, n in zip(candidates, counts, strict=True) if n),
-            default=0,
-        )
-        x = self._features(
-            base,
-            np.array([drafts]),
-            np.array([spec]),
-            np.array([max_depth]),
-        )
-        seconds = float(self._decode_seconds(base, self.cost.predict_matrix(x))[0])
-        return Allocation(counts, base.emitted_tokens + value, seconds)
+        return self.evaluate_many(base, candidates, np.asarray(counts)[None, :]).row(0)
+
+    def evaluate_many(
+        self, base: StepBase, candidates: Sequence[RequestCandidates], counts: np.ndarray
+    ) -> Allocations:
+        """Several allocations at once (one cost-model call): ``counts`` is [A, requests],
+        row a choosing the first ``counts[a, i]`` candidates of request i. The policy runs
+        every step, so its own time is part of what speculation costs."""
+        sizes = np.array([c.size for c in candidates], dtype=np.int64)
+        counts = np.clip(np.asarray(counts, dtype=np.int64), 0, sizes[None, :])
+        num = counts.shape[0]
+        value = np.zeros(num)
+        max_depth = np.zeros(num)
+        for i, c in enumerate(candidates):
+            if c.size:
+                n = counts[:, i]
+                value += np.concatenate([[0.0], np.cumsum(c.values)])[n]
+                depth = np.concatenate([[0.0], np.maximum.accumulate(c.depths)])
+                max_depth = np.maximum(max_depth, depth[n])
+        drafts = counts.sum(axis=1).astype(np.float64)
+        spec = (counts > 0).sum(axis=1).astype(np.float64)
+        x = self._features(base, drafts, spec, max_depth)
+        seconds = self._decode_seconds(base, self.cost.predict_matrix(x))
+        return Allocations(counts, base.emitted_tokens + value, seconds)
 
     def _best_prefix(self, base: StepBase, candidates: Sequence[RequestCandidates]) -> Allocation:
         sizes = [c.size for c in candidates]

@@ -9,6 +9,8 @@ Requests whose cap is below k get their cap.
 
 from __future__ import annotations
 
+import numpy as np
+
 from server.engine.request import Request
 from server.spec_decode.allocator import StepBase
 from server.spec_decode.learned import LearnedPolicy
@@ -43,16 +45,18 @@ class SmartSpecUniform(LearnedPolicy):
         return trees  # the proposals already have k nodes at most
 
     def choose_k(self, base: StepBase, requests: list[Request], caps: list[int]) -> int:
-        allocator = self.allocator
         candidates = [self.chain_candidates(r, c) for r, c in zip(requests, caps, strict=True)]
-        none = allocator.evaluate(base, candidates, [0] * len(candidates))
-        best_k, best_goodput = 0, none.goodput * _ZERO_MARGIN
-        chosen = none.goodput
-        for k in range(1, max(caps, default=0) + 1):
-            goodput = allocator.evaluate(base, candidates, [min(k, c) for c in caps]).goodput
-            if goodput <= best_goodput:
+        # Every k at once (one cost-model call), then the paper's walk over them.
+        ks = np.arange(max(caps, default=0) + 1)[:, None]
+        goodputs = self.allocator.evaluate_many(
+            base, candidates, np.minimum(ks, np.asarray(caps)[None, :])
+        ).goodputs
+        best_k, best_goodput = 0, goodputs[0] * _ZERO_MARGIN
+        chosen = goodputs[0]
+        for k in range(1, len(goodputs)):
+            if goodputs[k] <= best_goodput:
                 break
-            best_k, best_goodput = k, goodput
-            chosen = goodput
-        self.record_goodput(chosen)
+            best_k, best_goodput = k, goodputs[k]
+            chosen = goodputs[k]
+        self.record_goodput(float(chosen))
         return best_k

@@ -182,3 +182,36 @@ def test_prefill_time_does_not_make_drafts_look_cheap() -> None:
     assert alloc.best(StepBase(full, 1, decode), cands).counts == [0]
     # Counted against the whole step (prefill included), the same draft would look worth it.
     assert alloc.best(StepBase(full, 1), cands).counts == [1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    alphas=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6),
+    caps=st.lists(st.integers(0, 8), min_size=6, max_size=6),
+    counts=st.lists(st.integers(-1, 10), min_size=6, max_size=6),
+    per_row=st.floats(0.0, 0.01),
+    per_request=st.floats(0.0, 0.01),
+)
+def test_evaluate_is_the_cost_model_on_the_step_with_those_drafts(
+    alphas: list[float],
+    caps: list[int],
+    counts: list[int],
+    per_row: float,
+    per_request: float,
+) -> None:
+    """The batched scoring against a plain one-shape prediction of each allocation."""
+    cands = [RequestCandidates.chain([a] * c) for a, c in zip(alphas, caps, strict=False)]
+    b = len(cands)
+    base = decode_base(b)
+    cost = linear_cost(0.02, per_row, spec_requests=per_request, verifying=0.003)
+    alloc = Allocator(cost)
+    chosen = [min(max(n, 0), c.size) for n, c in zip(counts, cands, strict=False)]
+    got = alloc.evaluate(base, cands, counts[:b])
+    many = alloc.evaluate_many(base, cands, np.array([counts[:b], [0] * b]))
+    shape = base.shape.with_drafts(sum(chosen), sum(1 for n in chosen if n))
+    expected = b + sum(c.values[:n].sum() for c, n in zip(cands, chosen, strict=True))
+    assert got.counts == chosen == many.counts[0].tolist()
+    assert np.isclose(got.predicted_seconds, cost.predict(shape))
+    assert np.isclose(got.expected_tokens, expected)
+    assert np.isclose(many.goodputs[0], got.goodput)
+    assert np.isclose(many.predicted_seconds[1], cost.predict(base.shape))
