@@ -117,8 +117,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            assert n > 0, "a running request always has a token to compute"
+            n = self._chunk(request, request.num_computed_tokens, budget, scheduled)
+            if n == 0:  # its prompt's next piece does not fit: it waits for the next step
+                i += 1
+                continue
             # Draft tokens take token budget and KV slots like any other token. Speculation
             # never preempts anyone: short of blocks, the request decodes plainly instead.
             k = min(self._speculation_cap(request), budget - n)
@@ -151,7 +153,9 @@ class Scheduler:
             n = request.num_tokens - num_cached
             if n > budget and not self.config.enable_chunked_prefill:
                 break
-            n = min(n, budget)
+            n = self._chunk(request, num_cached, budget, scheduled)
+            if n == 0:
+                break
             request.num_computed_tokens = num_cached
             if not self.block_manager.allocate_slots(request, n, cached):
                 request.num_computed_tokens = 0
@@ -174,6 +178,26 @@ class Scheduler:
             finished, self._finished_ids = self._finished_ids, set()
             preempted_ids, self._preempted_ids = self._preempted_ids - finished, set()
         return StepPlan(scheduled, num_tokens, finished, preempted_ids, spec_budgets=spec_budgets)
+
+    def _chunk(self, request: Request, start: int, budget: int, scheduled: list[Request]) -> int:
+        """How many of the request's tokens from ``start`` to compute within ``budget``.
+
+        A prompt is cut only at multiples of the block size (or at its end), so each of its
+        blocks is computed in one step and attended the same way whatever the schedule
+        (server/model/attention.py, ``_prompt_segments``): plain and speculative decoding,
+        and any batch, then give a request the same tokens. Past the prompt any cut will do.
+        A step with nothing else to do takes an unaligned cut rather than none (a token
+        budget below one block), giving up that guarantee rather than progress.
+        """
+        remaining = request.num_tokens - start
+        n = min(remaining, budget)
+        if n == remaining or start + n >= request.num_prompt_tokens:
+            return n
+        block = self.block_manager.block_size
+        aligned = (start + n) // block * block - start
+        if aligned > 0:
+            return aligned
+        return n if not scheduled else 0
 
     def _speculation_cap(self, request: Request) -> int:
         """The most draft tokens this request can use this step (0 = it can't speculate)."""

@@ -41,6 +41,11 @@ class AttentionMetadata:
     # by row exactly as plain decoding would (see TorchAttentionBackend), which keeps
     # speculative outputs bitwise those of plain decoding.
     verify_rows: list[bool] | None = None
+    # Optional, per request: its prompt length. Prompt rows are attended in canonical pieces
+    # (one per KV block) and later rows (generated tokens recomputed after a preemption) one
+    # by one, as decoding computed them, so a row's result does not depend on how the prompt
+    # was cut into chunks (see TorchAttentionBackend). None: every row is a prompt row.
+    prompt_lens: list[int] | None = None
     # Host copy of block_tables (planning without device syncs); None = copy on demand.
     block_tables_cpu: torch.Tensor | None = None
     # Filled by AttentionBackend.prepare (once per forward, shared by all layers).
@@ -72,6 +77,7 @@ def build_attention_metadata(
     device: torch.device,
     tree_masks: list[torch.Tensor | None] | None = None,
     verify_rows: list[bool] | None = None,
+    prompt_lens: list[int] | None = None,
 ) -> AttentionMetadata:
     """Metadata for requests whose new tokens sit at positions prefix_len + index.
 
@@ -97,6 +103,7 @@ def build_attention_metadata(
         block_size=block_size,
         tree_masks=tree_masks,
         verify_rows=verify_rows,
+        prompt_lens=prompt_lens,
         block_tables_cpu=table,
     )
 
@@ -168,9 +175,21 @@ class _Group:
     # [Bg, 1, Mq, Mkv] bool (None = every key visible, or is_causal).
     mask: torch.Tensor | None = None
     is_causal: bool = False
-    # Verify rows attended one by one (Bg == 1): per row, its keys' positions among the
-    # gathered kv_len, or an int n for the first n (a chain row sees a prefix of them).
-    row_keys: list[torch.Tensor | int] | None = None
+    # Rows attended in separate calls (Bg == 1; see TorchAttentionBackend): verify rows and
+    # recomputed generated rows one by one, prompt rows in canonical pieces.
+    segments: list[_Segment] | None = None
+
+
+@dataclass
+class _Segment:
+    """Query rows start:end of one request (relative to its first new row), attending to the
+    first ``keys`` of its gathered keys (or those positions, for a tree row) under ``mask``
+    ([end - start, keys] bool; None = all of them)."""
+
+    start: int
+    end: int
+    keys: int | torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -225,25 +244,32 @@ class TorchAttentionBackend(AttentionBackend):
         n, p = meta.query_lens[b], meta.prefix_lens[b]
         tree = meta.tree_masks[b] if meta.tree_masks else None
         rows = slice(cu[b], cu[b + 1])
-        if p == 0 and tree is None:
-            return _Group(q_slice=rows, is_causal=True)
         kv_len = p + n
-        nblk = (kv_len + meta.block_size - 1) // meta.block_size
-        assert meta.block_tables_cpu is not None
-        blocks = meta.block_tables_cpu[b, :nblk].long()
-        if n > 1 and meta.verify_rows is not None and meta.verify_rows[b]:
-            return _Group(
-                q_slice=rows,
-                kv_blocks=blocks.to(device),
-                kv_len=kv_len,
-                row_keys=_verify_row_keys(p, n, tree, device),
-            )
-        mask = None  # one query row (plain decode) may see every key
-        if n > 1 or tree is not None:
+        prompt_len = meta.prompt_lens[b] if meta.prompt_lens is not None else kv_len
+        if n == 1 and tree is None and p >= prompt_len:
+            # Plain decode: one query row sees every key; no mask, nothing to split.
+            blocks = self._blocks(meta, b, kv_len, device)
+            return _Group(q_slice=rows, kv_blocks=blocks, kv_len=kv_len)
+        if meta.verify_rows is not None and meta.verify_rows[b]:
+            segments = _verify_segments(p, n, tree, device)
+        elif tree is None:
+            segments = _prompt_segments(p, n, prompt_len, meta.block_size, device)
+        else:  # a tree without the verify flag (tests of the masked path)
             full = torch.ones(n, kv_len, dtype=torch.bool)
-            full[:, p:] = torch.ones(n, n, dtype=torch.bool).tril() if tree is None else tree
-            mask = full[None, None].to(device)
-        return _Group(q_slice=rows, kv_blocks=blocks.to(device), kv_len=kv_len, mask=mask)
+            full[:, p:] = tree
+            segments = [_Segment(0, n, kv_len, full.to(device))]
+        return _Group(
+            q_slice=rows,
+            kv_blocks=self._blocks(meta, b, kv_len, device),
+            kv_len=kv_len,
+            segments=segments,
+        )
+
+    @staticmethod
+    def _blocks(meta: AttentionMetadata, b: int, kv_len: int, device: torch.device) -> torch.Tensor:
+        assert meta.block_tables_cpu is not None
+        nblk = (kv_len + meta.block_size - 1) // meta.block_size
+        return meta.block_tables_cpu[b, :nblk].long().to(device)
 
     def _group(
         self, meta: AttentionMetadata, reqs: list[int], cu: list[int], device: torch.device
@@ -325,9 +351,8 @@ class TorchAttentionBackend(AttentionBackend):
             qg = q[g.q_slice].transpose(0, 1)[None]  # [1, Hq, q_len, D]
         else:
             qg = q[g.q_index].transpose(1, 2)  # [Bg, Hq, Mq, D]
-        if g.row_keys is not None:
-            assert g.kv_blocks is not None
-            return _attend_rows(g, qg, k_cache, v_cache, scale)
+        if g.segments is not None:
+            return _attend_segments(g, qg, k_cache, v_cache, scale)
         if g.kv_blocks is not None:
             # [nblk, block_size, Hk, D] -> [1, Hk, kv_len, D]: whole blocks copy faster than
             # per-slot indices.
@@ -350,51 +375,81 @@ class TorchAttentionBackend(AttentionBackend):
         )
 
 
-def _verify_row_keys(
+def _verify_segments(
     prefix_len: int, n: int, tree: torch.Tensor | None, device: torch.device
-) -> list[torch.Tensor | int]:
-    """Per verify row, the keys plain decoding of that row's token would attend: the prefix
-    and the row's ancestors-or-self, in path order (their slots hold them by node index)."""
+) -> list[_Segment]:
+    """Verify rows one by one, each with the keys plain decoding of its token would attend:
+    the prefix and the row's ancestors-or-self, in path order (their slots hold them by node
+    index)."""
     if tree is None:  # a chain: row i sees the first prefix_len + i + 1 keys
-        return [prefix_len + i + 1 for i in range(n)]
+        return [_Segment(i, i + 1, prefix_len + i + 1) for i in range(n)]
     prefix = torch.arange(prefix_len)
-    return [
-        torch.cat([prefix, prefix_len + tree[i].cpu().nonzero().squeeze(1)]).to(device)
-        for i in range(n)
-    ]
+    ancestry = [prefix_len + tree[i].cpu().nonzero().squeeze(1) for i in range(n)]
+    return [_Segment(i, i + 1, torch.cat([prefix, a]).to(device)) for i, a in enumerate(ancestry)]
 
 
-def _attend_rows(
+def _prompt_segments(
+    prefix_len: int, n: int, prompt_len: int, piece: int, device: torch.device
+) -> list[_Segment]:
+    """Rows prefix_len .. prefix_len + n - 1 of one request, cut so that every row is computed
+    the same way whatever chunk it came in.
+
+    Prompt rows go in pieces of ``piece`` positions (the KV block size) aligned at multiples
+    of it; every row of a piece sees the same number of keys, up to the piece's end (or the
+    prompt's), under a causal mask. Rows past the prompt (generated tokens recomputed after a
+    preemption) go one by one, exactly as decoding computed them. The scheduler cuts prompts
+    only at piece boundaries, so a piece is never split across steps; if it had to (a token
+    budget below one block), the piece ends where the chunk does.
+    """
+    end = prefix_len + n
+    segments = []
+    start = prefix_len
+    while start < min(end, prompt_len):
+        stop = min((start // piece + 1) * piece, prompt_len, end)
+        rows = torch.arange(start, stop)[:, None]
+        mask = torch.arange(stop)[None, :] <= rows
+        segments.append(_Segment(start - prefix_len, stop - prefix_len, stop, mask.to(device)))
+        start = stop
+    segments += [_Segment(r - prefix_len, r - prefix_len + 1, r + 1) for r in range(start, end)]
+    return segments
+
+
+def _attend_segments(
     g: _Group, qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Verify rows one by one, each exactly as plain decoding attends its token: one query
-    row, no mask, its visible keys alone and laid out as decoding lays them out.
+    """Each segment in its own call, over only the keys it may see.
 
-    Why not one masked call: SDPA's reductions depend on the number of keys and on the mask
-    path, so row 0 of a masked k-row call differs from the one-row decode in the last bits.
-    In float32 that almost never moves a greedy token; with int4 weights the next linear
-    rounds its input to bfloat16, which turns last-bit differences into visible ones, and
-    speculative outputs drifted from plain decoding's at near-ties (19 of 32 speculative
-    configurations in loadtest/results/spec/2026-12-03-drafters-before-verify-fix.md). Row by
-    row, every op a token meets is the one it meets in plain decoding (the linears are
-    row-independent), so verification stays bitwise lossless; it costs one SDPA call per row.
+    Why: on CPU, SDPA's result for a row depends on how many keys the call holds (masked ones
+    included) and on the mask path, though not on how many query rows it holds (checked on
+    torch 2.13). So a row of a masked k-row verify call differs from the one-row decode in the
+    last bits, and so does a prompt row attended with its whole prompt from one attended with
+    the chunk it was scheduled in. In float32 that almost never moves a greedy token; with
+    int4 weights the next linear rounds its input to bfloat16, which turns last-bit
+    differences into visible ones: speculative outputs drifted from plain decoding's at
+    near-ties (19 of 32 speculative configurations in
+    loadtest/results/spec/2026-12-03-drafters-before-verify-fix.md), and so did plain
+    decoding with the prompts cut elsewhere (1 of 32 repetitive prompts at batch 32, when
+    draft tokens took part of the token budget). With every row attended the same way in
+    every schedule, and the int4 linears row-independent, a request's tokens do not depend on
+    what it was batched with, speculation included.
     """
-    assert g.kv_blocks is not None and g.row_keys is not None
+    assert g.kv_blocks is not None and g.segments is not None
     k_all = k_cache[g.kv_blocks].flatten(0, 1)[: g.kv_len]  # [kv_len, Hk, D]
     v_all = v_cache[g.kv_blocks].flatten(0, 1)[: g.kv_len]
     out = []
-    for i, keys in enumerate(g.row_keys):
-        if isinstance(keys, int):
-            kg, vg = k_all[:keys], v_all[:keys]
+    for seg in g.segments:
+        if isinstance(seg.keys, int):
+            kg, vg = k_all[: seg.keys], v_all[: seg.keys]
         else:
-            kg, vg = k_all[keys], v_all[keys]
+            kg, vg = k_all[seg.keys], v_all[seg.keys]
         out.append(
             torch.nn.functional.scaled_dot_product_attention(
-                qg[:, :, i : i + 1],
+                qg[:, :, seg.start : seg.end],
                 kg.transpose(0, 1)[None],
                 vg.transpose(0, 1)[None],
+                attn_mask=None if seg.mask is None else seg.mask[None, None],
                 scale=scale,
                 enable_gqa=qg.shape[1] != kg.shape[1],
             )
         )
-    return torch.cat(out, dim=2)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)

@@ -305,11 +305,13 @@ class ModelRunner:
         spec_rows: list[int] = []
         masks: list[torch.Tensor | None] = []
         verify_rows: list[bool] = []
+        prompt_lens: list[int] = []
         for r in plan.requests:
             n = plan.num_scheduled_tokens[r.request_id]
             start = r.num_computed_tokens
             assert n >= 1 and start + n <= r.num_tokens, (r.request_id, start, n, r.num_tokens)
             row0 = len(ids)
+            prompt_lens.append(r.num_prompt_tokens)
             tree = plan.spec_trees.get(r.request_id)
             if tree is not None:
                 # A decoding request's one known token is the tree's root; every node's logits
@@ -354,6 +356,7 @@ class ModelRunner:
             self.device,
             tree_masks,
             verify_rows=verify_rows if any(verify_rows) else None,
+            prompt_lens=prompt_lens,
         )
         return _Batch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),

@@ -132,3 +132,38 @@ def test_prefix_cache_hit_is_counted_and_skips_computation() -> None:
     assert outs[0].num_cached_tokens == 16
     stats = s.stats()
     assert stats.prefix_cache_hits == 16 and stats.prefix_cache_queries == 34
+
+
+def test_prompts_are_cut_only_at_block_boundaries() -> None:
+    """A partial prompt chunk ends on a block boundary (so each block of a prompt is computed
+    in one step, see server/model/attention.py); a prompt that won't fit waits a step rather
+    than be cut mid-block; past the prompt (a preempted request's generated tokens) and when
+    nothing else is scheduled, the budget is used whole."""
+    s = make_scheduler(budget=10, block_size=4, prefix=False)
+    add(s, "a", 3, max_tokens=8)
+    b = add(s, "b", 13, max_tokens=8)
+    plan, _ = run_step(s)
+    # a takes 3; b's 7 would end mid-block (10): it takes 4 (up to position 4).
+    assert plan.num_scheduled_tokens == {"a": 3, "b": 4}
+    plan, _ = run_step(s)
+    # a decodes 1; b has 9 left, 9 fit but end mid-block at 13 = its prompt end: allowed.
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 9}
+    assert b.num_computed_tokens == 13
+
+    s = make_scheduler(budget=6, block_size=4, prefix=False)
+    add(s, "a", 2, max_tokens=8)
+    c = add(s, "c", 11, max_tokens=8)
+    plan, _ = run_step(s)
+    assert plan.num_scheduled_tokens == {"a": 2, "c": 4}  # the 4 left end on a boundary
+    plan, _ = run_step(s)
+    # a decodes; c could take 5 (to position 9, mid-block): it takes the block 4..8.
+    assert plan.num_scheduled_tokens == {"a": 1, "c": 4}
+    plan, _ = run_step(s)
+    assert plan.num_scheduled_tokens == {"a": 1, "c": 3}  # up to its prompt end
+    assert c.num_computed_tokens == 11
+
+    # A budget below one block: alone in the step, the prompt is cut where the budget ends.
+    s = make_scheduler(budget=3, block_size=4, prefix=False)
+    d = add(s, "d", 10, max_tokens=2)
+    plan, _ = run_step(s)
+    assert plan.num_scheduled_tokens == {"d": 3} and d.num_computed_tokens == 3

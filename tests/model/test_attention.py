@@ -125,7 +125,7 @@ def _decode_reference(
     k_cache.view(-1, hk, d)[: L - 1] = keys[:-1]
     v_cache.view(-1, hk, d)[: L - 1] = values[:-1]
     meta = build_attention_metadata(
-        [1], [L - 1], [list(range(nblk))], block_size, torch.device("cpu")
+        [1], [L - 1], [list(range(nblk))], block_size, torch.device("cpu"), prompt_lens=[L - 1]
     )
     return TorchAttentionBackend(batch_decode=False).forward(
         q_row[None], keys[-1:], values[-1:], k_cache, v_cache, meta, 0.125
@@ -163,3 +163,55 @@ def test_verify_rows_attend_bitwise_as_plain_decoding(tree: bool, prefix: int) -
         visible = list(range(prefix)) + [prefix + j for j in mask[i].nonzero().squeeze(1).tolist()]
         expect = _decode_reference(q[i], flat_k[visible], flat_v[visible], bs)
         assert torch.equal(out[i], expect), f"row {i} differs from plain decoding"
+
+
+def _chunked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cuts: list[int],
+    prompt_len: int,
+    block_size: int,
+) -> torch.Tensor:
+    """One request's rows 0..len(q) - 1 computed in chunks ending at ``cuts`` (the last cut is
+    len(q)), each chunk a step over a paged cache holding the earlier ones."""
+    n, hk, d = k.shape
+    nblk = -(-n // block_size)
+    k_cache = torch.zeros(nblk, block_size, hk, d)
+    v_cache = torch.zeros_like(k_cache)
+    out, start = [], 0
+    for stop in cuts:
+        meta = build_attention_metadata(
+            [stop - start], [start], [list(range(nblk))], block_size, torch.device("cpu"),
+            prompt_lens=[prompt_len],
+        )  # fmt: skip
+        rows = slice(start, stop)
+        out.append(
+            TorchAttentionBackend(batch_decode=False).forward(
+                q[rows], k[rows], v[rows], k_cache, v_cache, meta, 0.125
+            )
+        )
+        start = stop
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("prompt_len", [200, 150])
+def test_prompt_rows_attend_the_same_whatever_the_chunking(prompt_len: int) -> None:
+    """A request's attention outputs, bit for bit, whether its rows came in one chunk or cut
+    at block boundaries (the scheduler's cuts), and rows past the prompt (generated tokens
+    recomputed after a preemption) exactly as decoding computed them: so plain decoding does
+    not depend on what a request was batched with, nor speculation on how the prompt was
+    scheduled. (Attending a chunk's rows with the chunk's own keys, as before, failed this.)"""
+    g = torch.Generator().manual_seed(prompt_len)
+    hq, hk, d, bs, n = 9, 3, 64, 16, 200
+    q = torch.randn(n, hq, d, generator=g)
+    k = torch.randn(n, hk, d, generator=g)
+    v = torch.randn(n, hk, d, generator=g)
+    whole = _chunked_attention(q, k, v, [n], prompt_len, bs)
+    for cuts in ([64, 128, n], [16, n], [96, 176, n], [144, 160, 170, n]):
+        if any(c < prompt_len and c % bs for c in cuts):
+            continue  # the scheduler cuts prompts at block boundaries only
+        chunked = _chunked_attention(q, k, v, cuts, prompt_len, bs)
+        assert torch.equal(chunked, whole), f"cut at {cuts}"
+    for r in range(prompt_len, n):
+        assert torch.equal(whole[r], _decode_reference(q[r], k[: r + 1], v[: r + 1], bs)), r

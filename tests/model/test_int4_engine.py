@@ -34,6 +34,7 @@ from server.model.layers import Linear
 from server.model.loader import load_model, resolve_device
 from server.model.quantize import QUANT_FILE, choose_quantization, int4_dir, read_int4_tensors
 from tests.spec_decode.test_engine_speculation import repetitive_token_prompts
+from tests.tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,13 +72,13 @@ def dequantized_copy(int4_entry: Path, out: Path) -> Path:
 
 
 def make_engine(
-    model: Path, quantization: str, spec: SpeculativeConfig | None = None
+    model: Path, quantization: str, spec: SpeculativeConfig | None = None, budget: int = 64
 ) -> OfflineEngine:
     return OfflineEngine(
         EngineConfig(
             model=ModelConfig(model=str(model), dtype="float32", quantization=quantization),  # type: ignore[arg-type]
             cache=CacheConfig(block_size=8, num_blocks=256),
-            scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64),
+            scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget),
             speculative=spec or SpeculativeConfig(),
             separate_process=False,
         )
@@ -99,6 +100,17 @@ def emulate_kernel_rounding(engine: OfflineEngine) -> OfflineEngine:
         if type(module) is Linear and module is not model.lm_head:  # the head stays dense
             module.__class__ = Bf16IoLinear
     return engine
+
+
+class RowByRowLinear(Linear):
+    """A dense Linear computed one row at a time: each row's result then does not depend on
+    how many rows share the call, in its last bits (a dense float32 GEMM's does), as with the
+    int4 kernel and the embedded model's rescored int4 head."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.cat([F.linear(r[None], self.weight, self.bias) for r in rows])
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -164,6 +176,38 @@ def test_speculation_stays_lossless_under_int4(
     speculative = [c.token_ids for c in engine.generate(prompts, PARAMS)]
     assert speculative == plain
     assert engine.core.stats().num_draft_tokens > 0
+
+
+def test_a_requests_tokens_do_not_depend_on_its_schedule(tmp_path: Path) -> None:
+    """Under int4 (row-independent linears, bf16-rounded inputs that turn last-bit
+    differences into visible ones), a request's tokens and logprobs are bit for bit the same
+    whether its prompt ran in one chunk or was cut by the token budget among other requests,
+    with or without draft tokens taking part of that budget. Before prompts were attended in
+    canonical pieces, cutting them elsewhere moved the logprobs."""
+    # SmolLM2's attention shape (hidden 576, 9 heads of 64, 3 KV heads). With the tiny
+    # models' 16-wide heads SDPA's results happen not to depend on the key count, and 9 such
+    # heads give o_proj 144 inputs, no multiple of 32, so it would stay a dense linear whose
+    # rows depend on the batch in their last bits: the test could not tell the fix.
+    src = make_tiny_model(
+        "llama", tmp_path / "llama-d64", hidden_size=576, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, intermediate_size=192,
+    )  # fmt: skip
+    prompts = [(p * 8)[: 40 + 7 * i] for i, p in enumerate(repetitive_token_prompts(12))]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    def run(budget: int, spec: SpeculativeConfig | None = None) -> tuple[list, list]:
+        engine = make_engine(src, "int4", spec, budget)
+        head = engine.core.runner.model.lm_head  # dense here: the source has no Q4 head
+        assert type(head) is Linear
+        head.__class__ = RowByRowLinear
+        results = engine.generate(prompts, params)
+        return [c.token_ids for c in results], [[x.logprob for x in c.logprobs] for c in results]
+
+    tokens, logprobs = run(4096)  # every prompt in one chunk, all in the first step
+    assert run(64) == (tokens, logprobs)
+    assert run(21) == (tokens, logprobs)  # cuts that a plain block-multiple budget won't make
+    ngram = SpeculativeConfig(policy="fixed", method="ngram", num_speculative_tokens=4)
+    assert run(21, ngram)[0] == tokens
 
 
 def test_entry_is_built_once(tiny_model_dirs: dict[str, Path], monkeypatch) -> None:
