@@ -168,13 +168,12 @@ class _Group:
     valid_flat: torch.Tensor | None = None
     out_rows: torch.Tensor | None = None
     # Keys: [Bg, Mkv] cache slots to gather; or one request's blocks [nblk] and the first kv_len
-    # tokens in them; neither = attend to the fresh k/v (prefill with prefix_len == 0).
+    # tokens in them (the step's own keys are written to the cache before attending).
     kv_slots: torch.Tensor | None = None
     kv_blocks: torch.Tensor | None = None
     kv_len: int = 0
-    # [Bg, 1, Mq, Mkv] bool (None = every key visible, or is_causal).
+    # [Bg, 1, Mq, Mkv] bool (None = every key visible).
     mask: torch.Tensor | None = None
-    is_causal: bool = False
     # Rows attended in separate calls (Bg == 1; see TorchAttentionBackend): verify rows and
     # recomputed generated rows one by one, prompt rows in canonical pieces.
     segments: list[_Segment] | None = None
@@ -324,10 +323,10 @@ class TorchAttentionBackend(AttentionBackend):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping, state.write_rows)
         if len(state.groups) == 1 and state.groups[0].q_slice is not None:
             g = state.groups[0]
-            return self._attend(g, q, k, v, k_cache, v_cache, scale)[0].transpose(0, 1)
+            return self._attend(g, q, k_cache, v_cache, scale)[0].transpose(0, 1)
         out = torch.empty_like(q)
         for g in state.groups:
-            o = self._attend(g, q, k, v, k_cache, v_cache, scale)  # [Bg, Hq, Mq, D]
+            o = self._attend(g, q, k_cache, v_cache, scale)  # [Bg, Hq, Mq, D]
             if g.q_slice is not None:
                 out[g.q_slice] = o[0].transpose(0, 1)
             else:
@@ -340,8 +339,6 @@ class TorchAttentionBackend(AttentionBackend):
     def _attend(
         g: _Group,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         scale: float,
@@ -358,10 +355,8 @@ class TorchAttentionBackend(AttentionBackend):
             # per-slot indices.
             kg = k_cache[g.kv_blocks].flatten(0, 1)[: g.kv_len].transpose(0, 1)[None]
             vg = v_cache[g.kv_blocks].flatten(0, 1)[: g.kv_len].transpose(0, 1)[None]
-        elif g.kv_slots is None:
-            kg = k[g.q_slice].transpose(0, 1)[None]  # fresh prefill: the new keys are all keys
-            vg = v[g.q_slice].transpose(0, 1)[None]
         else:
+            assert g.kv_slots is not None
             kg = k_cache.view(-1, *k_cache.shape[2:])[g.kv_slots].transpose(1, 2)
             vg = v_cache.view(-1, *v_cache.shape[2:])[g.kv_slots].transpose(1, 2)
         return torch.nn.functional.scaled_dot_product_attention(
@@ -369,7 +364,6 @@ class TorchAttentionBackend(AttentionBackend):
             kg,
             vg,
             attn_mask=g.mask,
-            is_causal=g.is_causal,
             scale=scale,
             enable_gqa=qg.shape[1] != kg.shape[1],
         )

@@ -47,7 +47,7 @@ def _tree(n: int, rng: random.Random) -> torch.Tensor:
 @pytest.mark.parametrize(
     "query_lens,prefix_lens,with_trees",
     [
-        ([7], [0], False),  # fresh prefill (is_causal fast path)
+        ([7], [0], False),  # fresh prefill
         ([5], [9], False),  # chunk after a prefix
         ([1, 1, 1], [3, 17, 8], False),  # batched decode
         ([20, 1, 3, 1], [0, 30, 5, 0], False),  # mixed prefill + decode
