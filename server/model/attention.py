@@ -158,7 +158,8 @@ _BATCH_MAX_QUERY = 16
 
 @dataclass
 class _Group:
-    """One SDPA call: Bg requests padded to Mq queries and Mkv keys (or one request)."""
+    """One SDPA call (Bg requests padded to Mq queries and Mkv keys, or one request), or one
+    request's rows in several calls (``segments``)."""
 
     # Contiguous flat rows when Bg == 1 (no gather needed) ...
     q_slice: slice | None = None
@@ -200,7 +201,9 @@ class _TorchState:
 class TorchAttentionBackend(AttentionBackend):
     """Plain torch: gather K/V from the paged cache, then SDPA per request or per group.
 
-    Two modes. Per request (CPU default): one gather + SDPA per request and layer; measured on
+    Two modes. Per request (CPU default): one gather per request and layer, one SDPA call for
+    a decode row and one per segment otherwise (verify rows one by one, prompt rows one KV
+    block at a time: see ``_attend_segments`` for why); the per-request decode path, measured on
     2 CPU cores with SmolLM2 shapes (9/3 heads, D 64) it beats padding decode rows into one
     masked SDPA call at every batch size tried (decode, ms/layer incl. gathers: B=8 ctx<=500
     2.3 vs 4.1, B=32 ctx<=500 10.5 vs 18.9, B=64 ctx<=1000 47 vs 189, B=32 ctx~1000 47 vs
