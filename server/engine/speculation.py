@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from server.engine.plan import RunnerOutput, StepPlan
+from server.engine.request import Request
 from server.spec_decode.allocator import StepBase
 from server.spec_decode.cost_model import StepShape
 from server.spec_decode.drafter import (
@@ -27,6 +28,7 @@ from server.spec_decode.drafter import (
     VerifiedTreeConsumer,
 )
 from server.spec_decode.policy import PolicyStats, SpecPolicy, StepObservation
+from server.spec_decode.tree import TokenTree
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ class Speculator:
         # This step's drafter work and draft-free base (fill computes them, observe reuses).
         self._work = DraftWork()
         self._base: StepBase | None = None
+        # This step's shadow drafts (fill proposes them, observe scores them).
+        self._shadows: dict[str, TokenTree] = {}
         self._last_summary = time.monotonic()
         self._steps_since_summary = 0
         self._drafts_since_summary = 0
@@ -95,6 +99,7 @@ class Speculator:
         """Budgets, drafts and pruning for the plan's decoding requests (see the docstring)."""
         self._work = DraftWork()
         self._base = None
+        self._shadows = {}
         if not plan.spec_budgets:
             return
         plan.spec_draft_kind = self.drafter.kind
@@ -103,6 +108,9 @@ class Speculator:
         base = self._base = step_base(plan)
         budgets = self.policy.allocate(base, requests, caps)
         budgets = [min(max(int(b), 0), c) for b, c in zip(budgets, caps, strict=True)]
+        if self.drafter.free_proposals and self.policy.learns_acceptance:
+            # Before the real proposals: a drafter may keep state of its last call.
+            self._shadows = self._shadow_drafts(requests, budgets)
         drafting = [(r, b) for r, b in zip(requests, budgets, strict=True) if b > 0]
         trees = []
         if drafting:
@@ -123,6 +131,35 @@ class Speculator:
             self._budget_counts[min(used, len(self._budget_counts) - 1)] += 1
             self._budget_sum += used
 
+    def _shadow_drafts(self, requests: list[Request], budgets: list[int]) -> dict[str, TokenTree]:
+        """The first draft a model-free drafter would propose for each request the policy gave
+        no budget, left unverified. Why: a policy learns acceptance only from drafts it
+        verifies, so once a few rejections (or a costly batch) bring every budget to 0 its
+        estimates would never move again, even when the traffic changes (measured: on
+        repetitive prompts at batch 1, one rejected first draft kept goodput from drafting
+        in 240 of the next 248 steps). The token plain decoding emits next tells, for free,
+        whether that draft would have been accepted (``observe``): for a deterministic draft
+        the verify rule accepts exactly when sampling would have emitted its token."""
+        idle = [r for r, b in zip(requests, budgets, strict=True) if b == 0]
+        if not idle:
+            return {}
+        trees = self.drafter.propose(idle, [1] * len(idle))
+        return {r.request_id: t for r, t in zip(idle, trees, strict=True) if t.num_drafts > 0}
+
+    def _scored_shadows(self, output: RunnerOutput) -> list[VerifiedTree]:
+        """Each shadow draft's depth-1 nodes, the one matching the emitted token accepted."""
+        scored = []
+        for rid, tree in self._shadows.items():
+            emitted = output.sampled_token_ids.get(rid)
+            if not emitted or rid in output.failed:
+                continue
+            first = [i for i in range(1, tree.num_nodes) if tree.parents[i] == 0]
+            shallow = tree if len(first) == tree.num_drafts else tree.subtree(first)
+            nodes = range(1, shallow.num_nodes)
+            accepted = [i for i in nodes if shallow.token_ids[i] == emitted[0]]
+            scored.append(VerifiedTree(rid, shallow, tuple(accepted[:1])))
+        return scored
+
     def observe(self, plan: StepPlan, output: RunnerOutput, seconds: float) -> None:
         verified = [
             VerifiedTree(rid, tree, tuple(output.spec_accepted_nodes[rid]))
@@ -137,6 +174,7 @@ class Speculator:
                 shape=plan_shape(plan, self._work, self._base),
                 seconds=seconds,
                 verified=verified,
+                shadowed=self._scored_shadows(output),
                 num_draft_tokens=drafts,
                 finished_request_ids=frozenset(plan.finished_request_ids),
             )

@@ -24,6 +24,7 @@ _INITIAL_CATCHUP_ROWS = 2.0
 
 class LearnedPolicy:
     name = "learned"
+    learns_acceptance = True
 
     def __init__(self, context: PolicyContext) -> None:
         self.context = context
@@ -75,7 +76,7 @@ class LearnedPolicy:
             catchup = max(shape.num_draft_rows - later, shape.num_spec_requests)
             per_request = catchup / shape.num_spec_requests
             self._catchup_rows = 0.9 * self._catchup_rows + 0.1 * per_request
-        for v in observation.verified:
+        for v in (*observation.verified, *observation.shadowed):
             self.estimator.observe(v.request_id, v.tree, v.accepted_nodes)
         self.estimator.release(observation.finished_request_ids)
         self.forget(observation.finished_request_ids)

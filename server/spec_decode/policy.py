@@ -41,6 +41,10 @@ class StepObservation:
     # Wall seconds of the whole step: schedule, draft, forward, verify, update.
     seconds: float
     verified: list[VerifiedTree] = field(default_factory=list)
+    # First drafts proposed for requests that decoded plainly this step, scored against the
+    # token plain decoding emitted: what verifying them would have accepted (see
+    # Speculator.fill). Without them a policy that stops verifying stops learning.
+    shadowed: list[VerifiedTree] = field(default_factory=list)
     # Draft tokens verified this step (all trees).
     num_draft_tokens: int = 0
     # Requests that finished or were aborted since the last step (drop their estimates).
@@ -82,6 +86,9 @@ class PolicyContext:
 
 class SpecPolicy(Protocol):
     name: str
+    # True: the policy learns acceptance, so the speculator shadows the requests it gives no
+    # budget (StepObservation.shadowed).
+    learns_acceptance: bool
 
     def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]: ...
 
@@ -98,6 +105,7 @@ class NoSpeculation:
     """Every request decodes one token per step."""
 
     name = "none"
+    learns_acceptance = False
 
     def __init__(self, context: PolicyContext | None = None) -> None:
         pass
@@ -121,6 +129,7 @@ class FixedBudget:
     """Every decoding request gets its whole cap every step: vLLM's behaviour."""
 
     name = "fixed"
+    learns_acceptance = False
 
     def __init__(self, context: PolicyContext | None = None) -> None:
         pass

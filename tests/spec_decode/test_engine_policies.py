@@ -14,6 +14,8 @@ import pytest
 from server.config import SpeculativeConfig
 from server.engine.cost_profile import profile_grid
 from server.engine.sampling_params import SamplingParams
+from server.spec_decode.learned import LearnedPolicy
+from server.spec_decode.tree import TokenTree
 from tests.spec_decode.test_engine_speculation import (
     make_engine,
     repetitive_token_prompts,
@@ -53,6 +55,30 @@ def test_greedy_identity_and_the_policy_learns(
     assert p.cost_model_coefficients["rows"] != 0.0
     assert sum(stats.speculation.budget_counts) > 0
     assert stats.speculation.budget_sum == stats.num_draft_tokens
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("method", ["ngram", "tree"])
+def test_a_policy_that_verifies_nothing_still_learns_acceptance(
+    policy: str, method: str, tiny_llama_dir: Path, plain_outputs: list[list[int]]
+) -> None:
+    """Estimates primed so low that no draft pays: the policy gives every request budget 0,
+    and the acceptance it learns must still move, from the shadow drafts the speculator scores
+    against the tokens plain decoding emits (else it could never speculate again)."""
+    spec = SpeculativeConfig(
+        policy=policy, method=method, num_speculative_tokens=4, cost_profile_seconds=2.0
+    )
+    engine = make_engine(tiny_llama_dir, spec)
+    assert engine.core.speculator is not None
+    learned = engine.core.speculator.policy
+    assert isinstance(learned, LearnedPolicy)
+    never = TokenTree((0, 5), (-1, 0))
+    for _ in range(300):
+        learned.estimator.observe("primer", never, ())
+    learned.estimator.release(["primer"])
+    primed = learned.estimator.global_prob(1)
+    assert tokens_of(engine.generate(repetitive_token_prompts(32), GREEDY)) == plain_outputs
+    assert learned.estimator.global_prob(1) > 2 * primed
 
 
 @pytest.mark.parametrize("policy", POLICIES)
