@@ -394,6 +394,16 @@ def write_report(out_dir: Path, result: dict) -> Path:
     return path
 
 
+def add_cpu_linear_plan_flag(ap: argparse.ArgumentParser) -> None:
+    """``--no-cpu-linear-plan``: the benchmarks' switch for ModelConfig.cpu_linear_plan."""
+    ap.add_argument(
+        "--no-cpu-linear-plan",
+        dest="cpu_linear_plan",
+        action="store_false",
+        help="ModelConfig.cpu_linear_plan off (no start-up timing of the linear shapes)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -418,12 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip the single-stream comparison with transformers' generate (none only)",
     )
-    ap.add_argument(
-        "--no-cpu-linear-plan",
-        dest="cpu_linear_plan",
-        action="store_false",
-        help="ModelConfig.cpu_linear_plan off (no start-up timing of the linear shapes)",
-    )
+    add_cpu_linear_plan_flag(ap)
     ap.add_argument("--out", type=Path, default=Path("loadtest/results/engine"))
     args = ap.parse_args(argv)
     if len(set(args.quantization)) != len(args.quantization):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from loadtest.bench_engine import machine_info
+from loadtest.bench_engine import add_cpu_linear_plan_flag, machine_info
 from loadtest.host import format_loadavg, loadavg
 from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from server.engine.offline import OfflineEngine
@@ -124,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quantization", default="auto", help="as specd's flag")
     ap.add_argument("--cpu-threads", type=int, default=0, help="as specd's flag (0: cores - 1)")
-    ap.add_argument(
-        "--no-cpu-linear-plan",
-        dest="cpu_linear_plan",
-        action="store_false",
-        help="ModelConfig.cpu_linear_plan off (no start-up timing of the linear shapes)",
-    )
+    add_cpu_linear_plan_flag(ap)
     ap.add_argument("--out", type=Path, default=Path("loadtest/results/engine"))
     args = ap.parse_args(argv)
     load_start = loadavg()

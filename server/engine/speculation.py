@@ -147,17 +147,14 @@ class Speculator:
         return {r.request_id: t for r, t in zip(idle, trees, strict=True) if t.num_drafts > 0}
 
     def _scored_shadows(self, output: RunnerOutput) -> list[VerifiedTree]:
-        """Each shadow draft's depth-1 nodes, the one matching the emitted token accepted."""
+        """Each shadow draft (one node, at depth 1: it was proposed with budget 1), accepted
+        when plain decoding emitted its token."""
         scored = []
         for rid, tree in self._shadows.items():
             emitted = output.sampled_token_ids.get(rid)
-            if not emitted or rid in output.failed:
-                continue
-            first = [i for i in range(1, tree.num_nodes) if tree.parents[i] == 0]
-            shallow = tree if len(first) == tree.num_drafts else tree.subtree(first)
-            nodes = range(1, shallow.num_nodes)
-            accepted = [i for i in nodes if shallow.token_ids[i] == emitted[0]]
-            scored.append(VerifiedTree(rid, shallow, tuple(accepted[:1])))
+            if emitted and rid not in output.failed:
+                accepted = (1,) if tree.token_ids[1] == emitted[0] else ()
+                scored.append(VerifiedTree(rid, tree, accepted))
         return scored
 
     def observe(self, plan: StepPlan, output: RunnerOutput, seconds: float) -> None:
