@@ -124,6 +124,7 @@ def simulate(
         engine.num_blocks,
         engine.max_model_len,
         max_spec_tokens=k,
+        draft_reservation=speculator.reservation if speculator is not None else None,
     )
     records: dict[str, RequestRecord] = {}
     steps: list[StepRecord] = []

@@ -6,7 +6,10 @@ accepted path's nodes. Acceptance is decided per OUTPUT POSITION: request i's dr
 output position p is right iff ``u_i[p] < alpha_i``, with ``u_i`` drawn once per request. So a
 chain accepts node j + 1 with probability alpha given node j was accepted, and every policy
 run on the same workload sees the same "text" (common random numbers: the policies differ by
-their choices, not by luck). Tokens are never an EOS (requests end by length).
+their choices, not by luck). A plain decode (no tree) emits DRAFT_TOKEN at a position where a
+draft would have been right, as a real target emits the token a right draft guessed: the
+speculator's shadow drafts (Speculator.fill) are scored against it. Tokens are never an EOS
+(requests end by length).
 """
 
 from __future__ import annotations
@@ -58,5 +61,12 @@ class SimRunner:
                 out.sampled_token_ids[rid] = [DRAFT_TOKEN] * len(path) + [BONUS_TOKEN]
                 out.spec_accepted_nodes[rid] = path
             elif plan.samples(r):
-                out.sampled_token_ids[rid] = [BONUS_TOKEN]
+                out.sampled_token_ids[rid] = [self._plain_token(rid, r.num_output_tokens)]
         return out
+
+    def _plain_token(self, request_id: str, position: int) -> int:
+        """The token a plain decode emits at output ``position``: DRAFT_TOKEN where a draft
+        would have been accepted (so an unverified draft is scored as verify would score it)."""
+        u = self._uniforms[request_id]
+        right = position < len(u) and u[position] < self._alpha[request_id]
+        return DRAFT_TOKEN if right else BONUS_TOKEN

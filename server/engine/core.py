@@ -86,6 +86,7 @@ class EngineCore:
             self.runner.num_blocks,
             max_model_len,
             max_spec_tokens=spec.num_speculative_tokens if self.drafter else 0,
+            draft_reservation=self.speculator.reservation if self.speculator else None,
         )
 
     def _policy_context(self, drafter: Drafter) -> PolicyContext:

@@ -40,7 +40,8 @@ class StepPlan:
     # their random generators must survive, or a seeded request would re-draw from the start.
     preempted_request_ids: set[str] = field(default_factory=set)
     # Speculative decoding. spec_budgets: request_id -> draft slots the scheduler reserved
-    # (token budget and KV slots) for a decoding request that may speculate: its cap. The
+    # (token budget and KV slots) for a decoding request that may speculate: its cap, or less
+    # when new prompts took the rest of the step (Scheduler's draft_reservation). The
     # engine core's Speculator then asks the policy how many to use and the drafter to fill
     # them: spec_trees holds each proposal to verify (node 0 = the request's last known token,
     # the one scheduled token of a decoding request) and num_spec_tokens its number of drafts.

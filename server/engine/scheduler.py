@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.config import CacheConfig, SchedulerConfig
@@ -22,6 +23,9 @@ from server.engine.outputs import EngineCoreOutput
 from server.engine.plan import RunnerOutput, StepPlan
 from server.engine.request import Request, RequestStatus
 from server.engine.speculation import SpeculationStats
+
+# (decoding request, its cap) -> draft slots to reserve before new prompts are admitted.
+DraftReservation = Callable[[Request, int], int]
 
 
 @dataclass
@@ -58,13 +62,22 @@ class Scheduler:
         num_blocks: int,
         max_model_len: int,
         max_spec_tokens: int = 0,
+        draft_reservation: DraftReservation | None = None,
     ) -> None:
         """max_spec_tokens: the most draft tokens one request may verify per step (0 = no
         speculation). The scheduler reserves token budget and KV slots for up to that many
-        per decoding request; the speculation policy then decides how many are used."""
+        per decoding request (its cap); the speculation policy then decides how many are used.
+
+        draft_reservation(request, cap): how many of a decoding request's cap to reserve
+        before new prompts are admitted; the rest of the cap is given from what the step
+        leaves after admission. None reserves the whole cap first. Why: reserving every
+        decoding request's cap up front cut prompt chunks short even when the policy then
+        verified no drafts at all (32 requests x 8 slots = 256 of a 1024-token step).
+        """
         self.config = scheduler_config
         self.max_model_len = max_model_len
         self.max_spec_tokens = max_spec_tokens
+        self.draft_reservation = draft_reservation
         self.block_manager = BlockManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
         )
@@ -112,6 +125,8 @@ class Scheduler:
         scheduled: list[Request] = []
         num_tokens: dict[str, int] = {}
         spec_budgets: dict[str, int] = {}
+        # Decoding requests whose reservation was less than their cap: (request, cap).
+        short: list[tuple[Request, int]] = []
         preempted = False
 
         i = 0
@@ -123,7 +138,8 @@ class Scheduler:
                 continue
             # Draft tokens take token budget and KV slots like any other token. Speculation
             # never preempts anyone: short of blocks, the request decodes plainly instead.
-            k = min(self._speculation_cap(request), budget - n)
+            cap = self._speculation_cap(request)
+            k = min(self._reservation(request, cap), budget - n)
             if k > 0 and not self.block_manager.allocate_slots(request, n + k):
                 k = 0
             while k == 0 and not self.block_manager.allocate_slots(request, n):
@@ -137,6 +153,8 @@ class Scheduler:
                 num_tokens[request.request_id] = n
                 if k > 0:
                     spec_budgets[request.request_id] = k
+                if k < cap:
+                    short.append((request, cap))
                 budget -= n + k
                 i += 1
 
@@ -171,6 +189,8 @@ class Scheduler:
             num_tokens[request.request_id] = n
             budget -= n
 
+        budget = self._top_up_drafts(short, num_tokens, spec_budgets, budget)
+
         # An empty plan never reaches the runner, so finished ids wait for the next real one.
         finished: set[str] = set()
         preempted_ids: set[str] = set()
@@ -198,6 +218,31 @@ class Scheduler:
         if aligned > 0:
             return aligned
         return n if not scheduled else 0
+
+    def _reservation(self, request: Request, cap: int) -> int:
+        if cap == 0 or self.draft_reservation is None:
+            return cap
+        return max(0, min(self.draft_reservation(request, cap), cap))
+
+    def _top_up_drafts(
+        self,
+        short: list[tuple[Request, int]],
+        num_tokens: dict[str, int],
+        spec_budgets: dict[str, int],
+        budget: int,
+    ) -> int:
+        """Grows each short reservation towards its cap from the budget admission left
+        (in running order, never preempting); returns the budget still left."""
+        for request, cap in short:
+            if budget <= 0:
+                break
+            rid = request.request_id
+            k = spec_budgets.get(rid, 0)
+            grown = k + min(cap - k, budget)
+            if self.block_manager.allocate_slots(request, num_tokens[rid] + grown):
+                spec_budgets[rid] = grown
+                budget -= grown - k
+        return budget
 
     def _speculation_cap(self, request: Request) -> int:
         """The most draft tokens this request can use this step (0 = it can't speculate)."""

@@ -1,7 +1,8 @@
 """The engine core's side of speculation, once per step: budgets, drafts, pruning, feedback.
 
 ``fill(plan)`` runs between schedule and execute. The scheduler has reserved token budget and
-KV slots for each decoding request's cap (``plan.spec_budgets``); the policy turns caps into
+KV slots for each decoding request's drafts (``plan.spec_budgets``: its cap where the step
+had room, else what ``reservation`` asked to hold before new prompts); the policy turns caps into
 budgets, the drafter fills them, and for model-free drafters (which proposed up to the cap)
 the policy prunes each tree to the nodes worth verifying. ``observe(...)`` runs after update
 with the step's wall time and which nodes were accepted, and is where the policy learns.
@@ -90,10 +91,17 @@ class Speculator:
         self._base: StepBase | None = None
         # This step's shadow drafts (fill proposes them, observe scores them).
         self._shadows: dict[str, TokenTree] = {}
+        # Drafts each live request verified in the last step it could speculate.
+        self._last_budgets: dict[str, int] = {}
         self._last_summary = time.monotonic()
         self._steps_since_summary = 0
         self._drafts_since_summary = 0
         self._accepted_since_summary = 0
+
+    def reservation(self, request: Request, cap: int) -> int:
+        """Draft slots the scheduler holds for ``request`` before admitting new prompts (the
+        scheduler's ``draft_reservation``; the policy decides from the request's last budget)."""
+        return self.policy.reservation(cap, self._last_budgets.get(request.request_id))
 
     def fill(self, plan: StepPlan) -> None:
         """Budgets, drafts and pruning for the plan's decoding requests (see the docstring)."""
@@ -128,6 +136,7 @@ class Speculator:
                     plan.spec_draft_probs[rid] = q
         for request in requests:
             used = plan.num_spec_tokens.get(request.request_id, 0)
+            self._last_budgets[request.request_id] = used
             self._budget_counts[min(used, len(self._budget_counts) - 1)] += 1
             self._budget_sum += used
 
@@ -166,6 +175,8 @@ class Speculator:
         if isinstance(self.drafter, VerifiedTreeConsumer):
             self.drafter.observe_verified(verified)
         drafts = sum(plan.num_spec_tokens.values())
+        for rid in plan.finished_request_ids:
+            self._last_budgets.pop(rid, None)
         self.policy.observe(
             StepObservation(
                 shape=plan_shape(plan, self._work, self._base),

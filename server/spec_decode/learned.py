@@ -15,7 +15,12 @@ from server.engine.request import Request
 from server.spec_decode.acceptance import AcceptanceEstimator
 from server.spec_decode.allocator import Allocator, DraftCost, RequestCandidates
 from server.spec_decode.cost_model import CostModel
-from server.spec_decode.policy import PolicyContext, PolicyStats, StepObservation
+from server.spec_decode.policy import (
+    PolicyContext,
+    PolicyStats,
+    StepObservation,
+    growing_reservation,
+)
 from server.spec_decode.tree import TokenTree
 
 # Running mean of catch-up rows per drafting request (model drafters), before any data.
@@ -60,6 +65,9 @@ class LearnedPolicy:
         position[nodes[order]] = np.arange(len(order))
         parents = position[np.asarray(tree.parents)[nodes[order]]]
         return RequestCandidates(values[order], parents, depths[order]), nodes[order]
+
+    def reservation(self, cap: int, last_budget: int | None) -> int:
+        return growing_reservation(cap, last_budget)
 
     # ---- learning -----------------------------------------------------------------------
 

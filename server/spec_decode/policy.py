@@ -10,6 +10,10 @@ A policy is a plain object, unit-tested without a model. Per step the engine cal
   their proposal size;
 - ``select(base, requests, trees) -> trees``: model-free drafters only, after proposing:
   which nodes of each proposal to verify (a pruned tree must stay a tree);
+- ``reservation(cap, last_budget)``: at scheduling, before new prompts are admitted: how
+  many of a decoding request's cap draft slots to hold for it (``last_budget``: the drafts it
+  verified last step, None before its first); the rest of the cap is given only from what
+  admission leaves;
 - ``observe(observation)``: after the step, with its shape, its measured time, and which
   nodes each verified tree had accepted.
 
@@ -92,6 +96,8 @@ class SpecPolicy(Protocol):
 
     def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]: ...
 
+    def reservation(self, cap: int, last_budget: int | None) -> int: ...
+
     def select(
         self, base: StepBase, requests: list[Request], trees: list[TokenTree]
     ) -> list[TokenTree]: ...
@@ -112,6 +118,9 @@ class NoSpeculation:
 
     def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]:
         return [0] * len(requests)
+
+    def reservation(self, cap: int, last_budget: int | None) -> int:
+        return 0
 
     def select(
         self, base: StepBase, requests: list[Request], trees: list[TokenTree]
@@ -137,6 +146,9 @@ class FixedBudget:
     def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]:
         return list(caps)
 
+    def reservation(self, cap: int, last_budget: int | None) -> int:
+        return cap
+
     def select(
         self, base: StepBase, requests: list[Request], trees: list[TokenTree]
     ) -> list[TokenTree]:
@@ -147,3 +159,10 @@ class FixedBudget:
 
     def stats(self) -> PolicyStats:
         return PolicyStats(self.name)
+
+
+def growing_reservation(cap: int, last_budget: int | None) -> int:
+    """Room for a request's budget to double (plus one) from last step's: budgets that move
+    from step to step (hysteresis holds them steady) reach any cap within a few steps, while
+    a request the policy keeps at 0 holds one slot instead of its whole cap."""
+    return min(cap, 2 * (last_budget or 0) + 1)

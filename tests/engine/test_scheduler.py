@@ -10,7 +10,7 @@ from server.config import CacheConfig, SchedulerConfig
 from server.engine.plan import RunnerOutput, StepPlan
 from server.engine.request import Request, RequestStatus
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import DraftReservation, Scheduler
 
 EOS = 0
 
@@ -21,12 +21,16 @@ def make_scheduler(
     max_seqs: int = 8,
     block_size: int = 4,
     prefix: bool = True,
+    max_spec_tokens: int = 0,
+    draft_reservation: DraftReservation | None = None,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget),
         CacheConfig(block_size=block_size, enable_prefix_caching=prefix),
         num_blocks=num_blocks,
         max_model_len=1024,
+        max_spec_tokens=max_spec_tokens,
+        draft_reservation=draft_reservation,
     )
 
 
@@ -167,3 +171,61 @@ def test_prompts_are_cut_only_at_block_boundaries() -> None:
     d = add(s, "d", 10, max_tokens=2)
     plan, _ = run_step(s)
     assert plan.num_scheduled_tokens == {"d": 3} and d.num_computed_tokens == 3
+
+
+def test_draft_slots_beyond_the_reservation_come_from_what_admission_leaves() -> None:
+    """Decoding requests hold only their reservation of draft slots before a new prompt is
+    admitted; the rest of their cap comes from the budget the prompt leaves, in running order,
+    and never from blocks that would preempt anyone. Without a reservation the whole cap is
+    held first (what fixed budgets need)."""
+    held = lambda request, cap: 1  # noqa: E731
+    s = make_scheduler(
+        budget=24, block_size=4, prefix=False, max_spec_tokens=8, draft_reservation=held
+    )
+    add(s, "a", 4, max_tokens=32)
+    add(s, "b", 4, max_tokens=32)
+    run_step(s)  # both prompts
+    add(s, "c", 40, max_tokens=4)
+    plan, _ = run_step(s)
+    # a, b: 1 token + 1 held draft slot each; c's chunk: 20 tokens to a block boundary; the
+    # 0 left give no top-up.
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 1, "c": 20}
+    assert plan.spec_budgets == {"a": 1, "b": 1}
+    plan, _ = run_step(s)
+    # c's remaining 20 fit with 0 left: again only the held slots.
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 1, "c": 20}
+    assert plan.spec_budgets == {"a": 1, "b": 1}
+    plan, _ = run_step(s)
+    # Nothing waits: a and b get their whole cap (8 each), c its own (2: the room left before
+    # its max_tokens, less the bonus token).
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 1, "c": 1}
+    assert plan.spec_budgets == {"a": 8, "b": 8, "c": 2}
+
+    s = make_scheduler(budget=24, block_size=4, prefix=False, max_spec_tokens=8)
+    add(s, "a", 4, max_tokens=32)
+    add(s, "b", 4, max_tokens=32)
+    run_step(s)
+    add(s, "c", 40, max_tokens=4)
+    plan, _ = run_step(s)
+    # The whole cap held first: 24 - 2 x 9 = 6 left, c's chunk is 4 (a block boundary).
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 1, "c": 4}
+    assert plan.spec_budgets == {"a": 8, "b": 8}
+
+    # Short of blocks: the top-up is skipped rather than preempting anyone.
+    s = make_scheduler(
+        num_blocks=6,
+        budget=64,
+        block_size=4,
+        prefix=False,
+        max_spec_tokens=8,
+        draft_reservation=held,
+    )
+    a = add(s, "a", 4, max_tokens=32)
+    b = add(s, "b", 4, max_tokens=32)
+    run_step(s)
+    plan = s.schedule()
+    # 6 blocks of 4: a and b hold 2 each with their held slot (6 tokens); a's top-up to 8
+    # drafts covers 13 tokens (4 blocks) and takes the last 2 free; b's finds none, keeps 1.
+    assert plan.requests == [a, b] and not plan.preempted_request_ids
+    assert plan.spec_budgets == {"a": 8, "b": 1}
+    assert s.block_manager.num_free_blocks == 0

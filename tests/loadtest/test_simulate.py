@@ -17,9 +17,10 @@ from loadtest.sim.config import EngineSettings, PolicySpec, Workload, parse_conf
 from loadtest.sim.cost import CoefficientCost, SmartSpecCost, load_coefficients
 from loadtest.sim.drafter import DRAFT_TOKEN, SimDrafter
 from loadtest.sim.engine import RunResult, SimRequest, simulate
-from loadtest.sim.runner import BONUS_TOKEN
+from loadtest.sim.runner import BONUS_TOKEN, SimRunner
 from loadtest.sim.sweep import run_config
 from loadtest.sim.trace import make_trace
+from server.engine.plan import StepPlan
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.spec_decode.cost_model import StepShape
@@ -104,6 +105,24 @@ def test_useless_drafts_accept_nothing_and_still_emit_one_token() -> None:
     _assert_clean(run, trace)
     assert run.num_accepted_tokens == 0 and run.num_draft_tokens > 0
     assert all(s.emitted == 1 for s in run.steps)
+
+
+def test_a_plain_decode_emits_the_token_a_right_draft_would_have_guessed() -> None:
+    """Where the request's draft for an output position would be accepted (u < alpha), plain
+    decoding emits DRAFT_TOKEN there: an unverified (shadow) draft is then scored as verifying
+    it would have scored it. Before, plain decodes always emitted BONUS_TOKEN, so every shadow
+    draft counted as rejected and drove the learned policies' estimates to 0."""
+    runner = SimRunner()
+    runner.add("r", 0.5, np.array([0.1, 0.9, 0.4, 0.7]))
+    r = Request("r", [5, 6, 7], SamplingParams(max_tokens=4), frozenset(), 1024)
+    emitted = []
+    for _ in range(4):
+        n = r.num_tokens - r.num_computed_tokens
+        (token,) = runner.execute(StepPlan([r], {"r": n})).sampled_token_ids["r"]
+        r.num_computed_tokens += n
+        r.append_output_token(token)
+        emitted.append(token)
+    assert emitted == [DRAFT_TOKEN, BONUS_TOKEN, DRAFT_TOKEN, BONUS_TOKEN]
 
 
 # ---- the policies ---------------------------------------------------------------------------

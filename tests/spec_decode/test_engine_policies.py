@@ -72,13 +72,42 @@ def test_a_policy_that_verifies_nothing_still_learns_acceptance(
     assert engine.core.speculator is not None
     learned = engine.core.speculator.policy
     assert isinstance(learned, LearnedPolicy)
+    prime_to_never_draft(learned)
+    primed = learned.estimator.global_prob(1)
+    assert tokens_of(engine.generate(repetitive_token_prompts(32), GREEDY)) == plain_outputs
+    assert learned.estimator.global_prob(1) > 2 * primed
+
+
+def prime_to_never_draft(learned: LearnedPolicy) -> None:
+    """300 rejected first drafts: no draft pays until the policy learns otherwise."""
     never = TokenTree((0, 5), (-1, 0))
     for _ in range(300):
         learned.estimator.observe("primer", never, ())
     learned.estimator.release(["primer"])
-    primed = learned.estimator.global_prob(1)
-    assert tokens_of(engine.generate(repetitive_token_prompts(32), GREEDY)) == plain_outputs
-    assert learned.estimator.global_prob(1) > 2 * primed
+
+
+def test_draft_slots_a_policy_leaves_unused_do_not_cut_new_prompts_short(
+    tiny_llama_dir: Path,
+) -> None:
+    """Decoding requests the policy gives no drafts hold one draft slot each (room to grow)
+    while a new prompt is admitted, not their whole cap: the prompt's first chunk is the step's
+    budget less the decode rows and those slots (64 - 2 - 2, cut at a block: 56). Holding the
+    cap (8) left it 64 - 18 = 46 (40 at a block)."""
+    spec = SpeculativeConfig(
+        policy="goodput", method="ngram", num_speculative_tokens=8, cost_profile_seconds=1.0
+    )
+    engine = make_engine(tiny_llama_dir, spec, budget=64, block_size=8)
+    core = engine.core
+    assert core.speculator is not None and isinstance(core.speculator.policy, LearnedPolicy)
+    prime_to_never_draft(core.speculator.policy)
+    core.add_request("a", list(range(5, 13)), GREEDY)
+    core.add_request("b", list(range(20, 28)), GREEDY)
+    for _ in range(3):
+        core.step()
+    assert core.speculator.stats().budget_sum == 0
+    core.add_request("c", list(range(30, 130)), GREEDY)
+    core.step()
+    assert core.scheduler.requests["c"].num_computed_tokens == 56
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -122,3 +122,15 @@ def test_goodput_does_not_even_propose_when_no_draft_could_pay() -> None:
     policy = GoodputPolicy(context(idle, free=True))
     teach(policy, {"r0": 0.6, "r1": 0.6})
     assert policy.allocate(base(2), requests(2), [8, 8]) == [8, 8]
+
+
+def test_reservations_hold_what_each_policy_may_use_before_new_prompts() -> None:
+    """fixed holds the whole cap (it uses it), none nothing, the learned policies room for a
+    request's last budget to double plus one (1 before its first step, never above the cap)."""
+    assert make_policy("fixed", PolicyContext(8)).reservation(8, 0) == 8
+    assert make_policy("none", PolicyContext(8)).reservation(8, None) == 0
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.002})
+    for learned in (GoodputPolicy(context(cost)), SmartSpecUniform(context(cost))):
+        got = [learned.reservation(8, last) for last in (None, 0, 1, 3, 7, 8)]
+        assert got == [1, 1, 3, 7, 8, 8]
+        assert learned.reservation(2, 5) == 2
