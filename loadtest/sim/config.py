@@ -80,8 +80,9 @@ class CostConfig:
     coefficients: dict[str, float] | None = None
     # sigma of a mean-preserving log-normal factor on every step (0 = exact).
     noise: float = 0.0
-    # kind smartspec: proposing with a model-free drafter costs this fraction of T_target,
-    # and verifying any drafts (rejection sampling) this fraction.
+    # kind smartspec: proposing with a model-free drafter for the whole batch costs this
+    # fraction of T_target (for a share of the batch, that share of it), and verifying any
+    # drafts (rejection sampling) this fraction.
     propose_fraction: float = 0.04
     verify_fraction: float = 0.05
     # kind smartspec, model drafters: ms per draft forward and per draft row.

@@ -10,7 +10,9 @@ with the true cost). Two kinds:
   ``specd:spec_decode_cost_model_coefficient{feature=...}``);
 - ``smartspec``: the SmartSpec authors' vLLM fit for Llama-3-8B on an H100 (arXiv 2406.14066):
   T_target = 4.86e-5 N_kv + 1.84e-2 N_batched - 4.33e-2 B + 6.94 ms, plus 4% of T_target when
-  a model-free drafter proposed and 5% when any drafts are verified (rejection sampling).
+  a model-free drafter proposed for the whole batch (vLLM proposes for every request; a
+  proposal for a share of the batch's speculating requests costs that share of the 4%) and
+  5% when any drafts are verified (rejection sampling).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ _COEF_METRIC = "spec_decode_cost_model_coefficient"
 
 
 class TrueCost(Protocol):
-    def seconds(self, shape: StepShape, proposed: bool) -> float:
-        """One step's time; ``proposed``: a model-free drafter proposed this step."""
+    def seconds(self, shape: StepShape, proposed: float) -> float:
+        """One step's time; ``proposed``: the share (0..1) of the step's requests that could
+        speculate that a model-free drafter proposed for."""
         ...
 
 
@@ -66,7 +69,7 @@ class SmartSpecCost:
             + c["intercept"]
         )
 
-    def seconds(self, shape: StepShape, proposed: bool) -> float:
+    def seconds(self, shape: StepShape, proposed: float) -> float:
         target = self.target_ms(shape)
         ms = target * (
             1.0
@@ -85,7 +88,7 @@ class CoefficientCost:
         self.coefficients = {k: float(v) for k, v in coefficients.items() if k != "profile"}
         self._model = CostModel.from_coefficients(self.coefficients)
 
-    def seconds(self, shape: StepShape, proposed: bool) -> float:
+    def seconds(self, shape: StepShape, proposed: float) -> float:
         return self._model.predict(shape)
 
 
@@ -97,7 +100,7 @@ class NoisyCost:
         self.sigma = sigma
         self._rng = np.random.default_rng(seed)
 
-    def seconds(self, shape: StepShape, proposed: bool) -> float:
+    def seconds(self, shape: StepShape, proposed: float) -> float:
         factor = math.exp(self.sigma * self._rng.standard_normal() - self.sigma**2 / 2)
         return self.inner.seconds(shape, proposed) * factor
 
@@ -181,7 +184,7 @@ def startup_profile(
                 work = drafter.last_work
             drafter.release([r.request_id for r in plan.requests])
             shape = plan_shape(plan, work)
-            samples.append((shape, cost.seconds(shape, proposed=False)))
+            samples.append((shape, cost.seconds(shape, proposed=0.0)))
     return samples
 
 

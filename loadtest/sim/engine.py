@@ -162,7 +162,10 @@ def simulate(
         policy_wall += time.perf_counter() - t0
         output = runner.execute(plan)
         shape = plan_shape(plan, drafter.last_work)
-        seconds = cost.seconds(shape, proposed=drafter.proposed > 0 and drafter.free_proposals)
+        proposed = 0.0
+        if drafter.free_proposals and plan.spec_budgets:
+            proposed = min(1.0, drafter.proposed / len(plan.spec_budgets))
+        seconds = cost.seconds(shape, proposed=proposed)
         output.execute_time = seconds
         # The policy's view before it learns from this step (what it allocated against).
         predicted = cost_model.predict(shape) if cost_model is not None else math.nan

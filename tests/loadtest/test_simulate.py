@@ -287,7 +287,7 @@ def test_coefficients_load_from_json_prometheus_and_sweep_runs(tmp_path: Path) -
     assert load_coefficients(tmp_path / "run.json") == {"rows": 3.0}
     # The profile indicator is not part of a real step's cost.
     cost = CoefficientCost(load_coefficients(tmp_path / "m.txt"))
-    assert cost.seconds(StepShape(1, 1, 1, 1), proposed=False) == pytest.approx(0.5)
+    assert cost.seconds(StepShape(1, 1, 1, 1), proposed=0.0) == pytest.approx(0.5)
 
 
 def test_compare_reports_relative_error_per_rate_and_policy(tmp_path: Path) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from server.engine.plan import StepPlan
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
+from server.engine.speculation import Speculator
 from server.spec_decode.allocator import StepBase
 from server.spec_decode.cost_model import CostModel, StepShape
 from server.spec_decode.goodput import GoodputPolicy
+from server.spec_decode.ngram import NgramDrafter
 from server.spec_decode.policies import available_policies, make_policy
 from server.spec_decode.policy import PolicyContext, StepObservation, VerifiedTree
 from server.spec_decode.smartspec import SmartSpecUniform
@@ -134,3 +137,35 @@ def test_reservations_hold_what_each_policy_may_use_before_new_prompts() -> None
         got = [learned.reservation(8, last) for last in (None, 0, 1, 3, 7, 8)]
         assert got == [1, 1, 3, 7, 8, 8]
         assert learned.reservation(2, 5) == 2
+
+
+def test_shadow_drafts_are_a_rotating_sample_of_the_idle_requests() -> None:
+    """A policy that gives every request of a batch of 10 no budget: each step shadows at
+    most 4 of them (bounded proposal work however large the batch), those shadowed longest
+    ago first, so every request is sampled within 3 steps."""
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.02})
+    policy = GoodputPolicy(PolicyContext(8, free_proposals=True, cost_model=cost))
+    never = TokenTree((0, 5), (-1, 0))
+    for _ in range(300):
+        policy.estimator.observe("primer", never, ())
+    speculator = Speculator(NgramDrafter(), policy, 8)
+    batch = []
+    for i in range(10):
+        # Repeats itself, so prompt lookup always has a draft.
+        r = Request(f"r{i}", [7, 8, 9, 7, 8, 9, 7, 8], SamplingParams(), frozenset(), 10_000)
+        r.append_output_token(9)
+        r.num_computed_tokens = r.num_tokens - 1  # decoding: its last token to compute
+        batch.append(r)
+    seen: list[set[str]] = []
+    for _ in range(3):
+        plan = StepPlan(
+            batch,
+            {r.request_id: 1 for r in batch},
+            spec_budgets={r.request_id: 8 for r in batch},
+        )
+        speculator.fill(plan)
+        assert not plan.spec_trees  # nothing verified
+        seen.append(set(speculator._shadows))
+    assert [len(s) for s in seen] == [4, 4, 4]
+    assert seen[0] == {"r0", "r1", "r2", "r3"} and seen[1] == {"r4", "r5", "r6", "r7"}
+    assert set().union(*seen) == {r.request_id for r in batch}
