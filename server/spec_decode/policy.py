@@ -12,8 +12,8 @@ A policy is a plain object, unit-tested without a model. Per step the engine cal
   which nodes of each proposal to verify (a pruned tree must stay a tree);
 - ``reservation(cap, last_budget)``: at scheduling, before new prompts are admitted: how
   many of a decoding request's cap draft slots to hold for it (``last_budget``: the drafts it
-  verified last step, None before its first); the rest of the cap is given only from what
-  admission leaves;
+  verified in the last step it could speculate, None before any); the rest of the cap is
+  given only from what admission leaves;
 - ``observe(observation)``: after the step, with its shape, its measured time, and which
   nodes each verified tree had accepted.
 
