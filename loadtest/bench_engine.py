@@ -63,7 +63,7 @@ def machine_info() -> dict[str, str]:
     host = report.machine_info()
     git = report.git_info()
     return {
-        "cpu": str(host["cpu_model"]),
+        "cpu": f"{host['cpu_model']} ({host['cpu_simd']})",
         "cores": str(host["usable_cores"]),
         "torch": torch.__version__,
         "torch_threads": str(torch.get_num_threads()),

@@ -14,6 +14,7 @@ from loadtest.bench import benchmark, detect_model, print_report, write_json
 from loadtest.client import ENDPOINTS, ApiConfig
 from loadtest.runner import RunConfig
 from loadtest.sweep import run_sweep
+from loadtest.sweep_config import SCHEDULES
 from loadtest.uniqueness import PROMPT_UNIQUENESS
 from loadtest.workload import add_workload_args, load_workload, report_config
 
@@ -44,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="how each rate's prompts are made new to the server (default: the YAML's, "
         "else per_rate_prefix)",
+    )
+    sweep.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs of every configuration x dataset x rate; reports and bars take the median "
+        "(default: the YAML's, else 1)",
+    )
+    sweep.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
+        help="sequential: one server at a time; interleaved: every server up at once, each "
+        "rate's runs back to back across configurations in rotated order (default: the "
+        "YAML's, else sequential)",
     )
     add_workload_args(sweep, given_only=True)
     return parser

@@ -44,6 +44,21 @@ def format_loadavg(la: LoadAvg | list[float] | None) -> str:
     return "unknown" if la is None else " ".join(f"{x:.2f}" for x in la)
 
 
+# The widest SIMD extension decides which CPU kernels torch runs (int4 matmuls included), so
+# two "AMD EPYC" hosts can differ 2x on the same benchmark: reports name it.
+_SIMD_LEVELS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("asimd", "NEON"))
+
+
+def cpu_simd(cpuinfo: str) -> str:
+    """The widest SIMD extension in /proc/cpuinfo's flags ("unknown" without them)."""
+    flags: set[str] = set()
+    for ln in cpuinfo.splitlines():
+        if ln.startswith(("flags", "Features")):
+            flags.update(ln.split(":", 1)[1].split())
+            break
+    return next((name for flag, name in _SIMD_LEVELS if flag in flags), "unknown")
+
+
 def machine_info() -> dict[str, Any]:
     cpu = next(
         (
@@ -67,6 +82,7 @@ def machine_info() -> dict[str, Any]:
         usable = os.cpu_count() or 0
     return {
         "cpu_model": cpu,
+        "cpu_simd": cpu_simd(_read("/proc/cpuinfo")),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,
         "memory_gib": round(mem_kb / 2**20, 1),

@@ -25,9 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from loadtest.repeats import group_by_rate
 
 DEFAULT_LOWEST_RATE_SPEEDUP = {"repetitive": 1.5, "mix": 1.2}
 
@@ -51,6 +54,8 @@ class RateCheck:
     best_other: str
     best_other_ms: float
     baseline_ms: float
+    # Runs behind each number (a sweep with repeats: every number is their median).
+    runs: int = 1
 
     @property
     def vs_best(self) -> float:
@@ -61,19 +66,20 @@ class RateCheck:
         return self.policy_ms / self.baseline_ms
 
 
-def _rate(run: dict[str, Any]) -> float:
-    return float(run["request_rate"])  # "inf" parses too
-
-
 def rate_checks(summary: dict[str, dict[str, list[dict[str, Any]]]], bars: Bars) -> list[RateCheck]:
-    """One check per (dataset, rate) where the policy, the baseline and another ran."""
+    """One check per (dataset, rate) where the policy, the baseline and another ran; with
+    repeated runs, on each configuration's median over its runs at that rate."""
     out = []
     for dataset, configs in summary.items():
         by_rate: dict[float, dict[str, float]] = {}
+        counts: dict[float, list[int]] = {}
         for name, runs in configs.items():
-            for run in runs:
-                if run.get("completed") and run.get("mean_e2el_ms") is not None:
-                    by_rate.setdefault(_rate(run), {})[name] = float(run["mean_e2el_ms"])
+            done = [r for r in runs if r.get("completed") and r.get("mean_e2el_ms") is not None]
+            for rate, group in group_by_rate(done).items():
+                by_rate.setdefault(rate, {})[name] = statistics.median(
+                    float(r["mean_e2el_ms"]) for r in group
+                )
+                counts.setdefault(rate, []).append(len(group))
         for rate in sorted(by_rate):
             row = by_rate[rate]
             others = {
@@ -85,7 +91,15 @@ def rate_checks(summary: dict[str, dict[str, list[dict[str, Any]]]], bars: Bars)
                 continue
             best = min(others, key=others.__getitem__)
             out.append(
-                RateCheck(dataset, rate, row[bars.policy], best, others[best], row[bars.baseline])
+                RateCheck(
+                    dataset,
+                    rate,
+                    row[bars.policy],
+                    best,
+                    others[best],
+                    row[bars.baseline],
+                    min(counts[rate]),
+                )
             )
     return out
 
@@ -111,7 +125,8 @@ def markdown(checks: list[RateCheck], bars: Bars, source: str) -> str:
         f"Mean E2E latency. Bars: at every rate <= {bars.vs_best}x the best other "
         f"configuration and <= {bars.vs_baseline}x `{bars.baseline}`; at the lowest rate "
         + ", ".join(f"{s}x faster than `{bars.baseline}` on `{d}`" for d, s in speedups.items())
-        + ".",
+        + "."
+        + _runs_note(checks),
         "",
         f"| dataset | rate | {bars.policy} ms | best other | its ms | vs best | "
         f"{bars.baseline} ms | vs {bars.baseline} | speed-up over {bars.baseline} | passes |",
@@ -131,6 +146,15 @@ def markdown(checks: list[RateCheck], bars: Bars, source: str) -> str:
         )
     lines += ["", "Missed:" if missed else "Every bar holds.", "", *missed, ""]
     return "\n".join(lines)
+
+
+def _runs_note(checks: list[RateCheck]) -> str:
+    most = max((c.runs for c in checks), default=1)
+    if most == 1:
+        return ""
+    least = min(c.runs for c in checks)
+    runs = f"{least}" if least == most else f"{least}-{most}"
+    return f" Every latency is the median of {runs} runs of its cell."
 
 
 def _fmt_rate(rate: float) -> str:

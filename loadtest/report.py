@@ -27,6 +27,7 @@ from loadtest.plots import (
     timeline_plot,
 )
 from loadtest.records import Sample
+from loadtest.repeats import first_runs, group_by_rate, median_run, median_runs
 from loadtest.sweep_config import SweepConfig
 from loadtest.workload import percentiles
 
@@ -69,9 +70,11 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def _table(results: Results, p: str) -> list[str]:
+    repeated = any(r.get("repeat") for runs in results.values() for r in runs)
     head = [
         "config",
         "rate",
+        *(["run"] if repeated else []),
         "ok/fail",
         "req/s",
         "out tok/s",
@@ -100,6 +103,7 @@ def _table(results: Results, p: str) -> list[str]:
             cells = [
                 name,
                 str(r["request_rate"]),
+                *([str(r.get("repeat", 0) + 1)] if repeated else []),
                 f"{r['completed']}/{r['failed']}",
                 f"{r['request_throughput']:.2f}",
                 f"{r['output_throughput']:.1f}",
@@ -115,19 +119,52 @@ def _table(results: Results, p: str) -> list[str]:
     return lines
 
 
+def _median_table(results: Results) -> list[str]:
+    """Per configuration and rate: the median over its runs, and the spread of E2EL."""
+    lines = [
+        "| config | rate | runs | E2EL mean: median | min-max | spread | TTFT mean | "
+        "TPOT mean | out tok/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, runs in results.items():
+        for group in group_by_rate(runs).values():
+            m = median_run(group)
+            e2el = [r["mean_e2el_ms"] for r in group if r.get("mean_e2el_ms") is not None]
+            spread = f"{max(e2el) / min(e2el) - 1:.0%}" if e2el and min(e2el) > 0 else "-"
+            span = f"{_ms(min(e2el))}-{_ms(max(e2el))}" if e2el else "-"
+            lines.append(
+                f"| {name} | {m['request_rate']} | {len(group)} | {_ms(m.get('mean_e2el_ms'))} "
+                f"| {span} | {spread} | {_ms(m.get('mean_ttft_ms'))} | "
+                f"{_ms(m.get('mean_tpot_ms'))} | {_num(m.get('output_throughput'), '.1f')} |"
+            )
+    return lines
+
+
 def _dataset_section(
     dataset: str, results: Results, p: str, plots_dir: Path, multi: bool
 ) -> list[str]:
-    lines = [f"### Dataset `{dataset}`", "", *_table(results, p), ""]
+    lines = [f"### Dataset `{dataset}`", ""]
+    repeated = any(len(g) > 1 for runs in results.values() for g in group_by_rate(runs).values())
+    if repeated:
+        lines += [
+            "Medians over each cell's runs (what the plots and `loadtest.policy_bars` use); "
+            "spread = max / min - 1 of the runs' mean E2EL. Every run follows.",
+            "",
+            *_median_table(results),
+            "",
+        ]
+    lines += [*_table(results, p), ""]
+    medians = {name: median_runs(runs) for name, runs in results.items()}
+    firsts = {name: first_runs(runs) for name, runs in results.items()}
 
     def png(kind: str) -> Path:
         return plots_dir / plot_name(kind, dataset, multi)
 
     figures = [
-        ("latency vs rate", latency_plot(results, png("latency"), p)),
-        ("throughput vs rate", throughput_plot(results, png("throughput"))),
-        ("draft acceptance over time", timeline_plot(results, [ACCEPTANCE], png("acceptance"))),
-        ("speculation policy over time", timeline_plot(results, POLICY_PANELS, png("policy"))),
+        ("latency vs rate", latency_plot(medians, png("latency"), p)),
+        ("throughput vs rate", throughput_plot(medians, png("throughput"))),
+        ("draft acceptance over time", timeline_plot(firsts, [ACCEPTANCE], png("acceptance"))),
+        ("speculation policy over time", timeline_plot(firsts, POLICY_PANELS, png("policy"))),
     ]
     for alt, path in figures:
         if path is not None:
@@ -150,6 +187,21 @@ def _uniqueness_line(mode: str) -> str:
         "run, e.g. `[run r2-17 mix] ` (rate index 2, request 17), and warm-up prompts with "
         "`[warm-up 0] `, so no request reuses a cached prefix of another; a chat template's "
         "own header before the message (e.g. a default system prompt) is still shared"
+    )
+
+
+def _schedule_line(sweep: SweepConfig) -> str:
+    runs = f"{sweep.repeats} runs" if sweep.repeats > 1 else "one run"
+    if sweep.schedule == "interleaved":
+        return (
+            f"schedule `interleaved`: every configuration's server was up for the whole "
+            f"sweep, and each dataset x rate x repeat ran as one round over all of them, the "
+            f"order rotated one place per round; {runs} per configuration, dataset and rate"
+        )
+    each = "each dataset in turn" if sweep.multi_dataset else "it"
+    return (
+        f"schedule `sequential`: each configuration's server runs every rate of {each}, "
+        f"{runs} per rate, before the next server starts"
     )
 
 
@@ -179,8 +231,9 @@ def write_report(
         f"- date: {datetime.fromtimestamp(outcome.started).isoformat(timespec='seconds')} "
         f"to {datetime.now().isoformat(timespec='seconds')}",
         f"- git commit: {git['commit']} (tracked changes: {git['dirty']})",
-        f"- machine: {machine['cpu_model']}; {machine['usable_cores']} usable of "
-        f"{machine['logical_cores']} logical cores; {machine['memory_gib']} GiB RAM; "
+        f"- machine: {machine['cpu_model']} ({machine['cpu_simd']}); "
+        f"{machine['usable_cores']} usable of {machine['logical_cores']} logical cores; "
+        f"{machine['memory_gib']} GiB RAM; "
         f"{machine['os']}; Python {machine['python']}; load average at start "
         f"{format_loadavg(outcome.loadavg_at_start)} (before the first server started), "
         f"at the end {format_loadavg(machine['loadavg_at_end'])}",
@@ -189,8 +242,7 @@ def write_report(
         f"burstiness {args.burstiness}, max concurrency {args.max_concurrency}, "
         f"seed {args.seed}, endpoint `{args.endpoint}`, goodput SLOs {args.goodput or 'none'}",
         _uniqueness_line(sweep.prompt_uniqueness),
-        f"- rates (req/s): {', '.join(str(r) for r in sweep.rates)}; each configuration's "
-        f"server runs every rate of {'each dataset in turn' if sweep.multi_dataset else 'it'}",
+        f"- rates (req/s): {', '.join(str(r) for r in sweep.rates)}; {_schedule_line(sweep)}",
         "",
         "## Configurations",
         "",
@@ -235,7 +287,8 @@ def write_report(
     layout = "runs/<config>/<dataset>/" if sweep.multi_dataset else "runs/<config>/"
     lines += [
         f"Per-run result JSON (vLLM `bench serve` keys + per-request detail): "
-        f"`{layout}rate-<r>.json`. Server logs: `logs/`.",
+        f"`{layout}rate-<r>{'-rep<k>' if sweep.repeats > 1 else ''}.json`. "
+        "Server logs: `logs/`.",
         "",
     ]
     path = out_dir / "report.md"
@@ -250,6 +303,8 @@ def write_report(
             "rates": [str(r) for r in sweep.rates],
             "datasets": list(sweep.datasets),
             "prompt_uniqueness": sweep.prompt_uniqueness,
+            "repeats": sweep.repeats,
+            "schedule": sweep.schedule,
             "failures": outcome.failures,
             "summary": {
                 d: {

@@ -15,6 +15,25 @@ from loadtest.uniqueness import DEFAULT_PROMPT_UNIQUENESS, check_mode
 from loadtest.workload import workload_defaults
 
 DEFAULT_ENDPOINT = "/v1/completions"
+# sequential: one configuration's server at a time, all its runs, then the next (each server
+# holds memory only while it runs). interleaved: every server up at once and the runs of one
+# rate back to back across configurations, so slow drift of a shared machine (another
+# tenant, thermal state) falls on every configuration alike instead of on whichever ran
+# during it.
+SCHEDULES = ("sequential", "interleaved")
+
+
+def check_schedule(schedule: str) -> str:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
+def check_repeats(repeats: object) -> int:
+    n = int(repeats)  # type: ignore[call-overload]
+    if n < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    return n
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,9 @@ class SweepConfig:
     # Empty: the workload's single dataset_name. `resolve` always fills it in.
     datasets: tuple[str, ...] = ()
     prompt_uniqueness: str = DEFAULT_PROMPT_UNIQUENESS
+    # Runs of every (configuration, dataset, rate); reports and bars take their median.
+    repeats: int = 1
+    schedule: str = "sequential"
 
     @property
     def multi_dataset(self) -> bool:
@@ -105,6 +127,8 @@ def parse_sweep(data: dict[str, Any], fallback_name: str) -> SweepConfig:
         "warmup_prompts",
         "datasets",
         "prompt_uniqueness",
+        "repeats",
+        "schedule",
     }
     confs = [_configuration(c) for c in data.get("configurations") or []]
     if not confs:
@@ -121,6 +145,8 @@ def parse_sweep(data: dict[str, Any], fallback_name: str) -> SweepConfig:
         warmup_prompts=int(data.get("warmup_prompts", 2)),
         datasets=_datasets(data),
         prompt_uniqueness=check_mode(str(data.get("prompt_uniqueness", DEFAULT_PROMPT_UNIQUENESS))),
+        repeats=check_repeats(data.get("repeats", 1)),
+        schedule=check_schedule(str(data.get("schedule", "sequential"))),
     )
 
 
@@ -137,8 +163,9 @@ def merge_workload(args: argparse.Namespace, workload: dict[str, Any]) -> argpar
 
 
 def resolve(sweep: SweepConfig, args: argparse.Namespace) -> tuple[SweepConfig, argparse.Namespace]:
-    """The sweep as it will run: `sweep` args (--rates, --only, --prompt-uniqueness, an
-    explicit --dataset-name) applied over the YAML, and the merged workload flags."""
+    """The sweep as it will run: `sweep` args (--rates, --only, --prompt-uniqueness,
+    --repeats, --schedule, an explicit --dataset-name) applied over the YAML, and the merged
+    workload flags."""
     wl = dict(sweep.workload)
     endpoint = wl.pop("endpoint", DEFAULT_ENDPOINT)
     dataset_flag_given = hasattr(args, "dataset_name")
@@ -160,11 +187,14 @@ def resolve(sweep: SweepConfig, args: argparse.Namespace) -> tuple[SweepConfig, 
     if len(datasets) > 1 and merged.dataset_path:
         raise ValueError("dataset_path replaces one dataset's prompts: use a single dataset")
     uniqueness = check_mode(args.prompt_uniqueness or sweep.prompt_uniqueness)
+    repeats = getattr(args, "repeats", None)
     resolved = replace(
         sweep,
         rates=rates,
         configurations=confs,
         datasets=datasets,
         prompt_uniqueness=uniqueness,
+        repeats=check_repeats(repeats) if repeats is not None else sweep.repeats,
+        schedule=check_schedule(getattr(args, "schedule", None) or sweep.schedule),
     )
     return resolved, merged

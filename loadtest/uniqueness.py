@@ -31,12 +31,14 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def run_prefixes(mode: str, n: int, rate_index: int, dataset: str) -> list[str]:
-    """The prefix of each of a run's `n` prompts. The rate index comes first so that prompts
-    of different rates differ within their first characters (and first tokens)."""
+def run_prefixes(mode: str, n: int, rate_index: int, dataset: str, repeat: int = 0) -> list[str]:
+    """The prefix of each of a run's `n` prompts. The rate index (and the repeat, from the
+    second on) comes first so that prompts of different runs differ within their first
+    characters (and first tokens)."""
     if check_mode(mode) == "none":
         return [""] * n
-    return [f"[run r{rate_index}-{i} {dataset}] " for i in range(n)]
+    run = f"r{rate_index}" if repeat == 0 else f"r{rate_index}.{repeat}"
+    return [f"[run {run}-{i} {dataset}] " for i in range(n)]
 
 
 def warmup_prefixes(mode: str, n: int) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -134,20 +135,27 @@ def test_cli_run_writes_result_file(server: ServerProcess, tmp_path: Path) -> No
     assert result["loadavg_before"] >= 0 and result["loadavg_after"] >= 0
 
 
-def _sweep(tiny_dir: Path, tmp_path: Path, workload: str) -> Path:
+def _sweep(
+    tiny_dir: Path,
+    tmp_path: Path,
+    workload: str,
+    names: tuple[str, ...] = ("plain",),
+    rates: str = "[inf, 5]",
+) -> tuple[Path, str]:
+    """Runs a sweep of the tiny model; returns the report folder and the sweep's stdout."""
     config = tmp_path / "tiny.yaml"
     args = json.dumps(_serve_args(tiny_dir))  # JSON is YAML
     config.write_text(
         f"name: tiny\nnum_prompts: 3\nmax_tokens: 4\nignore_eos: true\n{workload}"
-        f"rates: [inf, 5]\nwarmup_prompts: 1\nconfigurations:\n"
-        f"  - name: plain\n    serve_args: {args}\n"
+        f"rates: {rates}\nwarmup_prompts: 1\nconfigurations:\n"
+        + "".join(f"  - name: {n}\n    serve_args: {args}\n" for n in names)
     )
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "loadtest", "sweep", "--config", str(config),
            "--output-dir", str(out), "--disable-tqdm"]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return out
+    return out, done.stdout
 
 
 def _cache_hits(run: dict) -> float:
@@ -162,7 +170,7 @@ def test_sweep_over_two_datasets_sends_prompts_new_to_the_server(
     """One server, two datasets, two rates: every run's prompts start with their own prefix,
     so the prefix cache serves none of them (random prompts repeat across rates, chat ones
     too)."""
-    out = _sweep(tiny_dir, tmp_path, "datasets: [chat, random]\nrandom_input_len: 20\n")
+    out, _ = _sweep(tiny_dir, tmp_path, "datasets: [chat, random]\nrandom_input_len: 20\n")
     report = (out / "report.md").read_text()
     assert report.index("### Dataset `chat`") < report.index("### Dataset `random`")
     assert report.count("| plain | inf | 3/0 |") == 2 and report.count("| plain | 5.0 | 3/0 |") == 2
@@ -184,7 +192,7 @@ def test_sweep_over_two_datasets_sends_prompts_new_to_the_server(
 def test_sweep_without_prefixes_replays_cached_prompts(tiny_dir: Path, tmp_path: Path) -> None:
     """The control: with prompt_uniqueness none the second rate finds the first's prompts in
     the prefix cache. Also the one-dataset layout: runs/<config>/rate-<r>.json."""
-    out = _sweep(tiny_dir, tmp_path, "dataset_name: chat\nprompt_uniqueness: none\n")
+    out, _ = _sweep(tiny_dir, tmp_path, "dataset_name: chat\nprompt_uniqueness: none\n")
     report = (out / "report.md").read_text()
     assert "| plain | inf | 3/0 |" in report and "| plain | 5.0 | 3/0 |" in report
     assert "git commit:" in report and "machine:" in report
@@ -194,3 +202,36 @@ def test_sweep_without_prefixes_replays_cached_prompts(tiny_dir: Path, tmp_path:
     second = json.loads((out / "runs" / "plain" / "rate-5.0.json").read_text())
     assert second["completed"] == 3 and second["prompt_prefixes"] == ["", "", ""]
     assert _cache_hits(second) > 0
+
+
+def test_interleaved_sweep_runs_rounds_over_servers_that_are_all_up(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """Two servers up at once, two repeats of one rate: the runs go a, b then b, a (each
+    configuration first once), every repeat has prompts of its own, and the report folds
+    the repeats into medians."""
+    out, stdout = _sweep(
+        tiny_dir,
+        tmp_path,
+        "dataset_name: chat\nrepeats: 2\nschedule: interleaved\n",
+        names=("a", "b"),
+        rates="[inf]",
+    )
+    titles = re.findall(r"^\[(\w) / chat @ inf req/s \(repeat (\d)/2\)\] 3 prompts", stdout, re.M)
+    assert titles == [("a", "1"), ("b", "1"), ("b", "2"), ("a", "2")]
+    # Both servers were started before the first measured run.
+    assert stdout.index("[b] starting") < stdout.index("[a / chat @ inf")
+    report = (out / "report.md").read_text()
+    assert "schedule `interleaved`" in report and "2 runs per configuration" in report
+    assert re.search(r"\| a \| inf \| 2 \| [\d.]+ \| [\d.]+-[\d.]+ \| \d+% \|", report)
+    assert report.count("| a | inf | 1 | 3/0 |") == 1 and report.count("| a | inf | 2 | 3/0 |") == 1
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["repeats"] == 2 and meta["schedule"] == "interleaved"
+    for name in ("a", "b"):
+        assert (out / "metrics" / f"{name}.prom").stat().st_size > 0
+        for repeat in range(2):
+            run = json.loads((out / "runs" / name / f"rate-inf-rep{repeat}.json").read_text())
+            assert run["completed"] == 3 and run["repeat"] == repeat
+            label = "r0" if repeat == 0 else "r0.1"
+            assert run["prompt_prefixes"][1] == f"[run {label}-1 chat] "
+            assert _cache_hits(run) == 0

@@ -20,6 +20,26 @@ def test_run_path_layout(tmp_path: Path) -> None:
         sweep.run_path(tmp_path, "k4", "mix", math.inf, True)
         == tmp_path / "runs/k4/mix/rate-inf.json"
     )
+    # With repeats every run has its own file.
+    assert (
+        sweep.run_path(tmp_path, "k4", "mix", 0.5, True, repeat=2, repeats=3)
+        == tmp_path / "runs/k4/mix/rate-0.5-rep2.json"
+    )
+
+
+def test_interleaved_rounds_rotate_so_every_configuration_runs_first_in_turn() -> None:
+    names = ["none", "k2", "goodput"]
+    rounds = [sweep.run_order(names, 0, repeat, 3) for repeat in range(3)]
+    assert rounds == [
+        ["none", "k2", "goodput"],
+        ["k2", "goodput", "none"],
+        ["goodput", "none", "k2"],
+    ]
+    for position in range(3):  # each configuration takes each place once per rate
+        assert sorted(r[position] for r in rounds) == sorted(names)
+    # The next rate goes on rotating rather than starting over.
+    assert sweep.run_order(names, 1, 0, 3) == ["none", "k2", "goodput"]
+    assert sweep.run_order(["a", "b"], 1, 0, 1) == ["b", "a"]
 
 
 def test_start_load_average_is_read_before_any_server(
@@ -33,11 +53,11 @@ def test_start_load_average_is_read_before_any_server(
     monkeypatch.setattr(report, "loadavg", lambda: machine["load"])
     started: list[str] = []
 
-    def busy_server(conf, args, sweep_, counter, outcome, out_dir) -> None:
+    def busy_server(conf, runs) -> None:
         started.append(conf.name)
         machine["load"] = (2.44, 1.9, 1.2)
         empty = result_json(summarize([], 1.0), [], {"request_rate": 1.0})
-        outcome.add(sweep_.datasets[0], conf.name, empty)
+        runs.outcome.add(runs.sweep.datasets[0], conf.name, empty)
         raise RuntimeError("server exited early")
 
     monkeypatch.setattr(sweep, "_run_configuration", busy_server)

@@ -103,6 +103,18 @@ def test_command_line_overrides() -> None:
         resolve(parse_sweep(data, "x"), _args("--only", "nope"))
 
 
+def test_repeats_and_schedule_from_yaml_and_flags() -> None:
+    plain = parse_sweep({"configurations": CONFS}, "x")
+    assert (plain.repeats, plain.schedule) == (1, "sequential")
+    data = {"repeats": 3, "schedule": "interleaved", "configurations": CONFS}
+    sweep, _ = resolve(parse_sweep(data, "x"), _args())
+    assert (sweep.repeats, sweep.schedule) == (3, "interleaved")
+    sweep, _ = resolve(parse_sweep(data, "x"), _args("--repeats", "5", "--schedule", "sequential"))
+    assert (sweep.repeats, sweep.schedule) == (5, "sequential")
+    with pytest.raises(ValueError, match="repeats"):
+        resolve(parse_sweep(data, "x"), _args("--repeats", "0"))
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [
@@ -119,6 +131,8 @@ def test_command_line_overrides() -> None:
         ({"datasets": ["mix", "mix"], "configurations": CONFS}, "repeat"),
         ({"datasets": ["mix"], "dataset_name": "chat", "configurations": CONFS}, "not both"),
         ({"prompt_uniqueness": "sometimes", "configurations": CONFS}, "prompt_uniqueness"),
+        ({"repeats": 0, "configurations": CONFS}, "repeats"),
+        ({"schedule": "shuffled", "configurations": CONFS}, "schedule"),
     ],
 )
 def test_bad_configs(data: dict, match: str) -> None:

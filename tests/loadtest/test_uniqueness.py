@@ -34,6 +34,22 @@ def test_rates_share_no_leading_characters(dataset: str) -> None:
     assert not {s.prompt[:16] for s in warm} & set().union(*heads)
 
 
+def test_repeats_of_one_rate_differ_and_the_first_keeps_its_old_name() -> None:
+    base = load_samples("mix", N, COUNTER)
+    runs = [
+        with_prefixes(base, run_prefixes("per_rate_prefix", N, rate, "mix", repeat), COUNTER)
+        for rate in range(3)
+        for repeat in range(3)
+    ]
+    heads = [{s.prompt[:16] for s in run} for run in runs]
+    for a, b in combinations(range(len(runs)), 2):
+        assert not heads[a] & heads[b], (a, b)
+    assert run_prefixes("per_rate_prefix", 2, 1, "mix", 0) == run_prefixes(
+        "per_rate_prefix", 2, 1, "mix"
+    )
+    assert run_prefixes("per_rate_prefix", 1, 1, "mix", 2) == ["[run r1.2-0 mix] "]
+
+
 def test_datasets_of_one_server_differ_too() -> None:
     mix = _run(load_samples("mix", N, COUNTER), 0, "mix")
     rep = _run(load_samples("repetitive", N, COUNTER), 0, "repetitive")
