@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.repeats import group_by_rate
+from loadtest.repeats import group_by_rate, median_run
 
 DEFAULT_LOWEST_RATE_SPEEDUP = {"repetitive": 1.5, "mix": 1.2}
 
@@ -76,9 +75,7 @@ def rate_checks(summary: dict[str, dict[str, list[dict[str, Any]]]], bars: Bars)
         for name, runs in configs.items():
             done = [r for r in runs if r.get("completed") and r.get("mean_e2el_ms") is not None]
             for rate, group in group_by_rate(done).items():
-                by_rate.setdefault(rate, {})[name] = statistics.median(
-                    float(r["mean_e2el_ms"]) for r in group
-                )
+                by_rate.setdefault(rate, {})[name] = median_run(group)["mean_e2el_ms"]
                 counts.setdefault(rate, []).append(len(group))
         for rate in sorted(by_rate):
             row = by_rate[rate]

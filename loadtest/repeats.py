@@ -26,6 +26,11 @@ def group_by_rate(runs: list[Run]) -> dict[float, list[Run]]:
     return out
 
 
+def has_repeats(results: dict[str, list[Run]]) -> bool:
+    """Whether any configuration ran some rate more than once."""
+    return any(len(g) > 1 for runs in results.values() for g in group_by_rate(runs).values())
+
+
 def median_run(runs: list[Run]) -> Run:
     """One run standing for ``runs`` (all of one cell): every top-level number and every
     number of a nested dict (``spec_decode``) is the median over the runs that have it;

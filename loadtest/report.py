@@ -27,7 +27,7 @@ from loadtest.plots import (
     timeline_plot,
 )
 from loadtest.records import Sample
-from loadtest.repeats import first_runs, group_by_rate, median_run, median_runs
+from loadtest.repeats import first_runs, group_by_rate, has_repeats, median_run, median_runs
 from loadtest.sweep_config import SweepConfig
 from loadtest.workload import percentiles
 
@@ -70,7 +70,7 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def _table(results: Results, p: str) -> list[str]:
-    repeated = any(r.get("repeat") for runs in results.values() for r in runs)
+    repeated = has_repeats(results)
     head = [
         "config",
         "rate",
@@ -144,8 +144,7 @@ def _dataset_section(
     dataset: str, results: Results, p: str, plots_dir: Path, multi: bool
 ) -> list[str]:
     lines = [f"### Dataset `{dataset}`", ""]
-    repeated = any(len(g) > 1 for runs in results.values() for g in group_by_rate(runs).values())
-    if repeated:
+    if has_repeats(results):
         lines += [
             "Medians over each cell's runs (what the plots and `loadtest.policy_bars` use); "
             "spread = max / min - 1 of the runs' mean E2EL. Every run follows.",

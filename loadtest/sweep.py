@@ -25,7 +25,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -81,7 +81,13 @@ class _Target:
 
     conf: Configuration
     base_url: str
+    # The process sweep started (None: a base_url configuration, already running).
+    server: ServerProcess | None = None
     api: ApiConfig | None = None
+
+    def save_metrics(self, out_dir: Path) -> None:
+        if self.server is not None:
+            save_final_metrics(self.base_url, out_dir / "metrics" / f"{self.conf.name}.prom")
 
 
 class _Sweep:
@@ -192,7 +198,8 @@ class _Sweep:
         try:
             await work
         except _RUN_ERRORS as e:
-            self.fail(target.conf.name, e)
+            tail = f"; log tail:\n{target.server.log_tail(8)}" if target.server else ""
+            self.fail(target.conf.name, RuntimeError(f"{e}{tail}"))
             return False
         return True
 
@@ -261,17 +268,25 @@ def _base_url(conf: Configuration) -> str:
     return os.path.expandvars(conf.base_url)
 
 
-def _run_configuration(conf: Configuration, runs: _Sweep) -> None:
+@contextlib.contextmanager
+def _serving(conf: Configuration, runs: _Sweep) -> Iterator[_Target]:
+    """``conf``'s server, started and ready (stopped on exit; a RuntimeError on the way
+    carries its log tail), or its base_url when it is already running."""
     server = _server(conf, runs)
     if server is None:
-        asyncio.run(runs.all_runs_of(_Target(conf, _base_url(conf))))
+        yield _Target(conf, _base_url(conf))
         return
     try:
         with server:
-            asyncio.run(runs.all_runs_of(_Target(conf, server.base_url)))
-            save_final_metrics(server.base_url, runs.out_dir / "metrics" / f"{conf.name}.prom")
+            yield _Target(conf, server.base_url, server)
     except RuntimeError as e:
         raise RuntimeError(f"{e}; log tail:\n{server.log_tail(8)}") from e
+
+
+def _run_configuration(conf: Configuration, runs: _Sweep) -> None:
+    with _serving(conf, runs) as target:
+        asyncio.run(runs.all_runs_of(target))
+        target.save_metrics(runs.out_dir)
 
 
 def _run_interleaved(runs: _Sweep) -> None:
@@ -281,20 +296,11 @@ def _run_interleaved(runs: _Sweep) -> None:
         targets = []
         for conf in runs.sweep.configurations:
             try:
-                server = _server(conf, runs)
-                if server is None:
-                    targets.append(_Target(conf, _base_url(conf)))
-                    continue
-                try:
-                    stack.enter_context(server)
-                except RuntimeError as e:
-                    raise RuntimeError(f"{e}; log tail:\n{server.log_tail(8)}") from e
-                targets.append(_Target(conf, server.base_url))
+                targets.append(stack.enter_context(_serving(conf, runs)))
             except _RUN_ERRORS as e:
                 runs.fail(conf.name, e)
         for t in asyncio.run(runs.interleaved(targets)):
-            if not t.conf.base_url:
-                save_final_metrics(t.base_url, runs.out_dir / "metrics" / f"{t.conf.name}.prom")
+            t.save_metrics(runs.out_dir)
 
 
 def save_final_metrics(base_url: str, path: Path) -> None:

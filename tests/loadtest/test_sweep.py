@@ -3,10 +3,12 @@ go. (test_live runs the whole thing against a real specd.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 
+import httpx
 import pytest
 
 from loadtest import report, sweep
@@ -73,3 +75,46 @@ def test_start_load_average_is_read_before_any_server(
     meta = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert meta["machine"]["loadavg_at_start"] == [0.22, 0.3, 0.35]
     assert meta["failures"] == {"a": "server exited early"}
+
+
+def test_interleaved_sweep_drops_a_server_that_fails_and_keeps_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One server never starts, one fails its second run: both are named in the failures,
+    and the rounds go on over what is left (no server here: start-up and runs are stand-ins
+    for the driver's control flow only; test_live runs real servers)."""
+    calls: list[tuple[str, int]] = []
+
+    @contextlib.contextmanager
+    def serving(conf, runs):
+        if conf.name == "broken":
+            raise RuntimeError("exited during start-up")
+        yield sweep._Target(conf, "http://127.0.0.1:9")
+
+    async def prepare(self, target) -> None:
+        return None
+
+    async def measure(self, target, dataset, rate_index, repeat) -> None:
+        calls.append((target.conf.name, repeat))
+        if target.conf.name == "flaky" and repeat == 1:
+            raise httpx.ConnectError("connection refused")
+        empty = result_json(summarize([], 1.0), [], {"request_rate": 1.0})
+        self.outcome.add(dataset, target.conf.name, empty)
+
+    monkeypatch.setattr(sweep, "_serving", serving)
+    monkeypatch.setattr(sweep._Sweep, "prepare", prepare)
+    monkeypatch.setattr(sweep._Sweep, "measure", measure)
+    config = tmp_path / "s.yaml"
+    config.write_text("num_prompts: 2\ndataset_name: chat\nrates: [1]\nrepeats: 3\n"
+                      "schedule: interleaved\nconfigurations:\n"
+                      "  - {name: steady, base_url: 'http://127.0.0.1:9'}\n"
+                      "  - {name: broken, base_url: 'http://127.0.0.1:9'}\n"
+                      "  - {name: flaky, base_url: 'http://127.0.0.1:9'}\n")  # fmt: skip
+    args = build_parser().parse_args(["sweep", "--config", str(config), "--output-dir",
+                                      str(tmp_path / "out")])  # fmt: skip
+    assert sweep.run_sweep(args) == 0
+    assert calls == [("steady", 0), ("flaky", 0), ("flaky", 1), ("steady", 1), ("steady", 2)]
+    meta = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert set(meta["failures"]) == {"broken", "flaky"}
+    assert "connection refused" in meta["failures"]["flaky"]
+    assert len(meta["summary"]["chat"]["steady"]) == 3
