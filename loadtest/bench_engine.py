@@ -1,20 +1,22 @@
 """Offline engine throughput on the embedded model, weight formats side by side.
 
-    python -m loadtest.bench_engine [--model smollm2-135m-instruct] [--quantization none int4]
+    python -m loadtest.bench_engine [--model smollm2-135m-instruct]
+        [--quantization none int4 | none int4:aten int4:avx2]
         [--batch-sizes 1 8 32] [--new-tokens 128] [--verify-rows 16] [--verify-context 256]
         [--no-transformers] [--out loadtest/results/engine]
 
 Everything is measured in one run on one machine, one weight format (``--quantization``,
 ModelConfig.quantization) after the other in the same process, each engine freed before the
-next is built. Per format: the engine's output tokens/s at each batch size (all prompts
-submitted at once, ignore_eos, greedy), single-stream decode tokens/s (prefill excluded), and
-the verify-row cost curve: one engine step (ModelRunner.execute) of one greedy request at a
-fixed context with 1..N query rows (1 = plain decode, k + 1 = verifying k draft tokens as a
-chain), built and timed by kernels/gpu_check/engine_stages.py's ``step_plan`` / ``time_step``
-on the engine's own runner. For ``none`` the single stream is also compared with transformers'
-``generate`` on the same weights (fp32). Then every format against the first one given
-(``none`` by default): tokens/s side by side, the single-stream ratio against issue 11's
-target (int4 >= 2.5x fp32), and step ms per row count, with a PNG of the curves. Writes a
+next is built (``int4:aten`` / ``int4:avx2`` pin the CPU int4 kernel, server/model/int4.py;
+plain ``int4`` takes the engine's own choice). Per format: the engine's output tokens/s at each
+batch size (all prompts submitted at once, ignore_eos, greedy), single-stream decode tokens/s
+(prefill excluded), and the verify-row cost curve: one engine step (ModelRunner.execute) of one
+greedy request at a fixed context with 1..N query rows (1 = plain decode, k + 1 = verifying k
+draft tokens as a chain), built and timed by kernels/gpu_check/engine_stages.py's ``step_plan``
+/ ``time_step`` on the engine's own runner. For ``none`` the single stream is also compared
+with transformers' ``generate`` on the same weights (fp32). Then every format against the first
+one given (``none`` by default): tokens/s side by side, the single-stream ratio against issue
+11's target (int4 >= 2.5x fp32), and step ms per row count, with a PNG of the curves. Writes a
 JSON file, a markdown report and the PNG named by date, with the command, the machine, the
 versions and the load average at the start and the end.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -39,7 +42,7 @@ from loadtest.host import format_loadavg, loadavg
 from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from server.engine.offline import OfflineEngine
 from server.engine.sampling_params import SamplingParams
-from server.model.int4 import Int4Linear
+from server.model.int4 import KERNEL_ENV, Int4Linear
 from server.model.loader import resolve_model
 
 PROMPTS = [
@@ -178,16 +181,37 @@ def engine_config(args: argparse.Namespace, model_dir: Path, quantization: str) 
     )
 
 
-def bench_format(args: argparse.Namespace, model_dir: Path, quantization: str) -> dict:
+def split_format(spec: str) -> tuple[str, str | None]:
+    """``int4:avx2`` -> (``int4``, ``avx2``): a --quantization value and the CPU int4 kernel
+    it is measured with (SPECD_INT4_KERNEL; None: the engine's own choice)."""
+    quantization, _, kernel = spec.partition(":")
+    return quantization, kernel or None
+
+
+def bench_format(args: argparse.Namespace, model_dir: Path, spec: str) -> dict:
     """Every measurement of one weight format, on one engine (freed by the caller's gc)."""
+    quantization, kernel = split_format(spec)
     t0 = time.perf_counter()
-    engine = OfflineEngine(engine_config(args, model_dir, quantization))
+    previous = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = kernel or "auto"
+    try:
+        engine = OfflineEngine(engine_config(args, model_dir, quantization))
+    finally:
+        if previous is None:
+            del os.environ[KERNEL_ENV]
+        else:
+            os.environ[KERNEL_ENV] = previous
     build_s = time.perf_counter() - t0
     runner = engine.core.runner
-    int4 = any(isinstance(m, Int4Linear) for m in runner.model.modules())
-    label = "int4" if int4 else _DTYPE_LABELS.get(runner.dtype, str(runner.dtype))
+    kernels = sorted({m.kernel for m in runner.model.modules() if isinstance(m, Int4Linear)})
+    label = (
+        f"int4 ({'/'.join(kernels)} kernel)"
+        if kernels
+        else _DTYPE_LABELS.get(runner.dtype, str(runner.dtype))
+    )
     if quantization == "auto":
         label += " (auto)"
+    quantization = spec
     print(f"[{quantization}] engine built in {build_s:.1f} s ({label})", flush=True)
     throughput = []
     for batch in args.batch_sizes:
@@ -239,7 +263,7 @@ def compare(formats: list[dict]) -> dict:
                 for r in base["verify_rows"]
             },
         }
-        if f["quantization"] == "int4" and base["quantization"] == "none":
+        if split_format(f["quantization"])[0] == "int4" and base["quantization"] == "none":
             entry["single_stream_target"] = INT4_SINGLE_STREAM_TARGET
             entry["single_stream_target_met"] = single >= INT4_SINGLE_STREAM_TARGET
         out["against"][f["quantization"]] = entry
@@ -394,6 +418,17 @@ def write_report(out_dir: Path, result: dict) -> Path:
     return path
 
 
+def _format_spec(value: str) -> str:
+    quantization, kernel = split_format(value)
+    if quantization not in ("none", "int4", "auto") or kernel not in (None, "aten", "avx2"):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected none, int4, auto, int4:aten or int4:avx2"
+        )
+    if kernel is not None and quantization != "int4":
+        raise argparse.ArgumentTypeError(f"{value!r}: a kernel goes with int4 only")
+    return value
+
+
 def add_cpu_linear_plan_flag(ap: argparse.ArgumentParser) -> None:
     """``--no-cpu-linear-plan``: the benchmarks' switch for ModelConfig.cpu_linear_plan."""
     ap.add_argument(
@@ -410,9 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quantization",
         nargs="+",
-        choices=["none", "int4", "auto"],
+        type=_format_spec,
         default=["none", "int4"],
-        help="weight formats, measured in this order; the first is the baseline of the ratios",
+        help="weight formats, measured in this order; the first is the baseline of the ratios. "
+        "int4:aten / int4:avx2 pin the CPU int4 kernel (SPECD_INT4_KERNEL)",
     )
     ap.add_argument("--dtype", default="auto", help="ModelConfig.dtype (auto: fp32 on CPU)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])

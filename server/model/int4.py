@@ -21,19 +21,29 @@ purpose. bfloat16 rounds each layer's input activations, the scales and zeros (8
 mantissa; a GGUF fp16 scale loses 3) and the output; the sums themselves are wider (against
 a float64 product of the same bf16 inputs the error is at the output's bf16 rounding, 2^-9).
 The model around the linears (norms, attention, residuals) stays float32.
+
+Where the CPU has AVX2 and FMA, specd's own float32 kernel (server/model/int4_avx2.py) is
+used instead when a quick timing at load finds it faster: on CPUs without AVX-512 BF16,
+torch's kernel emulates bfloat16 and is the slower of the two. ``SPECD_INT4_KERNEL`` (``auto``,
+``avx2``, ``aten``) overrides the choice. A layer keeps its kernel for every row count, so a
+verify row is computed as the decode row it stands for.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from server.model import int4_avx2
 from server.model.cpu_linear import FEW_ROWS, LARGE_WEIGHT, RowChoice, plan_groups
 
 logger = logging.getLogger(__name__)
@@ -49,6 +59,9 @@ _INNER_K_TILES = 2
 # The kernel's activation / scale dtype (see the module docstring). float32 is exact to float
 # rounding against dequantize() and serves as the reference in tests.
 COMPUTE_DTYPE = torch.bfloat16
+
+Kernel = Literal["aten", "avx2"]
+KERNEL_ENV = "SPECD_INT4_KERNEL"
 
 
 @dataclass
@@ -193,14 +206,31 @@ class Int4Linear(nn.Module):
         qw: QuantizedWeight,
         bias: torch.Tensor | None = None,
         compute_dtype: torch.dtype = COMPUTE_DTYPE,
+        kernel: Kernel | None = None,
     ) -> None:
         super().__init__()
-        self.compute_dtype = compute_dtype
         n, k = qw.shape
         if not supports(qw.shape):
             raise ValueError(f"int4 needs in_features divisible by {GROUP_SIZE} (got {k})")
         self.in_features, self.out_features = k, n
         self.planes = qw.planes
+        # An explicit compute dtype other than the default asks for torch's kernel (tests use
+        # its float32 path as a reference).
+        if kernel is None:
+            kernel = choose_kernel() if compute_dtype == COMPUTE_DTYPE else "aten"
+        self.kernel: Kernel = kernel
+        self.compute_dtype = torch.float32 if kernel == "avx2" else compute_dtype
+        if kernel == "avx2":
+            packed, scales, offsets = int4_avx2.pack(qw.q, qw.scale, qw.zero)
+            self.register_buffer("packed", packed, persistent=False)
+            self.register_buffer("scales", scales, persistent=False)
+            self.register_buffer("offsets", offsets, persistent=False)
+        else:
+            self._pack_for_torch(qw)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def _pack_for_torch(self, qw: QuantizedWeight) -> None:
+        n = qw.shape[0]
         pad = -n % _ROW_MULTIPLE
         q, scale, zero = qw.q, qw.scale, qw.zero
         if pad:
@@ -211,15 +241,14 @@ class Int4Linear(nn.Module):
             q.to(torch.int32).contiguous(), _INNER_K_TILES
         )
         self.register_buffer("packed", packed, persistent=False)
-        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(compute_dtype).contiguous()
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(self.compute_dtype).contiguous()
         self.register_buffer("scales_and_zeros", sz, persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"int4 g{GROUP_SIZE}{f' x {self.planes} planes' if self.planes > 1 else ''}, "
-            f"{self.compute_dtype}"
+            f"{self.kernel} kernel, {self.compute_dtype}"
         )
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,6 +256,8 @@ class Int4Linear(nn.Module):
         x = x.to(self.compute_dtype)
         if self.planes > 1:
             x = x.repeat(1, self.planes)
+        if self.kernel == "avx2":
+            return int4_avx2.linear(x, self.packed, self.scales, self.offsets)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, GROUP_SIZE, self.scales_and_zeros
         )
@@ -236,7 +267,7 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         rows = x2.shape[0]
-        plan = _PLANS.get(plan_key(self))
+        plan = _PLANS.get(plan_key(self)) if self.kernel == "aten" else None
         if plan is not None and 1 <= rows <= FEW_ROWS and plan[rows - 1].rows > rows:
             padded = torch.cat([x2, x2.new_zeros(plan[rows - 1].rows - rows, x2.shape[1])])
             out = self._mm(padded)[:rows]
@@ -249,6 +280,7 @@ class Int4Linear(nn.Module):
 # ---- few-row plan (as server/model/cpu_linear.py does for dense linears) -------------------
 
 # (out, in, planes, compute dtype, torch threads) -> choices for rows 1..FEW_ROWS (index rows - 1).
+# Only torch's kernel is planned: the AVX2 kernel's time grows smoothly with the rows.
 _PlanKey = tuple[int, int, int, torch.dtype, int]
 _PLANS: dict[_PlanKey, tuple[RowChoice, ...]] = {}
 _ROUNDS, _CALLS = 3, 3
@@ -289,6 +321,7 @@ def plan_int4_linears(model: nn.Module) -> dict[tuple[int, int], tuple[RowChoice
         m
         for m in model.modules()
         if isinstance(m, Int4Linear)
+        and m.kernel == "aten"
         and m.packed.device.type == "cpu"
         and m.in_features * m.out_features < LARGE_WEIGHT
     )
@@ -300,3 +333,74 @@ def plan_int4_layers(layers: Iterable[Int4Linear]) -> dict[tuple[int, int], tupl
 
 def clear_int4_plans() -> None:
     _PLANS.clear()
+
+
+# ---- which kernel -----------------------------------------------------------------------------
+
+# The shape timed to choose a kernel (SmolLM2-135M's gate/up projection: a typical decoder
+# matrix), the row counts that matter (decode, a short verify chain, a longer one) and how many
+# distinct matrices the calls rotate over (so weights come from memory, as in a forward).
+_CHOICE_SHAPE = (1536, 576)
+_CHOICE_ROWS = (1, 4, 16)
+_CHOICE_LAYERS = 8
+
+
+def choose_kernel() -> Kernel:
+    """``SPECD_INT4_KERNEL`` if set (``auto`` = unset), else the faster of the two on this
+    machine (``host_kernel``)."""
+    wanted = os.environ.get(KERNEL_ENV, "auto").strip().lower()
+    if wanted == "aten":
+        return "aten"
+    if wanted == "avx2":
+        if int4_avx2.load() is None:
+            raise RuntimeError(
+                f"{KERNEL_ENV}=avx2 but the kernel is not available: "
+                f"{int4_avx2.unavailable_reason() or 'it failed to build (see the log)'}"
+            )
+        return "avx2"
+    if wanted != "auto":
+        raise ValueError(f"{KERNEL_ENV} must be auto, avx2 or aten (got {wanted!r})")
+    return host_kernel(torch.get_num_threads())
+
+
+@functools.cache
+def host_kernel(threads: int) -> Kernel:
+    """The kernel that computes a decoder-sized int4 matrix faster here, summed over 1, 4 and
+    16 rows (median of 5 rounds); torch's where the AVX2 kernel can't be had. Timed once per
+    process and thread count (~0.1 s), logged."""
+    if int4_avx2.load() is None:
+        return "aten"
+    generator = torch.Generator().manual_seed(0)
+    weights = [
+        quantize_rtn(torch.randn(*_CHOICE_SHAPE, generator=generator))
+        for _ in range(_CHOICE_LAYERS)
+    ]
+    seconds: dict[Kernel, float] = {}
+    for kernel in ("aten", "avx2"):
+        layers = [Int4Linear(qw, kernel=kernel) for qw in weights]
+        seconds[kernel] = sum(_median_call_seconds(layers, rows) for rows in _CHOICE_ROWS)
+    choice: Kernel = "avx2" if seconds["avx2"] < seconds["aten"] else "aten"
+    logger.info(
+        "int4 kernel: %s (a %d x %d matrix at %s rows took %.0f us with torch's bf16 kernel, "
+        "%.0f us with the AVX2 float32 one; %d threads)",
+        choice,
+        *_CHOICE_SHAPE,
+        "/".join(map(str, _CHOICE_ROWS)),
+        seconds["aten"] * 1e6,
+        seconds["avx2"] * 1e6,
+        threads,
+    )
+    return choice
+
+
+def _median_call_seconds(layers: list[Int4Linear], rows: int, rounds: int = 5) -> float:
+    x = torch.randn(rows, layers[0].in_features)
+    for layer in layers:  # warm-up
+        layer._mm(x)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for layer in layers:
+            layer._mm(x)
+        times.append((time.perf_counter() - start) / len(layers))
+    return float(np.median(times))

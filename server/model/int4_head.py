@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.model.int4 import GROUP_SIZE, Int4Linear, QuantizedWeight
+from server.model.int4 import GROUP_SIZE, Int4Linear, Kernel, QuantizedWeight
 
 # Relative error of one product in the kernel: input, scale, zero and weight rounded to bf16.
 ALPHA = 4 * 2.0**-9
@@ -61,9 +61,12 @@ class RescoredInt4Head(nn.Module):
     """An Int4Linear LM head (see the module docstring) that returns float32 logits with the
     candidates for each row's largest logit recomputed exactly."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, qw: QuantizedWeight, bias: torch.Tensor | None = None, kernel: Kernel | None = None
+    ) -> None:
         super().__init__()
-        self.kernel = Int4Linear(qw)
+        # With the float32 AVX2 kernel the bf16 bound below is loose but still holds.
+        self.kernel = Int4Linear(qw, kernel=kernel)
         # Here rather than in the kernel: checkpoints name it lm_head.bias.
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.in_features, self.out_features = qw.shape[1], qw.shape[0]

@@ -1,9 +1,10 @@
-"""--quantization int4 end to end on tiny random models.
+"""--quantization int4 end to end on tiny random models, with each CPU int4 kernel.
 
-The independent reference is the same model whose weights are replaced by their int4 values
-(dequantized, with the kernel's bf16 scales and zeros) run dense (quantization none), its
-linears rounding inputs and outputs to bf16 as the int4 kernel does: int4 must give its greedy
-tokens.
+The independent reference is the same model whose weights are replaced by their int4 values,
+run dense (quantization none). For torch's bf16 kernel those are dequantized with bf16 scales
+and zeros and the dense linears round inputs and outputs to bf16 as the kernel does; for
+specd's float32 AVX2 kernel they are the plain dequantized weights in float32. int4 must give
+the reference's greedy tokens.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from server.config import (
 )
 from server.engine.offline import OfflineEngine
 from server.engine.sampling_params import SamplingParams
-from server.model import quantize
-from server.model.int4 import Int4Linear
+from server.model import int4_avx2, quantize
+from server.model.int4 import KERNEL_ENV, Int4Linear
 from server.model.int4_head import RescoredInt4Head
 from server.model.layers import Linear
 from server.model.loader import load_model, resolve_device
@@ -45,9 +46,28 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield root
 
 
-def dequantized_copy(int4_entry: Path, out: Path) -> Path:
-    """A dense HF directory holding the int4 entry's weights, dequantized. A tied int4 head
-    becomes an untied lm_head.weight (the int4 model's lookup reads the dense table)."""
+KERNELS = [
+    "aten",
+    pytest.param(
+        "avx2",
+        marks=pytest.mark.skipif(
+            int4_avx2.load() is None, reason=f"no AVX2 kernel: {int4_avx2.unavailable_reason()}"
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each CPU int4 kernel in turn (SPECD_INT4_KERNEL)."""
+    monkeypatch.setenv(KERNEL_ENV, request.param)
+    return request.param
+
+
+def dequantized_copy(int4_entry: Path, out: Path, kernel: str = "aten") -> Path:
+    """A dense HF directory holding the int4 entry's weights, dequantized as ``kernel`` holds
+    them. A tied int4 head becomes an untied lm_head.weight (the int4 model's lookup reads the
+    dense table)."""
     out.mkdir(parents=True)
     for f in int4_entry.iterdir():
         if f.suffix != ".safetensors" and f.name != QUANT_FILE:
@@ -55,10 +75,13 @@ def dequantized_copy(int4_entry: Path, out: Path) -> Path:
     quant, dense_names = read_int4_tensors(int4_entry)
     from safetensors import safe_open
 
-    # The weights as the kernel holds them (bf16 scales and zeros, server/model/int4.py);
-    # the head's as its exact rescoring reads them (fp32 scales, server/model/int4_head.py).
+    # The weights as the kernel holds them (torch's: bf16 scales and zeros,
+    # server/model/int4.py; the AVX2 kernel's: float32); the head's as its exact rescoring
+    # reads them (fp32 scales, server/model/int4_head.py).
     tensors = {
-        f"{m}.weight": (qw.dequantize() if m == "lm_head" else qw.kernel_weight()).contiguous()
+        f"{m}.weight": (
+            qw.dequantize() if m == "lm_head" or kernel == "avx2" else qw.kernel_weight()
+        ).contiguous()
         for m, qw in quant.items()
     }
     with safe_open(int4_entry / "model.safetensors", framework="pt") as f:
@@ -94,11 +117,14 @@ class Bf16IoLinear(Linear):
         return out if self.bias is None else out + self.bias
 
 
-def emulate_kernel_rounding(engine: OfflineEngine) -> OfflineEngine:
+def emulate_kernel_rounding(engine: OfflineEngine, kernel: str = "aten") -> OfflineEngine:
+    """The dense reference's decoder linears computed as ``kernel`` rounds: bf16 in and out
+    for torch's kernel; for the float32 AVX2 kernel, one row at a time (row-independent like
+    it, so that only the order of float32 additions differs)."""
     model = engine.core.runner.model
     for module in model.modules():
         if type(module) is Linear and module is not model.lm_head:  # the head stays dense
-            module.__class__ = Bf16IoLinear
+            module.__class__ = Bf16IoLinear if kernel == "aten" else RowByRowLinear
     return engine
 
 
@@ -118,27 +144,29 @@ PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "qwen2"])  # plain, tied head, biases
 def test_int4_greedy_matches_dense_dequantized_weights(
-    arch: str, tiny_model_dirs: dict[str, Path], tmp_path: Path
+    arch: str, kernel: str, tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     src = tiny_model_dirs[arch]
     entry = int4_dir(src)
     summary = json.loads((entry / QUANT_FILE).read_text())
     assert summary["round_to_nearest"] == 2 * 7  # 2 layers x 7 linears; the head stays dense
     assert 0 < summary["rtn_relative_frobenius_error"]["max"] < 0.2
-    reference = dequantized_copy(entry, tmp_path / "deq")
+    reference = dequantized_copy(entry, tmp_path / "deq", kernel)
     prompts = repetitive_token_prompts(8)
     int4 = make_engine(src, "int4")
     layers = [m for m in int4.core.runner.model.modules() if isinstance(m, Int4Linear)]
     assert len(layers) == 4 * 2  # qkv, o, gate_up, down per layer
+    assert {layer.kernel for layer in layers} == {kernel}
     ours = [c.token_ids for c in int4.generate(prompts, PARAMS)]
-    dense_engine = emulate_kernel_rounding(make_engine(reference, "none"))
+    dense_engine = emulate_kernel_rounding(make_engine(reference, "none"), kernel)
     dense = [c.token_ids for c in dense_engine.generate(prompts, PARAMS)]
     assert ours == dense
 
 
 def test_int4_logits_close_to_dense_dequantized(
-    tiny_model_dirs: dict[str, Path], tmp_path: Path
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(KERNEL_ENV, "aten")
     src = tiny_model_dirs["llama"]
     reference = dequantized_copy(int4_dir(src), tmp_path / "deq")
     m4, _, _ = load_model(src, "float32", "cpu", quantization="int4")
@@ -167,7 +195,7 @@ def test_int4_logits_close_to_dense_dequantized(
     ids=["ngram-k4", "tree-8"],
 )
 def test_speculation_stays_lossless_under_int4(
-    spec: SpeculativeConfig, tiny_model_dirs: dict[str, Path]
+    spec: SpeculativeConfig, kernel: str, tiny_model_dirs: dict[str, Path]
 ) -> None:
     src = tiny_model_dirs["llama"]
     prompts = repetitive_token_prompts(16)
@@ -178,7 +206,7 @@ def test_speculation_stays_lossless_under_int4(
     assert engine.core.stats().num_draft_tokens > 0
 
 
-def test_a_requests_tokens_do_not_depend_on_its_schedule(tmp_path: Path) -> None:
+def test_a_requests_tokens_do_not_depend_on_its_schedule(kernel: str, tmp_path: Path) -> None:
     """Under int4 (row-independent linears, bf16-rounded inputs that turn last-bit
     differences into visible ones), a request's tokens and logprobs are bit for bit the same
     whether its prompt ran in one chunk or was cut by the token budget among other requests,
@@ -238,7 +266,7 @@ def test_choose_quantization(tiny_model_dirs: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "llama3"])  # untied, tied
 def test_int4_head(
-    arch: str, tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch
+    arch: str, kernel: str, tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch
 ) -> None:
     """With QUANTIZE_HEAD_RTN (what a Q4 head in a GGUF gets): the head is int4 too, rescored,
     so greedy tokens are those of its weights in a dense fp32 head; a tied model's lookup
@@ -247,18 +275,14 @@ def test_int4_head(
     monkeypatch.setattr(quantize, "QUANTIZE_HEAD_RTN", True)
     src = tiny_model_dirs[arch]
     entry = int4_dir(src)
-    reference = dequantized_copy(entry, tmp_path / "deq")
+    reference = dequantized_copy(entry, tmp_path / "deq", kernel)
     prompts = repetitive_token_prompts(8)
     int4 = make_engine(src, "int4")
     model = int4.core.runner.model
     assert isinstance(model.lm_head, RescoredInt4Head)
     assert isinstance(model.model.embed_tokens.weight, torch.nn.Parameter)
     ours = [c.token_ids for c in int4.generate(prompts, PARAMS)]
-    dense_engine = make_engine(reference, "none")
-    dense_model = dense_engine.core.runner.model
-    for module in dense_model.modules():
-        if type(module) is Linear and module is not dense_model.lm_head:  # the head: fp32
-            module.__class__ = Bf16IoLinear
+    dense_engine = emulate_kernel_rounding(make_engine(reference, "none"), kernel)
     dense = [c.token_ids for c in dense_engine.generate(prompts, PARAMS)]
     assert ours == dense
     assert model.lm_head.rows_seen > 0

@@ -1,0 +1,144 @@
+"""specd's float32 AVX2 int4 kernel (kernels/cpu/int4_linear.cpp) against plain torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from server.model import int4, int4_avx2
+from server.model.gguf_q4 import decode_q4, decode_q8_0
+from server.model.int4 import GROUP_SIZE, KERNEL_ENV, Int4Linear, quantize_rtn, split_q8
+from tests.model.test_int4 import _q4_bytes
+
+needs_kernel = pytest.mark.skipif(
+    int4_avx2.load() is None, reason=f"no AVX2 kernel here: {int4_avx2.unavailable_reason()}"
+)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The kernel's layout read back in plain torch: value at position p = 8 c + 4 h + d of a
+    group is nibble t = 2 c + h of little-endian dword d (int4_avx2.pack's docstring)."""
+    n = packed.shape[0]
+    groups = packed.reshape(n, -1, 4, 4).to(torch.int64)  # [n, group, dword, byte]
+    dwords = sum(groups[..., b] << (8 * b) for b in range(4))  # [n, group, d]
+    t = torch.arange(8)
+    nibbles = (dwords[..., None] >> (4 * t)) & 0xF  # [n, group, d, t]
+    c_h_d = nibbles.permute(0, 1, 3, 2).reshape(n, -1, 4, 2, 4)  # t = 2c + h -> [c, h, d]
+    return c_h_d.reshape(n, -1).to(torch.uint8)
+
+
+def test_packing_puts_every_value_where_the_layout_says() -> None:
+    # Independent of the kernel: the layout is checked by reading it back in torch.
+    q = torch.randint(0, 16, (24, 4 * GROUP_SIZE), dtype=torch.uint8)
+    scale, zero = torch.rand(24, 4), torch.randn(24, 4)
+    packed, scales, offsets = int4_avx2.pack(q, scale, zero)
+    assert packed.shape == (24, 2 * GROUP_SIZE) and packed.dtype == torch.uint8
+    assert torch.equal(unpack(packed), q)
+    assert torch.equal(scales, scale)
+    torch.testing.assert_close(offsets, zero - 8 * scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("source", ["Q4_0", "Q4_1", "Q8_0", "rtn"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16, 37])
+def test_matches_the_dequantized_weights_in_float64(source: str, rows: int) -> None:
+    rng = np.random.default_rng(7)
+    n, k = 43, 128  # n: not a multiple of the kernel's block of 8 rows
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if source == "rtn":
+        qw = quantize_rtn(torch.from_numpy(w))
+    elif source == "Q8_0":
+        from gguf import GGMLQuantizationType
+        from gguf import quants as gquants
+
+        qw = decode_q8_0(gquants.quantize(w, GGMLQuantizationType.Q8_0), n, k)
+    else:
+        qw = decode_q4(_q4_bytes(w, source), source, n, k)
+    bias = torch.randn(n)
+    x = torch.randn(rows, k)
+    layer = Int4Linear(qw, bias, kernel="avx2")
+    ref = x.double() @ qw.dequantize().double().t() + bias.double()
+    out = layer(x)
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    # float32 products and sums of K = 128 (x 2 planes for Q8_0) terms: float rounding only.
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@needs_kernel
+def test_rows_do_not_depend_on_the_batch_or_the_threads() -> None:
+    """Speculation's verify rows must equal the decode rows they stand for: bit for bit,
+    whichever path (fused under 5 rows, buffered above) and thread split computes them."""
+    layer = Int4Linear(split_q8(torch.randint(-128, 128, (100, 96), dtype=torch.int8),
+                                torch.rand(100, 3) * 0.01), kernel="avx2")  # fmt: skip
+    x = torch.randn(70, 96)
+    full = layer(x)
+    for r in (1, 2, 3, 4, 5, 8, 17, 64):
+        assert torch.equal(layer(x[:r]), full[:r])
+        assert torch.equal(layer(x[r : r + 1]), full[r : r + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(layer(x), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_no_rows_and_bad_inputs() -> None:
+    layer = Int4Linear(quantize_rtn(torch.randn(16, 64)), kernel="avx2")
+    assert layer(torch.randn(0, 64)).shape == (0, 16)
+    assert layer(torch.randn(2, 3, 64)).shape == (2, 3, 16)  # leading dims kept
+    with pytest.raises(RuntimeError, match="multiple of 32 and match"):
+        int4_avx2.linear(torch.randn(1, 32), layer.packed, layer.scales, layer.offsets)
+
+
+def test_the_kernel_is_chosen_by_env_or_by_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    qw = quantize_rtn(torch.randn(32, 64))
+    monkeypatch.setenv(KERNEL_ENV, "aten")
+    assert Int4Linear(qw).kernel == "aten"
+    # An explicit compute dtype asks for torch's kernel (its float32 path is a test reference).
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    assert Int4Linear(qw, compute_dtype=torch.float32).kernel == "aten"
+    assert int4.choose_kernel() == int4.host_kernel(torch.get_num_threads())
+    monkeypatch.setenv(KERNEL_ENV, "int8")
+    with pytest.raises(ValueError, match="auto, avx2 or aten"):
+        Int4Linear(qw)
+
+
+def test_without_the_kernel_auto_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(int4_avx2, "load", lambda: None)
+    monkeypatch.setattr(int4_avx2, "unavailable_reason", lambda: "the CPU lacks avx2")
+    int4.host_kernel.cache_clear()
+    try:
+        monkeypatch.setenv(KERNEL_ENV, "auto")
+        assert Int4Linear(quantize_rtn(torch.randn(32, 64))).kernel == "aten"
+        monkeypatch.setenv(KERNEL_ENV, "avx2")
+        with pytest.raises(RuntimeError, match="the CPU lacks avx2"):
+            Int4Linear(quantize_rtn(torch.randn(32, 64)))
+    finally:
+        int4.host_kernel.cache_clear()
+
+
+def test_unavailable_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(int4_avx2.platform, "machine", lambda: "aarch64")
+    assert "not an x86-64 CPU" in (int4_avx2.unavailable_reason() or "")
+    monkeypatch.setattr(int4_avx2.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(int4_avx2, "cpu_flags", lambda: {"avx", "sse4_2"})
+    assert int4_avx2.unavailable_reason() == "the CPU lacks avx2, fma"
+    monkeypatch.setattr(int4_avx2, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(int4_avx2.shutil, "which", lambda name: None)
+    assert int4_avx2.unavailable_reason() == "no C++ compiler on PATH"
+
+
+@needs_kernel
+def test_rescored_head_on_the_avx2_kernel_keeps_the_dense_argmax() -> None:
+    from server.model.int4_head import RescoredInt4Head
+    from tests.model.test_int4 import _near_tie_head
+
+    qw, x = _near_tie_head()
+    head = RescoredInt4Head(qw, kernel="avx2")
+    exact = x.double() @ qw.dequantize().double().t()
+    # The bf16 bound is loose for a float32 kernel, but it holds, and the argmax is exact.
+    assert bool(((head.kernel(x).double() - exact).abs() <= head.error_bound(x).double()).all())
+    assert torch.equal(head(x).argmax(1), exact.argmax(1))
