@@ -4,18 +4,21 @@
 // which CPUs without AVX-512 BF16 emulate; on a 2-core AVX2 EPYC it reads weights at ~2 GB/s
 // and takes ~29 ms of a ~48 ms SmolLM2-135M decode step (server/model/int4_avx2.py).
 //
-// How: for a block of BLOCK_N output rows, the 4-bit values are expanded to float32 weights
-// w = q * scale + offset (one FMA each) in a buffer that stays in L1, then every input row's
-// dot products with that block are plain float32 FMAs. Weights are read from memory once per
-// call whatever the row count, and expanded once per block.
+// How: 4-bit values are expanded to float32 weights w = q * scale + offset (one FMA each) by
+// a per-lane shift of a broadcast 16-byte group, no shuffles (expand_group). Up to 16 input
+// rows, each block of 8 weight rows is expanded in registers and used at once, input rows in
+// tiles of up to 8 (fused_block); above 16, a block is expanded once into a buffer that stays
+// in L1 and every input row's dot products read it (expand_row + dot_block). Weights are read
+// from memory once per call whatever the row count.
 //
 // Row independence: output (m, n) is computed by the same operations in the same order for
-// any row count M, any block of rows it falls in and any thread count. Speculative
-// verification relies on that (a verify row must equal the decode row it replaces).
+// any row count M, either path, any block or tile it falls in and any thread count: its own
+// accumulator, FMAs in input order, one horizontal sum. Speculative verification relies on
+// that (a verify row must equal the decode row it stands for).
 //
-// Layout (made by pack() in server/model/int4_avx2.py): packed uint8 [N, K / 2], where the 16
-// bytes of group g of row n hold q[32 g + j] in their low nibble and q[32 g + 16 + j] in
-// their high nibble (j = 0..15); scales and offsets float32 [N, K / 32].
+// Layout (made by pack() in server/model/int4_avx2.py): packed uint8 [N, K / 2]; the 16 bytes
+// of a group of 32 are 4 little-endian dwords, and nibble t of dword d holds the value at
+// position 8 (t / 2) + 4 (t % 2) + d of the group. Scales and offsets float32 [N, K / 32].
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -24,7 +27,7 @@
 namespace {
 
 constexpr int64_t kGroup = 32;
-constexpr int64_t kBlockN = 8;  // 8 accumulators + the input chunk: 9 of 16 ymm registers
+constexpr int64_t kBlockN = 8;  // weight rows per block
 
 inline float horizontal_sum(__m256 v) {
   const __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -109,16 +112,19 @@ inline void dot_block(const float* x, int64_t rows, int64_t k, const float* w, f
   }
 }
 
-// Up to this many input rows, weights are expanded in registers (fused_block); above it,
-// once per block into a buffer that every row then reads (expand_row + dot_block).
-constexpr int64_t kFusedRows = 4;
+// Up to this many input rows, weights are expanded in registers (fused_block, input rows in
+// tiles of up to kTileRows, each tile expanding the block's weights again); above it, once
+// per block into a buffer that every row then reads (expand_row + dot_block).
+constexpr int64_t kFusedRows = 16;
+constexpr int64_t kTileRows = 8;
 
-// fused_block over `count` (<= kBlockN) weight rows for `rows` (<= kFusedRows) input rows:
-// 8 / rows weight rows at a time, the rest one by one.
+// fused_block over `count` (<= kBlockN) weight rows for kRows input rows: kBlockN / kRows
+// weight rows at a time (at least one), the rest one by one. kRowsN * kRows accumulators and
+// 4 weight vectors stay within the 16 ymm registers.
 template <int64_t kRows>
 inline void fused_rows_n(const float* x, int64_t k, const uint8_t* q, const float* s,
                          const float* o, int64_t count, float* out, int64_t out_stride) {
-  constexpr int64_t kRowsN = kBlockN / kRows;
+  constexpr int64_t kRowsN = kRows >= kBlockN ? 1 : kBlockN / kRows;
   const int64_t groups = k / kGroup;
   int64_t i = 0;
   for (; i + kRowsN <= count; i += kRowsN) {
@@ -133,11 +139,19 @@ inline void fused_rows_n(const float* x, int64_t k, const uint8_t* q, const floa
 
 inline void fused_rows(const float* x, int64_t rows, int64_t k, const uint8_t* q, const float* s,
                        const float* o, int64_t count, float* out, int64_t out_stride) {
-  switch (rows) {
-    case 1: return fused_rows_n<1>(x, k, q, s, o, count, out, out_stride);
-    case 2: return fused_rows_n<2>(x, k, q, s, o, count, out, out_stride);
-    case 3: return fused_rows_n<3>(x, k, q, s, o, count, out, out_stride);
-    default: return fused_rows_n<4>(x, k, q, s, o, count, out, out_stride);
+  for (int64_t m = 0; m < rows; m += kTileRows) {
+    const float* xt = x + m * k;
+    float* ot = out + m * out_stride;
+    switch (std::min(kTileRows, rows - m)) {
+      case 1: fused_rows_n<1>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 2: fused_rows_n<2>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 3: fused_rows_n<3>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 4: fused_rows_n<4>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 5: fused_rows_n<5>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 6: fused_rows_n<6>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 7: fused_rows_n<7>(xt, k, q, s, o, count, ot, out_stride); break;
+      default: fused_rows_n<8>(xt, k, q, s, o, count, ot, out_stride); break;
+    }
   }
 }
 
