@@ -4,14 +4,14 @@
         [--out loadtest/results/engine]
 
 A forward's worth of the embedded SmolLM2-135M's int4 matrices (every decoder linear as the
-engine fuses them: q/k/v, o, gate/up, down in each of 30 layers; the LM head's two Q8_0 planes
-on its own) computed with torch's bf16 kernel (``aten::_weight_int4pack_mm_for_cpu``) and with
-specd's float32 AVX2 kernel (kernels/cpu/int4_linear.cpp), at each row count: 1 is a decode
-step, k + 1 verifies k drafts, hundreds are a prefill chunk. ms per forward's worth, median of
-rounds in which the kernels take turns, in one process on the engine's thread count; the
-decoder's matrices are called in layer order, so weights come from memory as they do in a step.
-Writes ``<out>/int4-kernels.md`` (and .json, .png) with the command, the machine and the load
-average.
+int4 entry stores them: q, k, v, o, gate, up, down in each of 30 layers, which the engine fuses
+into four; the LM head's two Q8_0 planes on its own) computed with torch's bf16 kernel
+(``aten::_weight_int4pack_mm_for_cpu``) and with specd's float32 AVX2 kernel
+(kernels/cpu/int4_linear.cpp), at each row count: 1 is a decode step, k + 1 verifies k drafts,
+hundreds are a prefill chunk. ms per forward's worth, median of rounds in which the kernels
+take turns, in one process on the engine's thread count; the decoder's matrices are called in
+layer order, so weights come from memory as they do in a step. Writes ``<out>/int4-kernels.md``
+(and .json, .png) with the command, the machine and the load average.
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def report(result: dict) -> str:
         f"at end: {format_loadavg(result['load_average']['end'])}.",
         "",
         f"The embedded SmolLM2-135M's int4 weights: {result['decoder_matrices']} decoder "
-        "matrices (fused q/k/v, o, gate/up, down x 30 layers) called in layer order, and the "
+        "matrices as the int4 entry stores them (q, k, v, o, gate, up, down x 30 layers; the "
+        "engine fuses q/k/v and gate/up) called in layer order, and the "
         "49152 x 576 head as two exact Q8_0 planes. ms per forward's worth, median of rounds "
         "(the kernels take turns); "
         "speed-up = torch / specd.",
