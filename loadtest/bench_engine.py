@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -42,7 +41,7 @@ from loadtest.host import format_loadavg, loadavg
 from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from server.engine.offline import OfflineEngine
 from server.engine.sampling_params import SamplingParams
-from server.model.int4 import KERNEL_ENV, Int4Linear
+from server.model.int4 import Int4Linear
 from server.model.loader import resolve_model
 
 PROMPTS = [
@@ -164,12 +163,15 @@ def transformers_single_stream(
     return statistics.median(rates)
 
 
-def engine_config(args: argparse.Namespace, model_dir: Path, quantization: str) -> EngineConfig:
+def engine_config(
+    args: argparse.Namespace, model_dir: Path, quantization: str, int4_kernel: str = "auto"
+) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(
             model=str(model_dir),
             dtype=args.dtype,
             quantization=quantization,  # type: ignore[arg-type]
+            int4_kernel=int4_kernel,  # type: ignore[arg-type]
             cpu_linear_plan=args.cpu_linear_plan,
         ),
         # Off: every measurement computes its prompts (no reuse across repeats).
@@ -183,7 +185,7 @@ def engine_config(args: argparse.Namespace, model_dir: Path, quantization: str) 
 
 def split_format(spec: str) -> tuple[str, str | None]:
     """``int4:avx2`` -> (``int4``, ``avx2``): a --quantization value and the CPU int4 kernel
-    it is measured with (SPECD_INT4_KERNEL; None: the engine's own choice)."""
+    it is measured with (--int4-kernel; None: the engine's own choice)."""
     quantization, _, kernel = spec.partition(":")
     return quantization, kernel or None
 
@@ -192,15 +194,7 @@ def bench_format(args: argparse.Namespace, model_dir: Path, spec: str) -> dict:
     """Every measurement of one weight format, on one engine (freed by the caller's gc)."""
     quantization, kernel = split_format(spec)
     t0 = time.perf_counter()
-    previous = os.environ.get(KERNEL_ENV)
-    os.environ[KERNEL_ENV] = kernel or "auto"
-    try:
-        engine = OfflineEngine(engine_config(args, model_dir, quantization))
-    finally:
-        if previous is None:
-            del os.environ[KERNEL_ENV]
-        else:
-            os.environ[KERNEL_ENV] = previous
+    engine = OfflineEngine(engine_config(args, model_dir, quantization, kernel or "auto"))
     build_s = time.perf_counter() - t0
     runner = engine.core.runner
     kernels = sorted({m.kernel for m in runner.model.modules() if isinstance(m, Int4Linear)})
@@ -448,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         type=_format_spec,
         default=["none", "int4"],
         help="weight formats, measured in this order; the first is the baseline of the ratios. "
-        "int4:aten / int4:avx2 pin the CPU int4 kernel (SPECD_INT4_KERNEL)",
+        "int4:aten / int4:avx2 pin the CPU int4 kernel (--int4-kernel)",
     )
     ap.add_argument("--dtype", default="auto", help="ModelConfig.dtype (auto: fp32 on CPU)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])

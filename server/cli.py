@@ -37,6 +37,7 @@ _FLAG_TO_FIELD: dict[str, tuple[str, str]] = {
     "cpu_linear_plan": ("model", "cpu_linear_plan"),
     "cpu_threads": ("model", "cpu_threads"),
     "quantization": ("model", "quantization"),
+    "int4_kernel": ("model", "int4_kernel"),
     "block_size": ("cache", "block_size"),
     "kv_cache_memory": ("cache", "kv_cache_memory"),
     "num_kv_blocks": ("cache", "num_blocks"),
@@ -101,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="int4: 4-bit linear weights on CPU (a Q4_0/Q4_1 GGUF's blocks repacked as they "
         "are, other weights rounded to nearest in groups of 32). auto (default): int4 for a Q4 "
         "GGUF on CPU with --dtype auto, else none",
+    )
+    a(
+        "--int4-kernel",
+        choices=["auto", "avx2", "aten"],
+        help="the CPU kernel of int4 linears: avx2 (specd's float32 kernel, built on first use "
+        "where the CPU has AVX2 and FMA), aten (torch's bf16 kernel); auto (default): the faster "
+        "here, timed at load",
     )
     a("--max-model-len", type=int)
     a("--block-size", type=int)

@@ -18,6 +18,7 @@ DType = Literal["auto", "float32", "float16", "bfloat16", "float64"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
 Device = Literal["auto", "cpu", "cuda"]
 Quantization = Literal["auto", "none", "int4"]
+Int4Kernel = Literal["auto", "avx2", "aten"]
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,15 @@ class ModelConfig:
     # none otherwise. int4: any model, CPU only (non-Q4 linears are rounded to nearest; the
     # LM head stays dense unless the source holds it in Q4_0 / Q4_1 / Q8_0).
     quantization: Quantization = "auto"
+    # Which CPU kernel computes int4 linears (server/model/int4.py): avx2, specd's float32 one
+    # (server/model/int4_avx2.py); aten, torch's bf16 one; auto: the faster here, timed at load.
+    int4_kernel: Int4Kernel = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "none", "int4"):
             raise ValueError(f"quantization must be auto, none or int4 (got {self.quantization!r})")
+        if self.int4_kernel not in ("auto", "avx2", "aten"):
+            raise ValueError(f"int4_kernel must be auto, avx2 or aten (got {self.int4_kernel!r})")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
         if self.cpu_threads < 0:

@@ -24,16 +24,15 @@ The model around the linears (norms, attention, residuals) stays float32.
 
 Where the CPU has AVX2 and FMA, specd's own float32 kernel (server/model/int4_avx2.py) is
 used instead when a quick timing at load finds it faster: on CPUs without AVX-512 BF16,
-torch's kernel emulates bfloat16 and is the slower of the two. ``SPECD_INT4_KERNEL`` (``auto``,
-``avx2``, ``aten``) overrides the choice. A layer keeps its kernel for every row count, so a
-verify row is computed as the decode row it stands for.
+torch's kernel emulates bfloat16 and is the slower of the two. ``--int4-kernel`` (``auto``,
+``avx2``, ``aten``; ModelConfig.int4_kernel) overrides the choice. A layer keeps its kernel
+for every row count, so a verify row is computed as the decode row it stands for.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,7 +60,6 @@ _INNER_K_TILES = 2
 COMPUTE_DTYPE = torch.bfloat16
 
 Kernel = Literal["aten", "avx2"]
-KERNEL_ENV = "SPECD_INT4_KERNEL"
 
 
 @dataclass
@@ -345,21 +343,20 @@ _CHOICE_ROWS = (1, 4, 16)
 _CHOICE_LAYERS = 8
 
 
-def choose_kernel() -> Kernel:
-    """``SPECD_INT4_KERNEL`` if set (``auto`` = unset), else the faster of the two on this
-    machine (``host_kernel``)."""
-    wanted = os.environ.get(KERNEL_ENV, "auto").strip().lower()
+def choose_kernel(wanted: str = "auto") -> Kernel:
+    """The kernel ``wanted`` names (``--int4-kernel``), or for ``auto`` the faster of the two on
+    this machine (``host_kernel``)."""
     if wanted == "aten":
         return "aten"
     if wanted == "avx2":
         if int4_avx2.load() is None:
             raise RuntimeError(
-                f"{KERNEL_ENV}=avx2 but the kernel is not available: "
+                "--int4-kernel avx2 but the kernel is not available: "
                 f"{int4_avx2.unavailable_reason() or 'it failed to build (see the log)'}"
             )
         return "avx2"
     if wanted != "auto":
-        raise ValueError(f"{KERNEL_ENV} must be auto, avx2 or aten (got {wanted!r})")
+        raise ValueError(f"int4 kernel must be auto, avx2 or aten (got {wanted!r})")
     return host_kernel(torch.get_num_threads())
 
 

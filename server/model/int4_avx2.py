@@ -17,7 +17,7 @@ comment says how).
 The extension is compiled with torch.utils.cpp_extension on first use (~30 s, then cached
 under torch's extensions directory) where the CPU has AVX2 and FMA and a C++ compiler and
 ninja are present. Anywhere else ``load()`` returns None and int4 layers use torch's kernel.
-``SPECD_INT4_KERNEL`` (``auto``, ``avx2``, ``aten``) overrides the choice (int4.py).
+``--int4-kernel`` (``auto``, ``avx2``, ``aten``) overrides the choice (int4.py).
 """
 
 from __future__ import annotations

@@ -119,17 +119,20 @@ def load_model(
     device: str = "auto",
     backend: AttentionBackend | None = None,
     quantization: str = "none",
+    int4_kernel: str = "auto",
 ) -> tuple[CausalLM, Any, Any]:
     """Builds our model from config.json and loads its safetensors weights.
 
     Returns (model, hf_config, tokenizer); the model is in eval mode on `device` in `dtype`
     (dtype/device "auto": bfloat16 on CUDA, float32 on CPU). `backend` defaults to torch.
     `quantization` (auto, none, int4) is resolved by server/model/quantize.py; int4 loads the
-    linears from the model's int4 cache entry (built on first use).
+    linears from the model's int4 cache entry (built on first use), computed by
+    ``int4_kernel`` (auto, avx2, aten: server/model/int4.py's choose_kernel).
     """
     from transformers import AutoConfig, AutoTokenizer
 
     from server.model import quantize
+    from server.model.int4 import choose_kernel
 
     path = Path(path)
     dev = resolve_device(device)
@@ -153,8 +156,9 @@ def load_model(
         layers = quantize.int4_layers(spec, quant)
         quantize.drop_dense_weights(model, list(layers))
         model = model.to_empty(device=dev).to(dt)
-        quantize.install_int4(model, layers)
-        logger.info("int4: %d linear layers from %s", len(layers), path)
+        kernel = choose_kernel(int4_kernel)
+        quantize.install_int4(model, layers, kernel)
+        logger.info("int4: %d linear layers from %s, %s kernel", len(layers), path, kernel)
     else:
         model = model.to_empty(device=dev).to(dt)
     load_weights(model, path, dt, dev)

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from server.model.int4 import (
     TENSOR_SUFFIXES,
     Int4Linear,
+    Kernel,
     QuantizedWeight,
     quantize_rtn,
     relative_error,
@@ -276,7 +277,9 @@ def drop_dense_weights(model: CausalLM, modules: list[str]) -> None:
         lin.register_parameter("weight", None)
 
 
-def install_int4(model: CausalLM, layers: dict[str, QuantizedWeight]) -> None:
+def install_int4(
+    model: CausalLM, layers: dict[str, QuantizedWeight], kernel: Kernel | None = None
+) -> None:
     """Replaces each named linear of the materialised model by an Int4Linear (its bias stays
     a parameter for the checkpoint to fill), and the LM head by a RescoredInt4Head
     (server/model/int4_head.py). A tied head with int4 weights gets its own copy of the
@@ -288,5 +291,9 @@ def install_int4(model: CausalLM, layers: dict[str, QuantizedWeight]) -> None:
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, attr)
         bias = None if old is None else old.bias
-        module = RescoredInt4Head(qw, bias) if name == "lm_head" else Int4Linear(qw, bias)
+        module = (
+            RescoredInt4Head(qw, bias, kernel=kernel)
+            if name == "lm_head"
+            else Int4Linear(qw, bias, kernel=kernel)
+        )
         setattr(parent, attr, module)

@@ -78,7 +78,7 @@ class ModelRunner:
         self.model_path = resolve_model(mc.model)
         backend = get_attention_backend(engine_config.attention_backend, self.device)
         self.model, self.hf_config, self.tokenizer = load_model(
-            self.model_path, mc.dtype, str(self.device), backend, mc.quantization
+            self.model_path, mc.dtype, str(self.device), backend, mc.quantization, mc.int4_kernel
         )
         self.dtype = next(self.model.parameters()).dtype
         if self.device.type == "cpu" and mc.cpu_linear_plan:

@@ -8,7 +8,7 @@ import torch
 
 from server.model import int4, int4_avx2
 from server.model.gguf_q4 import decode_q4, decode_q8_0
-from server.model.int4 import GROUP_SIZE, KERNEL_ENV, Int4Linear, quantize_rtn, split_q8
+from server.model.int4 import GROUP_SIZE, Int4Linear, choose_kernel, quantize_rtn, split_q8
 from tests.model.test_int4 import _q4_bytes
 
 needs_kernel = pytest.mark.skipif(
@@ -93,17 +93,35 @@ def test_no_rows_and_bad_inputs() -> None:
         int4_avx2.linear(torch.randn(1, 32), layer.packed, layer.scales, layer.offsets)
 
 
-def test_the_kernel_is_chosen_by_env_or_by_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_kernel_is_chosen_by_flag_or_by_timing() -> None:
     qw = quantize_rtn(torch.randn(32, 64))
-    monkeypatch.setenv(KERNEL_ENV, "aten")
-    assert Int4Linear(qw).kernel == "aten"
+    assert choose_kernel("aten") == "aten"
+    assert choose_kernel("auto") == int4.host_kernel(torch.get_num_threads())
+    assert Int4Linear(qw).kernel == choose_kernel("auto")
     # An explicit compute dtype asks for torch's kernel (its float32 path is a test reference).
-    monkeypatch.setenv(KERNEL_ENV, "auto")
     assert Int4Linear(qw, compute_dtype=torch.float32).kernel == "aten"
-    assert int4.choose_kernel() == int4.host_kernel(torch.get_num_threads())
-    monkeypatch.setenv(KERNEL_ENV, "int8")
     with pytest.raises(ValueError, match="auto, avx2 or aten"):
-        Int4Linear(qw)
+        choose_kernel("int8")
+
+
+def test_the_flag_reaches_the_layers(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.cli import build_parser, config_from_args
+    from server.config import ModelConfig
+    from server.model.loader import load_model
+    from tests.tiny_models import make_tiny_model
+
+    args = build_parser().parse_args(["serve", "--int4-kernel", "aten"])
+    assert config_from_args(args, environ={}).engine.model.int4_kernel == "aten"
+    args = build_parser().parse_args(["serve"])
+    cfg = config_from_args(args, environ={"SPECD_INT4_KERNEL": "avx2"})
+    assert cfg.engine.model.int4_kernel == "avx2"
+    with pytest.raises(ValueError, match="int4_kernel must be"):
+        ModelConfig(int4_kernel="int8")  # type: ignore[arg-type]
+    monkeypatch.setenv("SPECD_CACHE_DIR", str(tmp_path / "cache"))
+    src = make_tiny_model("llama", tmp_path / "llama")
+    model, _, _ = load_model(src, "float32", "cpu", quantization="int4", int4_kernel="aten")
+    kernels = {m.kernel for m in model.modules() if isinstance(m, Int4Linear)}
+    assert kernels == {"aten"}
 
 
 def test_without_the_kernel_auto_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,11 +129,9 @@ def test_without_the_kernel_auto_falls_back_to_torch(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(int4_avx2, "unavailable_reason", lambda: "the CPU lacks avx2")
     int4.host_kernel.cache_clear()
     try:
-        monkeypatch.setenv(KERNEL_ENV, "auto")
         assert Int4Linear(quantize_rtn(torch.randn(32, 64))).kernel == "aten"
-        monkeypatch.setenv(KERNEL_ENV, "avx2")
         with pytest.raises(RuntimeError, match="the CPU lacks avx2"):
-            Int4Linear(quantize_rtn(torch.randn(32, 64)))
+            choose_kernel("avx2")
     finally:
         int4.host_kernel.cache_clear()
 

@@ -29,7 +29,7 @@ from server.config import (
 from server.engine.offline import OfflineEngine
 from server.engine.sampling_params import SamplingParams
 from server.model import int4_avx2, quantize
-from server.model.int4 import KERNEL_ENV, Int4Linear
+from server.model.int4 import Int4Linear
 from server.model.int4_head import RescoredInt4Head
 from server.model.layers import Linear
 from server.model.loader import load_model, resolve_device
@@ -58,9 +58,8 @@ KERNELS = [
 
 
 @pytest.fixture(params=KERNELS)
-def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each CPU int4 kernel in turn (SPECD_INT4_KERNEL)."""
-    monkeypatch.setenv(KERNEL_ENV, request.param)
+def kernel(request: pytest.FixtureRequest) -> str:
+    """Each CPU int4 kernel in turn (ModelConfig.int4_kernel)."""
     return request.param
 
 
@@ -95,11 +94,20 @@ def dequantized_copy(int4_entry: Path, out: Path, kernel: str = "aten") -> Path:
 
 
 def make_engine(
-    model: Path, quantization: str, spec: SpeculativeConfig | None = None, budget: int = 64
+    model: Path,
+    quantization: str,
+    spec: SpeculativeConfig | None = None,
+    budget: int = 64,
+    int4_kernel: str = "aten",
 ) -> OfflineEngine:
     return OfflineEngine(
         EngineConfig(
-            model=ModelConfig(model=str(model), dtype="float32", quantization=quantization),  # type: ignore[arg-type]
+            model=ModelConfig(
+                model=str(model),
+                dtype="float32",
+                quantization=quantization,  # type: ignore[arg-type]
+                int4_kernel=int4_kernel,  # type: ignore[arg-type]
+            ),
             cache=CacheConfig(block_size=8, num_blocks=256),
             scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget),
             speculative=spec or SpeculativeConfig(),
@@ -153,7 +161,7 @@ def test_int4_greedy_matches_dense_dequantized_weights(
     assert 0 < summary["rtn_relative_frobenius_error"]["max"] < 0.2
     reference = dequantized_copy(entry, tmp_path / "deq", kernel)
     prompts = repetitive_token_prompts(8)
-    int4 = make_engine(src, "int4")
+    int4 = make_engine(src, "int4", int4_kernel=kernel)
     layers = [m for m in int4.core.runner.model.modules() if isinstance(m, Int4Linear)]
     assert len(layers) == 4 * 2  # qkv, o, gate_up, down per layer
     assert {layer.kernel for layer in layers} == {kernel}
@@ -164,12 +172,11 @@ def test_int4_greedy_matches_dense_dequantized_weights(
 
 
 def test_int4_logits_close_to_dense_dequantized(
-    tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(KERNEL_ENV, "aten")
     src = tiny_model_dirs["llama"]
     reference = dequantized_copy(int4_dir(src), tmp_path / "deq")
-    m4, _, _ = load_model(src, "float32", "cpu", quantization="int4")
+    m4, _, _ = load_model(src, "float32", "cpu", quantization="int4", int4_kernel="aten")
     md, _, _ = load_model(reference, "float32", "cpu", quantization="none")
     h = torch.randn(5, m4.spec.hidden_size)
     x = torch.randn(5, m4.spec.hidden_size)
@@ -199,8 +206,9 @@ def test_speculation_stays_lossless_under_int4(
 ) -> None:
     src = tiny_model_dirs["llama"]
     prompts = repetitive_token_prompts(16)
-    plain = [c.token_ids for c in make_engine(src, "int4").generate(prompts, PARAMS)]
-    engine = make_engine(src, "int4", spec)
+    plain_engine = make_engine(src, "int4", int4_kernel=kernel)
+    plain = [c.token_ids for c in plain_engine.generate(prompts, PARAMS)]
+    engine = make_engine(src, "int4", spec, int4_kernel=kernel)
     speculative = [c.token_ids for c in engine.generate(prompts, PARAMS)]
     assert speculative == plain
     assert engine.core.stats().num_draft_tokens > 0
@@ -224,7 +232,7 @@ def test_a_requests_tokens_do_not_depend_on_its_schedule(kernel: str, tmp_path: 
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)
 
     def run(budget: int, spec: SpeculativeConfig | None = None) -> tuple[list, list]:
-        engine = make_engine(src, "int4", spec, budget)
+        engine = make_engine(src, "int4", spec, budget, kernel)
         head = engine.core.runner.model.lm_head  # dense here: the source has no Q4 head
         assert type(head) is Linear
         head.__class__ = RowByRowLinear
@@ -277,7 +285,7 @@ def test_int4_head(
     entry = int4_dir(src)
     reference = dequantized_copy(entry, tmp_path / "deq", kernel)
     prompts = repetitive_token_prompts(8)
-    int4 = make_engine(src, "int4")
+    int4 = make_engine(src, "int4", int4_kernel=kernel)
     model = int4.core.runner.model
     assert isinstance(model.lm_head, RescoredInt4Head)
     assert isinstance(model.model.embed_tokens.weight, torch.nn.Parameter)
