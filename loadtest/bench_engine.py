@@ -198,11 +198,9 @@ def bench_format(args: argparse.Namespace, model_dir: Path, spec: str) -> dict:
     build_s = time.perf_counter() - t0
     runner = engine.core.runner
     kernels = sorted({m.kernel for m in runner.model.modules() if isinstance(m, Int4Linear)})
-    label = (
-        f"int4 ({'/'.join(kernels)} kernel)"
-        if kernels
-        else _DTYPE_LABELS.get(runner.dtype, str(runner.dtype))
-    )
+    label = "int4" if kernels else _DTYPE_LABELS.get(runner.dtype, str(runner.dtype))
+    if kernel is not None:  # pinned: formats that differ only in the kernel need two names
+        label += f" ({kernel} kernel)"
     if quantization == "auto":
         label += " (auto)"
     quantization = spec
@@ -227,6 +225,7 @@ def bench_format(args: argparse.Namespace, model_dir: Path, spec: str) -> dict:
     return {
         "quantization": quantization,
         "label": label,
+        "int4_kernels": kernels,
         "build_s": round(build_s, 1),
         "throughput": throughput,
         "single_stream": {"repeats": args.repeats, "tokens_per_s": ours},
@@ -293,7 +292,8 @@ def _format_section(f: dict, result: dict) -> list[str]:
     lines = [
         f"## {f['label']} (--quantization {f['quantization']})",
         "",
-        f"Engine built in {f['build_s']} s.",
+        f"Engine built in {f['build_s']} s"
+        + (f"; int4 kernel: {'/'.join(f['int4_kernels'])}." if f.get("int4_kernels") else "."),
         "",
         "| batch | output tokens | seconds | output tokens/s |",
         "|---:|---:|---:|---:|",

@@ -5,7 +5,7 @@
 // and takes ~29 ms of a ~48 ms SmolLM2-135M decode step (server/model/int4_avx2.py).
 //
 // How: 4-bit values are expanded to float32 weights w = q * scale + offset (one FMA each) by
-// a per-lane shift of a broadcast 16-byte group, no shuffles (expand_group). Up to 16 input
+// a per-lane shift of a broadcast 16-byte group, no shuffles (Nibbles::expand). Up to 16 input
 // rows, each block of 8 weight rows is expanded in registers and used at once, input rows in
 // tiles of up to 8 (fused_block); above 16, a block is expanded once into a buffer that stays
 // in L1 and every input row's dot products read it (expand_row + dot_block). Weights are read
@@ -19,6 +19,8 @@
 // Layout (made by pack() in server/model/int4_avx2.py): packed uint8 [N, K / 2]; the 16 bytes
 // of a group of 32 are 4 little-endian dwords, and nibble t of dword d holds the value at
 // position 8 (t / 2) + 4 (t % 2) + d of the group. Scales and offsets float32 [N, K / 32].
+// int8_linear takes GGUF's Q8_0 weights as they are (int8 [N, K], w = q * scale + offset)
+// through the same code (SignedBytes::expand).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -40,28 +42,52 @@ struct GroupWeights {
   __m256 v[4];
 };
 
-inline GroupWeights expand_group(const uint8_t* q, float scale, float offset) {
-  // Both 128-bit halves hold the group's 4 dwords; lane l of vector c takes nibble
-  // 2 c + l / 4 of dword l % 4 (a per-lane shift: no shuffles, which were the bottleneck).
-  const __m256i dwords = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-  const __m256i low_mask = _mm256_set1_epi32(0x0F);
-  const __m256 s = _mm256_set1_ps(scale);
-  const __m256 o = _mm256_set1_ps(offset);
-  GroupWeights w;
-  for (int c = 0; c < 4; ++c) {
-    const __m256i shift = _mm256_setr_epi32(8 * c, 8 * c, 8 * c, 8 * c, 8 * c + 4, 8 * c + 4,
-                                            8 * c + 4, 8 * c + 4);
-    const __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi32(dwords, shift), low_mask);
-    w.v[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(nibbles), s, o);
-  }
-  return w;
-}
+// 4-bit values in the nibble layout above: 16 bytes a group.
+struct Nibbles {
+  static constexpr int64_t kGroupBytes = 16;
 
-// Expands the K / 2 bytes of one row into K float32 weights (as expand_group does).
+  static GroupWeights expand(const uint8_t* q, float scale, float offset) {
+    // Both 128-bit halves hold the group's 4 dwords; lane l of vector c takes nibble
+    // 2 c + l / 4 of dword l % 4 (a per-lane shift: no shuffles, which were the bottleneck).
+    const __m256i dwords =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    const __m256i low_mask = _mm256_set1_epi32(0x0F);
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m256 o = _mm256_set1_ps(offset);
+    GroupWeights w;
+    for (int c = 0; c < 4; ++c) {
+      const __m256i shift = _mm256_setr_epi32(8 * c, 8 * c, 8 * c, 8 * c, 8 * c + 4, 8 * c + 4,
+                                              8 * c + 4, 8 * c + 4);
+      const __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi32(dwords, shift), low_mask);
+      w.v[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(nibbles), s, o);
+    }
+    return w;
+  }
+};
+
+// 8-bit signed values in input order (GGUF's Q8_0: w = d * q): 32 bytes a group. Half the
+// vector work of the same weights as two 4-bit planes, for the same bytes.
+struct SignedBytes {
+  static constexpr int64_t kGroupBytes = 32;
+
+  static GroupWeights expand(const uint8_t* q, float scale, float offset) {
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m256 o = _mm256_set1_ps(offset);
+    GroupWeights w;
+    for (int c = 0; c < 4; ++c) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * c));
+      w.v[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), s, o);
+    }
+    return w;
+  }
+};
+
+// Expands the bytes of one row into K float32 weights (as F::expand does).
+template <class F>
 inline void expand_row(const uint8_t* q, const float* scale, const float* offset, int64_t groups,
                        float* w) {
   for (int64_t g = 0; g < groups; ++g) {
-    const GroupWeights v = expand_group(q + 16 * g, scale[g], offset[g]);
+    const GroupWeights v = F::expand(q + F::kGroupBytes * g, scale[g], offset[g]);
     for (int64_t c = 0; c < 4; ++c) _mm256_storeu_ps(w + kGroup * g + 8 * c, v.v[c]);
   }
 }
@@ -69,17 +95,18 @@ inline void expand_row(const uint8_t* q, const float* scale, const float* offset
 // Few input rows (kRows): weights are expanded in registers and used at once, kRowsN weight
 // rows at a time so that kRowsN * kRows accumulator chains run side by side. The same
 // operations per output as expand_row + dot_block.
-template <int64_t kRowsN, int64_t kRows>
+template <class F, int64_t kRowsN, int64_t kRows>
 inline void fused_block(const float* x, int64_t k, const uint8_t* q, const float* scale,
                         const float* offset, float* out, int64_t out_stride) {
   const int64_t groups = k / kGroup;
+  const int64_t row_bytes = groups * F::kGroupBytes;
   __m256 acc[kRowsN][kRows];
   for (int64_t i = 0; i < kRowsN; ++i)
     for (int64_t m = 0; m < kRows; ++m) acc[i][m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t i = 0; i < kRowsN; ++i) {
-      const GroupWeights w =
-          expand_group(q + i * (k / 2) + 16 * g, scale[i * groups + g], offset[i * groups + g]);
+      const GroupWeights w = F::expand(q + i * row_bytes + F::kGroupBytes * g,
+                                       scale[i * groups + g], offset[i * groups + g]);
       for (int64_t m = 0; m < kRows; ++m) {
         const float* xg = x + m * k + kGroup * g;
         for (int64_t c = 0; c < 4; ++c) {
@@ -121,70 +148,75 @@ constexpr int64_t kTileRows = 8;
 // fused_block over `count` (<= kBlockN) weight rows for kRows input rows: kBlockN / kRows
 // weight rows at a time (at least one), the rest one by one. kRowsN * kRows accumulators and
 // 4 weight vectors stay within the 16 ymm registers.
-template <int64_t kRows>
+template <class F, int64_t kRows>
 inline void fused_rows_n(const float* x, int64_t k, const uint8_t* q, const float* s,
                          const float* o, int64_t count, float* out, int64_t out_stride) {
   constexpr int64_t kRowsN = kRows >= kBlockN ? 1 : kBlockN / kRows;
   const int64_t groups = k / kGroup;
+  const int64_t row_bytes = groups * F::kGroupBytes;
   int64_t i = 0;
   for (; i + kRowsN <= count; i += kRowsN) {
-    fused_block<kRowsN, kRows>(x, k, q + i * (k / 2), s + i * groups, o + i * groups, out + i,
-                               out_stride);
+    fused_block<F, kRowsN, kRows>(x, k, q + i * row_bytes, s + i * groups, o + i * groups,
+                                  out + i, out_stride);
   }
   for (; i < count; ++i) {
-    fused_block<1, kRows>(x, k, q + i * (k / 2), s + i * groups, o + i * groups, out + i,
-                          out_stride);
+    fused_block<F, 1, kRows>(x, k, q + i * row_bytes, s + i * groups, o + i * groups, out + i,
+                             out_stride);
   }
 }
 
+template <class F>
 inline void fused_rows(const float* x, int64_t rows, int64_t k, const uint8_t* q, const float* s,
                        const float* o, int64_t count, float* out, int64_t out_stride) {
   for (int64_t m = 0; m < rows; m += kTileRows) {
     const float* xt = x + m * k;
     float* ot = out + m * out_stride;
     switch (std::min(kTileRows, rows - m)) {
-      case 1: fused_rows_n<1>(xt, k, q, s, o, count, ot, out_stride); break;
-      case 2: fused_rows_n<2>(xt, k, q, s, o, count, ot, out_stride); break;
-      case 3: fused_rows_n<3>(xt, k, q, s, o, count, ot, out_stride); break;
-      case 4: fused_rows_n<4>(xt, k, q, s, o, count, ot, out_stride); break;
-      case 5: fused_rows_n<5>(xt, k, q, s, o, count, ot, out_stride); break;
-      case 6: fused_rows_n<6>(xt, k, q, s, o, count, ot, out_stride); break;
-      case 7: fused_rows_n<7>(xt, k, q, s, o, count, ot, out_stride); break;
-      default: fused_rows_n<8>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 1: fused_rows_n<F, 1>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 2: fused_rows_n<F, 2>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 3: fused_rows_n<F, 3>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 4: fused_rows_n<F, 4>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 5: fused_rows_n<F, 5>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 6: fused_rows_n<F, 6>(xt, k, q, s, o, count, ot, out_stride); break;
+      case 7: fused_rows_n<F, 7>(xt, k, q, s, o, count, ot, out_stride); break;
+      default: fused_rows_n<F, 8>(xt, k, q, s, o, count, ot, out_stride); break;
     }
   }
 }
 
-}  // namespace
 
-// x float32 [M, K] -> float32 [M, N].
-torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed,
-                          const torch::Tensor& scales, const torch::Tensor& offsets) {
+// x float32 [M, K] -> float32 [M, N] for weights in format F: q [N, K / 32 * kGroupBytes]
+// bytes, scales and offsets float32 [N, K / 32].
+template <class F>
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
+                     const torch::Tensor& offsets) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 [M, K]");
-  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 2, "packed: uint8 [N, K/2]");
+  TORCH_CHECK(q.dim() == 2 && q.element_size() == 1, "weights: one byte an element, [N, bytes]");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && offsets.scalar_type() == torch::kFloat32,
               "scales and offsets must be float32");
-  const int64_t rows = x.size(0), k = x.size(1), n = packed.size(0);
-  TORCH_CHECK(k % kGroup == 0 && packed.size(1) * 2 == k, "K must be a multiple of 32 and match");
+  const int64_t rows = x.size(0), k = x.size(1), n = q.size(0);
   const int64_t groups = k / kGroup;
+  TORCH_CHECK(k % kGroup == 0 && q.size(1) == groups * F::kGroupBytes,
+              "K must be a multiple of 32 and match");
   TORCH_CHECK(scales.size(0) == n && scales.size(1) == groups && offsets.sizes() == scales.sizes(),
               "scales and offsets must be [N, K/32]");
   const torch::Tensor xc = x.contiguous();
-  const torch::Tensor pc = packed.contiguous(), sc = scales.contiguous(), oc = offsets.contiguous();
+  const torch::Tensor qc = q.contiguous(), sc = scales.contiguous(), oc = offsets.contiguous();
   torch::Tensor out = torch::empty({rows, n}, x.options());
   if (rows == 0 || n == 0) return out;
   const float* xp = xc.data_ptr<float>();
-  const uint8_t* qp = pc.data_ptr<uint8_t>();
+  const uint8_t* qp = static_cast<const uint8_t*>(qc.data_ptr());
   const float* sp = sc.data_ptr<float>();
   const float* op = oc.data_ptr<float>();
   float* yp = out.data_ptr<float>();
+  const int64_t row_bytes = groups * F::kGroupBytes;
   const int64_t blocks = (n + kBlockN - 1) / kBlockN;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
     if (rows <= kFusedRows) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t n0 = b * kBlockN, count = std::min(kBlockN, n - n0);
-        fused_rows(xp, rows, k, qp + n0 * (k / 2), sp + n0 * groups, op + n0 * groups, count,
-                   yp + n0, n);
+        fused_rows<F>(xp, rows, k, qp + n0 * row_bytes, sp + n0 * groups, op + n0 * groups,
+                      count, yp + n0, n);
       }
       return;
     }
@@ -193,8 +225,8 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed,
       const int64_t n0 = b * kBlockN, count = std::min(kBlockN, n - n0);
       for (int64_t i = 0; i < count; ++i) {
         const int64_t row = n0 + i;
-        expand_row(qp + row * (k / 2), sp + row * groups, op + row * groups, groups,
-                   w.data() + i * k);
+        expand_row<F>(qp + row * row_bytes, sp + row * groups, op + row * groups, groups,
+                      w.data() + i * k);
       }
       if (count == kBlockN) {
         dot_block<kBlockN>(xp, rows, k, w.data(), yp + n0, n);
@@ -208,6 +240,21 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed,
   return out;
 }
 
+}  // namespace
+
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                          const torch::Tensor& scales, const torch::Tensor& offsets) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8, "packed must be uint8 [N, K/2]");
+  return linear<Nibbles>(x, packed, scales, offsets);
+}
+
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q8,
+                          const torch::Tensor& scales, const torch::Tensor& offsets) {
+  TORCH_CHECK(q8.scalar_type() == torch::kInt8, "q8 must be int8 [N, K]");
+  return linear<SignedBytes>(x, q8, scales, offsets);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "float32 x [M, K] @ int4 weight [N, K].T (AVX2, FMA)");
+  m.def("int8_linear", &int8_linear, "float32 x [M, K] @ int8 weight [N, K].T (AVX2, FMA)");
 }

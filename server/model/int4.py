@@ -219,11 +219,15 @@ class Int4Linear(nn.Module):
         self.kernel: Kernel = kernel
         self.compute_dtype = torch.float32 if kernel == "avx2" else compute_dtype
         if kernel == "avx2":
-            packed, scales, offsets = int4_avx2.pack(qw.q, qw.scale, qw.zero)
+            # Q8_0 blocks (two planes from split_q8) go as int8: half the vector work.
+            q8 = int4_avx2.as_q8(qw.q, qw.scale, qw.zero) if qw.planes == 2 else None
+            packed, scales, offsets = q8 or int4_avx2.pack(qw.q, qw.scale, qw.zero)
+            self.planes_in_kernel = 1 if q8 is not None else qw.planes
             self.register_buffer("packed", packed, persistent=False)
             self.register_buffer("scales", scales, persistent=False)
             self.register_buffer("offsets", offsets, persistent=False)
         else:
+            self.planes_in_kernel = qw.planes
             self._pack_for_torch(qw)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
@@ -252,8 +256,8 @@ class Int4Linear(nn.Module):
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N] in the compute dtype."""
         x = x.to(self.compute_dtype)
-        if self.planes > 1:
-            x = x.repeat(1, self.planes)
+        if self.planes_in_kernel > 1:
+            x = x.repeat(1, self.planes_in_kernel)
         if self.kernel == "avx2":
             return int4_avx2.linear(x, self.packed, self.scales, self.offsets)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -109,11 +109,34 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torc
     return packed, scale, offset
 
 
+def as_q8(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The int8 form (q8 int8 [N, K], scales, offsets float32 [N, K / 32]; w = q8 * scale +
+    offset) of a two-plane weight that int4.split_q8 made from GGUF Q8_0 blocks (plane hi:
+    scale 16 d, zero 0; plane lo: scale d, zero 8 d), or None for any other two planes (a
+    fused Q4 + Q8_0 matrix's zero planes). Exact: q8 = 16 (hi - 8) + lo."""
+    k = q.shape[1] // 2
+    groups = k // GROUP_SIZE
+    d = scale[:, groups:]
+    if not (
+        bool((zero[:, :groups] == 0).all())
+        and torch.equal(scale[:, :groups], 16 * d)
+        and torch.equal(zero[:, groups:], 8 * d)
+    ):
+        return None
+    q8 = 16 * (q[:, :k].to(torch.int16) - 8) + q[:, k:].to(torch.int16)
+    return q8.to(torch.int8).contiguous(), d.float().contiguous(), torch.zeros_like(d).float()
+
+
 def linear(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+    x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
 ) -> torch.Tensor:
-    """float32 x [M, K] @ w.T -> float32 [M, N], for weights made by ``pack``."""
+    """float32 x [M, K] @ w.T -> float32 [M, N], for weights made by ``pack`` (uint8) or
+    ``as_q8`` (int8)."""
     module = load()
     if module is None:
         raise RuntimeError(f"the AVX2 int4 kernel is not available: {unavailable_reason()}")
-    return module.int4_linear(x.float(), packed, scales, offsets)
+    if weights.dtype == torch.int8:
+        return module.int8_linear(x.float(), weights, scales, offsets)
+    return module.int4_linear(x.float(), weights, scales, offsets)

@@ -27,6 +27,7 @@ def test_bench_engine_formats_side_by_side(
     result = json.loads(json_path.read_text())
     assert [f["quantization"] for f in result["formats"]] == ["none", "int4"]
     assert [f["label"] for f in result["formats"]] == ["fp32", "int4"]
+    assert result["formats"][1]["int4_kernels"] in (["aten"], ["avx2"])
     for f in result["formats"]:
         assert [r["batch"] for r in f["throughput"]] == [1, 2]
         assert all(r["output_tokens"] == 4 * r["batch"] for r in f["throughput"])
@@ -43,6 +44,7 @@ def test_bench_engine_formats_side_by_side(
     (md_path,) = out.glob("*.md")
     md = md_path.read_text()
     assert "Load average (1, 5, 15 min) at start:" in md
+    assert "; int4 kernel: " in md
     assert "## fp32 (--quantization none)" in md and "## int4 (--quantization int4)" in md
     assert md.count("| batch | output tokens | seconds | output tokens/s |") == 2
     assert "transformers generate" in md
@@ -52,3 +54,12 @@ def test_bench_engine_formats_side_by_side(
     assert "\n| 3 | " in md
     (png,) = out.glob("*-verify-rows.png")
     assert png.stat().st_size > 0 and f"]({png.name})" in md
+
+
+def test_formats_can_pin_the_int4_kernel() -> None:
+    assert bench_engine.split_format("int4:aten") == ("int4", "aten")
+    assert bench_engine.split_format("none") == ("none", None)
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--quantization", "none:avx2"])
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--quantization", "int4:fast"])

@@ -8,7 +8,14 @@ import torch
 
 from server.model import int4, int4_avx2
 from server.model.gguf_q4 import decode_q4, decode_q8_0
-from server.model.int4 import GROUP_SIZE, Int4Linear, choose_kernel, quantize_rtn, split_q8
+from server.model.int4 import (
+    GROUP_SIZE,
+    Int4Linear,
+    QuantizedWeight,
+    choose_kernel,
+    quantize_rtn,
+    split_q8,
+)
 from tests.model.test_int4 import _q4_bytes
 
 needs_kernel = pytest.mark.skipif(
@@ -65,15 +72,21 @@ def test_matches_the_dequantized_weights_in_float64(source: str, rows: int) -> N
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+def _q8_weight(n: int, k: int) -> QuantizedWeight:
+    q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    return split_q8(q8, torch.rand(n, k // GROUP_SIZE) * 0.01)
+
+
 @needs_kernel
-def test_rows_do_not_depend_on_the_batch_or_the_threads() -> None:
+@pytest.mark.parametrize("form", ["4-bit", "Q8_0 as int8"])
+def test_rows_do_not_depend_on_the_batch_or_the_threads(form: str) -> None:
     """Speculation's verify rows must equal the decode rows they stand for: bit for bit,
-    whichever path (fused under 5 rows, buffered above) and thread split computes them."""
-    layer = Int4Linear(split_q8(torch.randint(-128, 128, (100, 96), dtype=torch.int8),
-                                torch.rand(100, 3) * 0.01), kernel="avx2")  # fmt: skip
+    whichever path (registers up to 16 rows, a buffer above) and thread split computes them."""
+    qw = quantize_rtn(torch.randn(100, 96)) if form == "4-bit" else _q8_weight(100, 96)
+    layer = Int4Linear(qw, kernel="avx2")
     x = torch.randn(70, 96)
     full = layer(x)
-    for r in (1, 2, 3, 4, 5, 8, 17, 64):
+    for r in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64):
         assert torch.equal(layer(x[:r]), full[:r])
         assert torch.equal(layer(x[r : r + 1]), full[r : r + 1])
     threads = torch.get_num_threads()
@@ -82,6 +95,28 @@ def test_rows_do_not_depend_on_the_batch_or_the_threads() -> None:
         assert torch.equal(layer(x), full)
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_q8_0_planes_run_as_int8_and_mixed_planes_stay_4_bit() -> None:
+    q8 = _q8_weight(40, 64)
+    layer = Int4Linear(q8, kernel="avx2")
+    assert layer.packed.dtype == torch.int8 and layer.planes_in_kernel == 1
+    assert torch.equal(layer.packed.to(torch.int16), _int8_values(q8))
+    # A fused matrix of a Q4 part (zero planes added) and a Q8_0 part is not Q8_0 throughout.
+    mixed = QuantizedWeight.cat([quantize_rtn(torch.randn(16, 64)), q8])
+    fused = Int4Linear(mixed, kernel="avx2")
+    assert fused.packed.dtype == torch.uint8 and fused.planes_in_kernel == 2
+    x = torch.randn(5, 64)
+    for qw, lin in ((q8, layer), (mixed, fused)):
+        ref = x.double() @ qw.dequantize().double().t()
+        torch.testing.assert_close(lin(x).double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max())
+
+
+def _int8_values(qw: QuantizedWeight) -> torch.Tensor:
+    """The int8 values behind split_q8's planes, in plain torch: 16 (hi - 8) + lo."""
+    k = qw.shape[1]
+    return 16 * (qw.q[:, :k].to(torch.int16) - 8) + qw.q[:, k:].to(torch.int16)
 
 
 @needs_kernel
