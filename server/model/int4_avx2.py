@@ -5,14 +5,16 @@ torch's int4 CPU kernel computes in bfloat16. CPUs without AVX-512 BF16 (every A
 machine) emulate that, and on the 2-core AVX2 EPYC it spent ~29 ms of a ~48 ms SmolLM2-135M
 decode step. This kernel expands the 4-bit values to float32 in registers (a per-lane shift,
 no shuffles) and multiplies in float32: on that machine a forward's worth of the model's
-decoder matrices took 17.9 ms against torch's 23.6 at one row, 28 against 61 at five and 1.1 s
-against 2.0 at 256 (``python -m loadtest.bench_int4_kernels``,
+decoder matrices took 23.1 ms against torch's 27.2 at one row, 25 against 52 at five and 1.2 s
+against 1.6 at 256 (``python -m loadtest.bench_int4_kernels``,
 loadtest/results/engine/int4-kernels.md). Being float32 it is also closer to the dequantized
 weights than the bf16 kernel (no input or output rounding).
 
 Every output is computed by the same operations whatever the row count, the block it falls in
 or the thread count, so a verify row equals the decode row it stands for (the kernel's
-comment says how).
+comment says how). GGUF Q8_0 weights, which int4.split_q8 holds as two 4-bit planes, are
+recombined exactly into int8 (``as_q8``) and computed one byte a value (``int8_linear``): the
+same bytes as the planes, half the vector work.
 
 The extension is compiled with torch.utils.cpp_extension on first use (~30 s, then cached
 under torch's extensions directory) where the CPU has AVX2 and FMA and a C++ compiler and
