@@ -368,7 +368,7 @@ def choose_kernel(wanted: str = "auto") -> Kernel:
 def host_kernel(threads: int) -> Kernel:
     """The kernel that computes a decoder-sized int4 matrix faster here, summed over 1, 4 and
     16 rows (median of 5 rounds); torch's where the AVX2 kernel can't be had. Timed once per
-    process and thread count (~0.1 s), logged."""
+    process and thread count (~0.3 s with quantizing the probe matrices), logged."""
     if int4_avx2.load() is None:
         return "aten"
     generator = torch.Generator().manual_seed(0)
