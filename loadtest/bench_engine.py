@@ -75,6 +75,24 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def report_header(title: str, result: dict) -> list[str]:
+    """The first lines of an offline benchmark's markdown: title and date, the command, and
+    the machine with the engine's thread count, the commit and the load averages. ``result``
+    holds "machine" (``machine_info``), "command", "torch_threads" and "load_average"."""
+    m = result["machine"]
+    return [
+        f"# {title}, {m['date']}",
+        "",
+        f"Command: `{result['command'].strip()}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"({result['torch_threads']} threads, as the engine runs), commit {m['git_commit']}. "
+        f"Load average at start: {format_loadavg(result['load_average']['start'])}; "
+        f"at end: {format_loadavg(result['load_average']['end'])}.",
+        "",
+    ]
+
+
 def chat_prompts(tokenizer: object, n: int) -> list[list[int]]:
     out = []
     for i in range(n):

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from loadtest.bench_engine import machine_info
-from loadtest.host import format_loadavg, loadavg
+from loadtest.bench_engine import machine_info, report_header
+from loadtest.host import loadavg
 from server.model import int4_avx2
 from server.model.cpu_threads import apply_cpu_threads
 from server.model.int4 import Int4Linear, Kernel
@@ -129,17 +129,8 @@ def _layer_order(name: str) -> tuple[int, str]:
 
 
 def report(result: dict) -> str:
-    m = result["machine"]
     lines = [
-        f"# CPU int4 kernels, {m['date']}",
-        "",
-        f"Command: `{result['command'].strip()}`",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"({result['torch_threads']} threads, as the engine runs), commit {m['git_commit']}. "
-        f"Load average at start: {format_loadavg(result['load_average']['start'])}; "
-        f"at end: {format_loadavg(result['load_average']['end'])}.",
-        "",
+        *report_header("CPU int4 kernels", result),
         f"The embedded SmolLM2-135M's int4 weights: {result['decoder_matrices']} decoder "
         "matrices as the int4 entry stores them (q, k, v, o, gate, up, down x 30 layers; the "
         "engine fuses q/k/v and gate/up) called in layer order, and the "

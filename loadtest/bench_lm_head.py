@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from loadtest.bench_engine import machine_info
-from loadtest.host import format_loadavg, loadavg
+from loadtest.bench_engine import machine_info, report_header
+from loadtest.host import loadavg
 from server.model.cpu_linear import linear
 from server.model.cpu_threads import apply_cpu_threads
 from server.model.int4 import Int4Linear, quantize_rtn
@@ -103,18 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lm-head.json").write_text(json.dumps(result, indent=2) + "\n")
-    m = result["machine"]
     forms = list(rows_out[0]["ms"])
     lines = [
-        f"# LM head forms, {m['date']}",
-        "",
-        f"Command: `{result['command'].strip()}`",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"({threads} threads, as the engine runs), commit {m['git_commit']}. "
-        f"Load average at start: {format_loadavg(load_start)}; "
-        f"at end: {format_loadavg(result['load_average']['end'])}.",
-        "",
+        *report_header("LM head forms", result),
         f"Head {table.shape[0]} x {table.shape[1]} (the embedded SmolLM2's tied Q8_0 "
         "embedding); ms per call, min of rounds; ratio = fp32 dense / served.",
         "",

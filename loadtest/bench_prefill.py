@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from loadtest.bench_engine import add_cpu_linear_plan_flag, machine_info
-from loadtest.host import format_loadavg, loadavg
+from loadtest.bench_engine import add_cpu_linear_plan_flag, machine_info, report_header
+from loadtest.host import loadavg
 from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from server.engine.offline import OfflineEngine
 from server.engine.sampling_params import SamplingParams
@@ -189,17 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(result: dict) -> str:
-    m, s = result["machine"], result["shapes"]
+    s = result["shapes"]
     lines = [
-        f"# Prefill: prompt attention in pieces against one call, {m['date']}",
-        "",
-        f"Command: `{result['command'].strip()}`",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"({result['torch_threads']} threads, as the engine runs), commit {m['git_commit']}. "
-        f"Load average at start: {format_loadavg(result['load_average']['start'])}; "
-        f"at end: {format_loadavg(result['load_average']['end'])}.",
-        "",
+        *report_header("Prefill: prompt attention in pieces against one call", result),
         f"Model {result['model']} (--quantization {result['quantization']}): {s['layers']} "
         f"layers, {s['q_heads']} query / {s['kv_heads']} KV heads of {s['head_dim']}. "
         f"Attention: a forward's worth (every layer writes K/V, gathers, attends), median of "
