@@ -76,7 +76,7 @@ def load() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import load as load_extension
 
-    logger.info("building specd's AVX2 int4 kernel (first use ~30 s, then cached)")
+    logger.info("loading specd's AVX2 int4 kernel (compiled on first use, ~30-45 s; then cached)")
     start = time.perf_counter()
     try:
         module = load_extension(
