@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +27,7 @@ from loadtest.bench_engine import machine_info, report_header
 from loadtest.host import loadavg
 from server.model import int4_avx2
 from server.model.cpu_threads import apply_cpu_threads
-from server.model.int4 import Int4Linear, Kernel
+from server.model.int4 import Int4Linear, Kernel, median_seconds
 from server.model.loader import resolve_model
 from server.model.quantize import int4_dir, read_int4_tensors
 
@@ -38,21 +36,9 @@ LABELS = {"aten": "torch bf16 kernel", "avx2": "specd AVX2 fp32 kernel"}
 
 
 def forward_ms(layers: dict[Kernel, list[Int4Linear]], rows: int, rounds: int) -> dict:
-    """Median ms to run every layer once on ``rows`` random rows, per kernel; the kernels take
-    turns round by round, so that a slow moment of this shared machine falls on both."""
-    in_features = {layer.in_features for group in layers.values() for layer in group}
-    xs = {k: torch.randn(rows, k) for k in in_features}
-    times: dict[Kernel, list[float]] = {kernel: [] for kernel in layers}
-    for group in layers.values():  # warm-up
-        for layer in group:
-            layer._mm(xs[layer.in_features])
-    for _ in range(rounds):
-        for kernel, group in layers.items():
-            start = time.perf_counter()
-            for layer in group:
-                layer._mm(xs[layer.in_features])
-            times[kernel].append(time.perf_counter() - start)
-    return {kernel: round(statistics.median(t) * 1e3, 3) for kernel, t in times.items()}
+    """Median ms per kernel to run all its layers once on ``rows`` rows (int4.median_seconds:
+    the kernels take turns round by round)."""
+    return {k: round(t * 1e3, 3) for k, t in median_seconds(layers, rows, rounds).items()}
 
 
 def plot(rows_out: list[dict], path: Path) -> None:

@@ -367,8 +367,9 @@ def choose_kernel(wanted: str = "auto") -> Kernel:
 @functools.cache
 def host_kernel(threads: int) -> Kernel:
     """The kernel that computes a decoder-sized int4 matrix faster here, summed over 1, 4 and
-    16 rows (median of 5 rounds); torch's where the AVX2 kernel can't be had. Timed once per
-    process and thread count (~0.3 s with quantizing the probe matrices), logged."""
+    16 rows (median of 5 rounds in which the two take turns); torch's where the AVX2 kernel
+    can't be had. Timed once per process and thread count (~0.3 s with quantizing the probe
+    matrices), logged."""
     if int4_avx2.load() is None:
         return "aten"
     generator = torch.Generator().manual_seed(0)
@@ -376,10 +377,11 @@ def host_kernel(threads: int) -> Kernel:
         quantize_rtn(torch.randn(*_CHOICE_SHAPE, generator=generator))
         for _ in range(_CHOICE_LAYERS)
     ]
-    seconds: dict[Kernel, float] = {}
-    for kernel in ("aten", "avx2"):
-        layers = [Int4Linear(qw, kernel=kernel) for qw in weights]
-        seconds[kernel] = sum(_median_call_seconds(layers, rows) for rows in _CHOICE_ROWS)
+    layers = {k: [Int4Linear(qw, kernel=k) for qw in weights] for k in ("aten", "avx2")}
+    seconds = {k: 0.0 for k in layers}
+    for rows in _CHOICE_ROWS:
+        for k, t in median_seconds(layers, rows, rounds=5).items():
+            seconds[k] += t / len(weights)
     choice: Kernel = "avx2" if seconds["avx2"] < seconds["aten"] else "aten"
     logger.info(
         "int4 kernel: %s (a %d x %d matrix at %s rows took %.0f us with torch's bf16 kernel, "
@@ -394,14 +396,24 @@ def host_kernel(threads: int) -> Kernel:
     return choice
 
 
-def _median_call_seconds(layers: list[Int4Linear], rows: int, rounds: int = 5) -> float:
-    x = torch.randn(rows, layers[0].in_features)
-    for layer in layers:  # warm-up
-        layer._mm(x)
-    times = []
+def median_seconds(
+    layers: dict[Kernel, list[Int4Linear]], rows: int, rounds: int
+) -> dict[Kernel, float]:
+    """Median seconds to run every layer of each kernel once on ``rows`` random rows. The
+    kernels take turns round by round, so that a slow moment of a shared machine falls on
+    both rather than on whichever was timed then; a group's layers are distinct matrices, so
+    weights come from memory as in a forward. Used by ``host_kernel`` and
+    loadtest/bench_int4_kernels.py."""
+    in_features = {layer.in_features for group in layers.values() for layer in group}
+    xs = {k: torch.randn(rows, k) for k in in_features}
+    times: dict[Kernel, list[float]] = {kernel: [] for kernel in layers}
+    for group in layers.values():  # warm-up: first calls allocate
+        for layer in group:
+            layer._mm(xs[layer.in_features])
     for _ in range(rounds):
-        start = time.perf_counter()
-        for layer in layers:
-            layer._mm(x)
-        times.append((time.perf_counter() - start) / len(layers))
-    return float(np.median(times))
+        for kernel, group in layers.items():
+            start = time.perf_counter()
+            for layer in group:
+                layer._mm(xs[layer.in_features])
+            times[kernel].append(time.perf_counter() - start)
+    return {kernel: float(np.median(t)) for kernel, t in times.items()}
