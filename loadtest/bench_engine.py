@@ -5,10 +5,11 @@
         [--batch-sizes 1 8 32] [--new-tokens 128] [--verify-rows 16] [--verify-context 256]
         [--no-transformers] [--out loadtest/results/engine]
 
-Everything is measured in one run on one machine, one weight format (``--quantization``,
-ModelConfig.quantization) after the other in the same process, each engine freed before the
-next is built (``int4:aten`` / ``int4:avx2`` pin the CPU int4 kernel, server/model/int4.py;
-plain ``int4`` takes the engine's own choice). Per format: the engine's output tokens/s at each
+Everything is measured in one run on one machine, in one process: an engine per weight format
+(``--quantization``, ModelConfig.quantization; ``int4:aten`` / ``int4:avx2`` pin the CPU int4
+kernel, server/model/int4.py; plain ``int4`` takes the engine's own choice) is built first,
+then the formats take turns at each measurement (each batch size, each single-stream round;
+the order rotated per turn). Per format: the engine's output tokens/s at each
 batch size (all prompts submitted at once, ignore_eos, greedy), single-stream decode tokens/s
 (prefill excluded), and the verify-row cost curve: one engine step (ModelRunner.execute) of one
 greedy request at a fixed context with 1..N query rows (1 = plain decode, k + 1 = verifying k
@@ -29,7 +30,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -119,20 +120,17 @@ def engine_throughput(engine: OfflineEngine, prompts: list[list[int]], new_token
     }
 
 
-def single_stream(engine: OfflineEngine, prompt: list[int], new_tokens: int, repeats: int) -> float:
-    """Median decode tokens/s of one request (prefill excluded: TPOT-based)."""
-    rates = []
+def single_stream_once(engine: OfflineEngine, prompt: list[int], new_tokens: int) -> float:
+    """Decode tokens/s of one request (prefill excluded: the time of a 1-token request, the
+    prefill and first token, is taken off the time of the whole request)."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    for _ in range(repeats):
-        start = time.perf_counter()
-        ttft_params = replace(params, max_tokens=1)
-        engine.generate([prompt], ttft_params)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        engine.generate([prompt], params)
-        total = time.perf_counter() - start
-        rates.append((new_tokens - 1) / max(total - prefill, 1e-9))
-    return statistics.median(rates)
+    start = time.perf_counter()
+    engine.generate([prompt], replace(params, max_tokens=1))
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    engine.generate([prompt], params)
+    total = time.perf_counter() - start
+    return (new_tokens - 1) / max(total - prefill, 1e-9)
 
 
 def verify_row_curve(runner: Any, max_rows: int, context: int, repeats: int) -> list[dict]:
@@ -208,8 +206,18 @@ def split_format(spec: str) -> tuple[str, str | None]:
     return quantization, kernel or None
 
 
-def bench_format(args: argparse.Namespace, model_dir: Path, spec: str) -> dict:
-    """Every measurement of one weight format, on one engine (freed by the caller's gc)."""
+@dataclass
+class _Built:
+    """One weight format's engine, built before any measurement."""
+
+    spec: str
+    engine: OfflineEngine
+    label: str
+    kernels: list[str]
+    build_s: float
+
+
+def build_format(args: argparse.Namespace, model_dir: Path, spec: str) -> _Built:
     quantization, kernel = split_format(spec)
     t0 = time.perf_counter()
     engine = OfflineEngine(engine_config(args, model_dir, quantization, kernel or "auto"))
@@ -221,35 +229,65 @@ def bench_format(args: argparse.Namespace, model_dir: Path, spec: str) -> dict:
         label += f" ({kernel} kernel)"
     if quantization == "auto":
         label += " (auto)"
-    quantization = spec
-    print(f"[{quantization}] engine built in {build_s:.1f} s ({label})", flush=True)
-    throughput = []
-    for batch in args.batch_sizes:
-        row = engine_throughput(engine, chat_prompts(engine.tokenizer, batch), args.new_tokens)
+    print(f"[{spec}] engine built in {build_s:.1f} s ({label})", flush=True)
+    return _Built(spec, engine, label, kernels, round(build_s, 1))
+
+
+def _rotated(built: list[_Built], turn: int) -> list[_Built]:
+    """The formats in the order of one turn, rotated one place per turn, so that each is
+    measured first, second, ... equally often."""
+    shift = turn % len(built)
+    return built[shift:] + built[:shift]
+
+
+def bench_formats(args: argparse.Namespace, model_dir: Path) -> list[dict]:
+    """Every measurement of every weight format. The formats take turns at each measurement
+    (a batch size, a single-stream round), so a slow moment of a shared machine falls on all
+    of them rather than on whichever was being measured: this host's speed moves by a quarter
+    within the hour, which one format after the other turned into ratios a quarter off."""
+    built = [build_format(args, model_dir, spec) for spec in args.quantization]
+    tokenizer = built[0].engine.tokenizer
+    throughput: dict[str, list[dict]] = {b.spec: [] for b in built}
+    for turn, batch in enumerate(args.batch_sizes):
+        prompts = chat_prompts(tokenizer, batch)
+        for b in _rotated(built, turn):
+            row = engine_throughput(b.engine, prompts, args.new_tokens)
+            rate = row["output_tokens_per_s"]
+            print(f"[{b.spec}] batch {batch}: {rate} output tok/s", flush=True)
+            throughput[b.spec].append(row)
+    prompt = chat_prompts(tokenizer, 1)[0]
+    rounds: dict[str, list[float]] = {b.spec: [] for b in built}
+    for turn in range(args.repeats):
+        for b in _rotated(built, turn):
+            rounds[b.spec].append(single_stream_once(b.engine, prompt, args.new_tokens))
+    out = []
+    for b in built:
+        rates = rounds[b.spec]
+        print(f"[{b.spec}] single stream: {statistics.median(rates):.1f} tok/s", flush=True)
+        runner = b.engine.core.runner
+        curve = verify_row_curve(runner, args.verify_rows, args.verify_context, args.verify_repeats)
         print(
-            f"[{quantization}] batch {batch}: {row['output_tokens_per_s']} output tok/s", flush=True
+            f"[{b.spec}] verify rows: "
+            + ", ".join(f"{r['rows']}: {r['step_ms']:.1f} ms" for r in curve),
+            flush=True,
         )
-        throughput.append(row)
-    prompt = chat_prompts(engine.tokenizer, 1)[0]
-    ours = single_stream(engine, prompt, args.new_tokens, args.repeats)
-    print(f"[{quantization}] single stream: {ours:.1f} tok/s", flush=True)
-    curve = verify_row_curve(runner, args.verify_rows, args.verify_context, args.verify_repeats)
-    print(
-        f"[{quantization}] verify rows: "
-        + ", ".join(f"{r['rows']}: {r['step_ms']:.1f} ms" for r in curve),
-        flush=True,
-    )
-    del runner, engine
-    return {
-        "quantization": quantization,
-        "label": label,
-        "int4_kernels": kernels,
-        "build_s": round(build_s, 1),
-        "throughput": throughput,
-        "single_stream": {"repeats": args.repeats, "tokens_per_s": ours},
-        "verify_rows": curve,
-        "prompt": prompt,
-    }
+        out.append(
+            {
+                "quantization": b.spec,
+                "label": b.label,
+                "int4_kernels": b.kernels,
+                "build_s": b.build_s,
+                "throughput": throughput[b.spec],
+                "single_stream": {
+                    "repeats": args.repeats,
+                    "tokens_per_s": statistics.median(rates),
+                    "rounds": [round(r, 2) for r in rates],
+                },
+                "verify_rows": curve,
+                "prompt": prompt,
+            }
+        )
+    return out
 
 
 def compare(formats: list[dict]) -> dict:
@@ -269,6 +307,13 @@ def compare(formats: list[dict]) -> dict:
                 for r in base["throughput"]
             },
             "single_stream_ratio": round(single, 3),
+            # Per round: the formats ran minutes apart at most, so each ratio is paired.
+            "single_stream_round_ratios": [
+                round(o / b, 3)
+                for o, b in zip(
+                    f["single_stream"]["rounds"], base["single_stream"]["rounds"], strict=True
+                )
+            ],
             "step_ms_ratio": {
                 r["rows"]: round(by_rows[r["rows"]]["step_ms"] / r["step_ms"], 3)
                 for r in base["verify_rows"]
@@ -322,8 +367,10 @@ def _format_section(f: dict, result: dict) -> list[str]:
             f"{row['output_tokens_per_s']} |"
         )
     text = (
-        f"Single-stream decode (median of {s['repeats']}, prefill excluded): specd "
-        f"{s['tokens_per_s']:.1f} tok/s"
+        f"Single-stream decode (median of {s['repeats']} rounds, prefill excluded): specd "
+        f"{s['tokens_per_s']:.1f} tok/s (rounds: "
+        + ", ".join(f"{r:.1f}" for r in s["rounds"])
+        + ")"
     )
     hf = result.get("transformers")
     if hf is not None and f["quantization"] == hf["quantization"]:
@@ -363,7 +410,10 @@ def _comparison_section(result: dict, png: Path) -> list[str]:
         c = against[f["quantization"]]
         text = (
             f"Single-stream decode: {f['label']} {f['single_stream']['tokens_per_s']:.1f} tok/s "
-            f"against {base['label']} {b:.1f} tok/s, **{c['single_stream_ratio']:.2f}x**"
+            f"against {base['label']} {b:.1f} tok/s, **{c['single_stream_ratio']:.2f}x** "
+            "(round by round: "
+            + ", ".join(f"{r:.2f}x" for r in c["single_stream_round_ratios"])
+            + ")"
         )
         if "single_stream_target" in c:
             met = "met" if c["single_stream_target_met"] else "not met"
@@ -415,7 +465,7 @@ def write_report(out_dir: Path, result: dict) -> Path:
         f"at end: {format_loadavg(la['end'])}.",
         f"Model: {result['model']}, weight formats "
         + ", ".join(f"{f['label']} (--quantization {f['quantization']})" for f in result["formats"])
-        + f", one after the other; {result['new_tokens']} new tokens per request, greedy, "
+        + f", taking turns; {result['new_tokens']} new tokens per request, greedy, "
         "ignore_eos, all requests submitted at once.",
         "",
     ]
@@ -484,10 +534,8 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = loadavg()
     model_dir = resolve_model(args.model)
-    formats = []
-    for quantization in args.quantization:
-        formats.append(bench_format(args, model_dir, quantization))
-        gc.collect()  # the engine is gone before the next one is built
+    formats = bench_formats(args, model_dir)
+    gc.collect()  # the engines are gone before transformers' model is built
     hf = None
     if args.transformers and "none" in args.quantization:
         none = next(f for f in formats if f["quantization"] == "none")

@@ -1,5 +1,5 @@
-"""loadtest.bench_engine on the tiny random Llama, fp32 and int4 one after the other: every
-table of the report is written. A smoke test of the tool, not a measurement."""
+"""loadtest.bench_engine on the tiny random Llama, fp32 and int4 taking turns: every table of
+the report is written. A smoke test of the tool, not a measurement."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_bench_engine_formats_side_by_side(
     out = tmp_path / "engine"
     rc = bench_engine.main(
         ["--model", str(tiny_llama_dir), "--batch-sizes", "1", "2", "--new-tokens", "4",
-         "--repeats", "1", "--verify-rows", "3", "--verify-context", "16",
+         "--repeats", "2", "--verify-rows", "3", "--verify-context", "16",
          "--verify-repeats", "1", "--no-cpu-linear-plan", "--out", str(out)]
     )  # fmt: skip
     assert rc == 0
@@ -32,6 +32,7 @@ def test_bench_engine_formats_side_by_side(
         assert [r["batch"] for r in f["throughput"]] == [1, 2]
         assert all(r["output_tokens"] == 4 * r["batch"] for r in f["throughput"])
         assert f["single_stream"]["tokens_per_s"] > 0
+        assert len(f["single_stream"]["rounds"]) == 2
         assert [r["rows"] for r in f["verify_rows"]] == [1, 2, 3]
         assert all(r["step_ms"] > 0 for r in f["verify_rows"])
     assert result["transformers"]["tokens_per_s"] > 0
@@ -39,6 +40,7 @@ def test_bench_engine_formats_side_by_side(
     assert set(int4["throughput_ratio"]) == {"1", "2"}
     assert set(int4["step_ms_ratio"]) == {"1", "2", "3"}
     assert int4["single_stream_target"] == 2.5
+    assert len(int4["single_stream_round_ratios"]) == 2
     assert len(result["load_average"]["start"]) == 3
 
     (md_path,) = out.glob("*.md")
@@ -50,6 +52,7 @@ def test_bench_engine_formats_side_by_side(
     assert "transformers generate" in md
     assert "| batch | fp32 tok/s | int4 tok/s | int4 / fp32 |" in md
     assert "Single-stream decode: int4" in md and "(target >= 2.5x:" in md
+    assert "(round by round: " in md and "median of 2 rounds" in md
     assert "| rows | fp32 ms | fp32 ms/row | int4 ms | int4 ms/row | int4 / fp32 |" in md
     assert "\n| 3 | " in md
     (png,) = out.glob("*-verify-rows.png")
@@ -63,3 +66,9 @@ def test_formats_can_pin_the_int4_kernel() -> None:
         bench_engine.main(["--quantization", "none:avx2"])
     with pytest.raises(SystemExit):
         bench_engine.main(["--quantization", "int4:fast"])
+
+
+def test_formats_take_turns_in_rotated_order() -> None:
+    built = [bench_engine._Built(spec, None, spec, [], 0.0) for spec in ("a", "b", "c")]  # type: ignore[arg-type]
+    orders = ["".join(b.spec for b in bench_engine._rotated(built, turn)) for turn in range(4)]
+    assert orders == ["abc", "bca", "cab", "abc"]
