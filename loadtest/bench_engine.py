@@ -1,13 +1,14 @@
 """Offline engine throughput on the embedded model, weight formats side by side.
 
     python -m loadtest.bench_engine [--model smollm2-135m-instruct]
-        [--quantization none int4 | none int4:aten int4:avx2]
+        [--quantization none int4 | none int4:aten int4:avx2 | none int4@torch int4@cpu]
         [--batch-sizes 1 8 32] [--new-tokens 128] [--verify-rows 16] [--verify-context 256]
         [--no-transformers] [--out loadtest/results/engine]
 
 Everything is measured in one run on one machine, in one process: an engine per weight format
 (``--quantization``, ModelConfig.quantization; ``int4:aten`` / ``int4:avx2`` pin the CPU int4
-kernel, server/model/int4.py; plain ``int4`` takes the engine's own choice) is built first,
+kernel, server/model/int4.py; an ``@torch`` / ``@cpu`` suffix pins the attention backend;
+plain ``int4`` takes the engine's own choices) is built first,
 then the formats take turns at each measurement (each batch size, each single-stream round;
 the order rotated per turn). Per format: the engine's output tokens/s at each
 batch size (all prompts submitted at once, ignore_eos, greedy), single-stream decode tokens/s
@@ -180,7 +181,11 @@ def transformers_single_stream(
 
 
 def engine_config(
-    args: argparse.Namespace, model_dir: Path, quantization: str, int4_kernel: str = "auto"
+    args: argparse.Namespace,
+    model_dir: Path,
+    quantization: str,
+    int4_kernel: str = "auto",
+    attention_backend: str = "auto",
 ) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(
@@ -195,15 +200,23 @@ def engine_config(
         scheduler=SchedulerConfig(
             max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens
         ),
+        attention_backend=attention_backend,  # type: ignore[arg-type]
         separate_process=False,
     )
 
 
 def split_format(spec: str) -> tuple[str, str | None]:
     """``int4:avx2`` -> (``int4``, ``avx2``): a --quantization value and the CPU int4 kernel
-    it is measured with (--int4-kernel; None: the engine's own choice)."""
-    quantization, _, kernel = spec.partition(":")
+    it is measured with (--int4-kernel; None: the engine's own choice). An ``@backend``
+    suffix (``split_backend``) is not part of it."""
+    quantization, _, kernel = spec.partition("@")[0].partition(":")
     return quantization, kernel or None
+
+
+def split_backend(spec: str) -> str | None:
+    """``int4@torch`` -> ``torch``: the attention backend a format is measured with
+    (--attention-backend; None: the engine's own choice)."""
+    return spec.partition("@")[2] or None
 
 
 @dataclass
@@ -219,8 +232,11 @@ class _Built:
 
 def build_format(args: argparse.Namespace, model_dir: Path, spec: str) -> _Built:
     quantization, kernel = split_format(spec)
+    backend = split_backend(spec)
     t0 = time.perf_counter()
-    engine = OfflineEngine(engine_config(args, model_dir, quantization, kernel or "auto"))
+    engine = OfflineEngine(
+        engine_config(args, model_dir, quantization, kernel or "auto", backend or "auto")
+    )
     build_s = time.perf_counter() - t0
     runner = engine.core.runner
     kernels = sorted({m.kernel for m in runner.model.modules() if isinstance(m, Int4Linear)})
@@ -229,6 +245,8 @@ def build_format(args: argparse.Namespace, model_dir: Path, spec: str) -> _Built
         label += f" ({kernel} kernel)"
     if quantization == "auto":
         label += " (auto)"
+    if backend is not None:  # pinned too
+        label += f" [{runner.model.backend.name} attention]"
     print(f"[{spec}] engine built in {build_s:.1f} s ({label})", flush=True)
     return _Built(spec, engine, label, kernels, round(build_s, 1))
 
@@ -319,7 +337,8 @@ def compare(formats: list[dict]) -> dict:
                 for r in base["verify_rows"]
             },
         }
-        if split_format(f["quantization"])[0] == "int4" and base["quantization"] == "none":
+        base_format = split_format(base["quantization"])[0]
+        if split_format(f["quantization"])[0] == "int4" and base_format == "none":
             entry["single_stream_target"] = INT4_SINGLE_STREAM_TARGET
             entry["single_stream_target_met"] = single >= INT4_SINGLE_STREAM_TARGET
         out["against"][f["quantization"]] = entry
@@ -486,6 +505,8 @@ def _format_spec(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{value!r}: expected none, int4, auto, int4:aten or int4:avx2"
         )
+    if split_backend(value) not in (None, "torch", "cpu"):
+        raise argparse.ArgumentTypeError(f"{value!r}: an @attention backend is torch or cpu")
     if kernel is not None and quantization != "int4":
         raise argparse.ArgumentTypeError(f"{value!r}: a kernel goes with int4 only")
     return value
@@ -510,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         type=_format_spec,
         default=["none", "int4"],
         help="weight formats, measured in this order; the first is the baseline of the ratios. "
-        "int4:aten / int4:avx2 pin the CPU int4 kernel (--int4-kernel)",
+        "int4:aten / int4:avx2 pin the CPU int4 kernel (--int4-kernel); a suffix @torch / @cpu "
+        "pins the attention backend (--attention-backend), e.g. int4@torch int4@cpu",
     )
     ap.add_argument("--dtype", default="auto", help="ModelConfig.dtype (auto: fp32 on CPU)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])

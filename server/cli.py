@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-num-seqs", type=int)
     a("--max-num-batched-tokens", type=int)
     a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
-    a("--attention-backend", choices=["auto", "torch", "triton"])
+    a("--attention-backend", choices=["auto", "torch", "cpu", "triton"])
     a(
         "--speculative-config",
         help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'',

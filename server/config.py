@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 DType = Literal["auto", "float32", "float16", "bfloat16", "float64"]
-AttentionBackendName = Literal["auto", "torch", "triton"]
+AttentionBackendName = Literal["auto", "torch", "cpu", "triton"]
 Device = Literal["auto", "cpu", "cuda"]
 Quantization = Literal["auto", "none", "int4"]
 Int4Kernel = Literal["auto", "avx2", "aten"]

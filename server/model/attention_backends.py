@@ -1,6 +1,6 @@
-"""The attention backend by name (``--attention-backend``): torch, triton or auto.
+"""The attention backend by name (``--attention-backend``): torch, cpu, triton or auto.
 
-Above both backend modules, so neither imports the other.
+Above the backend modules, so none imports another.
 """
 
 from __future__ import annotations
@@ -9,12 +9,25 @@ import os
 
 import torch
 
+from server.model import attention_cpu, int4_avx2
 from server.model.attention import AttentionBackend, TorchAttentionBackend
 
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """The backend called `name`; "auto" = triton on CUDA when it imports, else torch."""
+    """The backend called `name`; "auto" = triton on CUDA when it imports, on CPU specd's
+    paged-attention kernel where it builds, else torch."""
     if name == "torch":
+        return TorchAttentionBackend()
+    if name == "cpu" or (name == "auto" and device.type == "cpu"):
+        kernel = attention_cpu.load() if device.type == "cpu" else None
+        if kernel is not None:
+            return attention_cpu.CpuAttentionBackend(kernel)
+        if name == "cpu":
+            raise ValueError(
+                "attention backend 'cpu' needs a CPU with AVX2 and FMA, a C++ compiler and "
+                f"ninja ({int4_avx2.unavailable_reason() or 'the kernel failed to build'}); "
+                "use --attention-backend torch"
+            )
         return TorchAttentionBackend()
     if name in ("triton", "auto"):
         backend = _triton_backend(device, explicit=name == "triton")
@@ -26,7 +39,7 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
                 "package; use --attention-backend torch"
             )
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r} (choose torch, triton or auto)")
+    raise ValueError(f"unknown attention backend {name!r} (choose torch, cpu, triton or auto)")
 
 
 def _triton_backend(device: torch.device, explicit: bool) -> AttentionBackend | None:

@@ -70,25 +70,26 @@ def unavailable_reason() -> str | None:
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled extension, or None (logged once) where it can't be had."""
+    return load_extension("specd_int4_avx2", SOURCE, "int4 kernel", "torch's")
+
+
+def load_extension(name: str, source: Path, what: str, fallback: str) -> ModuleType | None:
+    """One of specd's AVX2 C++ extensions (kernels/cpu/), compiled on first use and cached by
+    torch; None (logged) where it can't be had, and the caller uses ``fallback``."""
     reason = unavailable_reason()
     if reason is not None:
-        logger.info("specd's AVX2 int4 kernel is not used: %s", reason)
+        logger.info("specd's AVX2 %s is not used: %s", what, reason)
         return None
-    from torch.utils.cpp_extension import load as load_extension
+    from torch.utils.cpp_extension import load as build
 
-    logger.info("loading specd's AVX2 int4 kernel (compiled on first use, ~30-45 s; then cached)")
+    logger.info("loading specd's AVX2 %s (compiled on first use, ~30-45 s; then cached)", what)
     start = time.perf_counter()
     try:
-        module = load_extension(
-            name="specd_int4_avx2",
-            sources=[str(SOURCE)],
-            extra_cflags=_FLAGS,
-            verbose=False,
-        )
-    except Exception as exc:  # a compiler error must not stop serving: torch's kernel remains
-        logger.warning("specd's AVX2 int4 kernel failed to build (%s); using torch's", exc)
+        module = build(name=name, sources=[str(source)], extra_cflags=_FLAGS, verbose=False)
+    except Exception as exc:  # a compiler error must not stop serving: the fallback remains
+        logger.warning("specd's AVX2 %s failed to build (%s); using %s", what, exc, fallback)
         return None
-    logger.info("AVX2 int4 kernel ready in %.1f s", time.perf_counter() - start)
+    logger.info("AVX2 %s ready in %.1f s", what, time.perf_counter() - start)
     return module
 
 

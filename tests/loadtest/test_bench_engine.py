@@ -68,6 +68,15 @@ def test_formats_can_pin_the_int4_kernel() -> None:
         bench_engine.main(["--quantization", "int4:fast"])
 
 
+def test_formats_can_pin_the_attention_backend() -> None:
+    assert bench_engine.split_format("int4:aten@cpu") == ("int4", "aten")
+    assert bench_engine.split_backend("int4:aten@cpu") == "cpu"
+    assert bench_engine.split_backend("none@torch") == "torch"
+    assert bench_engine.split_backend("int4") is None
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--quantization", "int4@flash"])
+
+
 def test_formats_take_turns_in_rotated_order() -> None:
     built = [bench_engine._Built(spec, None, spec, [], 0.0) for spec in ("a", "b", "c")]  # type: ignore[arg-type]
     orders = ["".join(b.spec for b in bench_engine._rotated(built, turn)) for turn in range(4)]

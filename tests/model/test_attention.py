@@ -1,4 +1,5 @@
-"""The torch paged-attention backend against a dense per-request reference."""
+"""The torch and CPU-kernel paged-attention backends against a dense per-request reference,
+and the bitwise properties speculation relies on, for each."""
 
 from __future__ import annotations
 
@@ -7,10 +8,23 @@ import random
 import pytest
 import torch
 
-from server.model.attention import TorchAttentionBackend, build_attention_metadata
+from server.model import attention_cpu
+from server.model.attention import AttentionBackend, TorchAttentionBackend, build_attention_metadata
 from server.model.attention_backends import get_attention_backend
 
 HQ, HK, D, BS, NB = 6, 2, 16, 4, 64
+# The per-request backends whose rows must be bitwise those of plain decoding on CPU.
+CPU_BACKENDS = ["torch", "cpu"]
+
+
+def make_backend(name: str) -> AttentionBackend:
+    """torch: per request (the CPU default before the kernel); cpu: specd's paged kernel."""
+    if name == "torch":
+        return TorchAttentionBackend(batch_decode=False)
+    kernel = attention_cpu.load()
+    if kernel is None:
+        pytest.skip("no AVX2 attention kernel here")
+    return attention_cpu.CpuAttentionBackend(kernel)
 
 
 def _reference(q, k, v, k_cache, v_cache, query_lens, prefix_lens, block_ids, trees, scale):
@@ -55,8 +69,8 @@ def _tree(n: int, rng: random.Random) -> torch.Tensor:
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch_decode", [False, True], ids=["per_request", "batched"])
-def test_torch_backend_matches_reference(query_lens, prefix_lens, with_trees, dtype, batch_decode):
+@pytest.mark.parametrize("mode", ["per_request", "batched", "cpu"])
+def test_backends_match_the_reference(query_lens, prefix_lens, with_trees, dtype, mode):
     rng = random.Random(0)
     torch.manual_seed(0)
     free = list(range(NB))
@@ -79,7 +93,8 @@ def test_torch_backend_matches_reference(query_lens, prefix_lens, with_trees, dt
         torch.device("cpu"),
         trees if with_trees else None,
     )
-    backend = TorchAttentionBackend(batch_decode=batch_decode)
+    # cpu with float64 exercises its fallback to the torch backend (the kernel is float32).
+    backend = TorchAttentionBackend(batch_decode=True) if mode == "batched" else make_backend(mode)
     out = backend.forward(q, k, v, k_cache, v_cache, meta, D**-0.5)
     ref = _reference(
         q, k, v, before_k, before_v, query_lens, prefix_lens, block_ids, trees, D**-0.5
@@ -105,7 +120,8 @@ def test_backend_registry(monkeypatch: pytest.MonkeyPatch):
     # Without the interpreter, "triton" on CPU is an error (tests/conftest.py sets it).
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cpu = torch.device("cpu")
-    assert get_attention_backend("auto", cpu).name == "torch"
+    expected = "cpu" if attention_cpu.load() is not None else "torch"
+    assert get_attention_backend("auto", cpu).name == expected
     assert get_attention_backend("torch", cpu).name == "torch"
     with pytest.raises(ValueError, match="triton"):
         get_attention_backend("triton", cpu)
@@ -114,7 +130,7 @@ def test_backend_registry(monkeypatch: pytest.MonkeyPatch):
 
 
 def _decode_reference(
-    q_row: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_size: int
+    q_row: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_size: int, backend: str
 ) -> torch.Tensor:
     """Plain decoding of one token whose visible keys are ``keys`` / ``values`` [L, Hk, D],
     laid out at positions 0..L-1 of a fresh paged cache (the last one is the token's own)."""
@@ -127,14 +143,17 @@ def _decode_reference(
     meta = build_attention_metadata(
         [1], [L - 1], [list(range(nblk))], block_size, torch.device("cpu"), prompt_lens=[L - 1]
     )
-    return TorchAttentionBackend(batch_decode=False).forward(
+    return make_backend(backend).forward(
         q_row[None], keys[-1:], values[-1:], k_cache, v_cache, meta, 0.125
     )[0]
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
 @pytest.mark.parametrize("prefix", [5, 37, 130])
-def test_verify_rows_attend_bitwise_as_plain_decoding(tree: bool, prefix: int) -> None:
+def test_verify_rows_attend_bitwise_as_plain_decoding(
+    tree: bool, prefix: int, backend: str
+) -> None:
     """Each verify row's attention equals, bit for bit, plain decoding of its token at its
     position over the same keys: the property that keeps speculative greedy outputs those
     of plain decoding under int4 weights (whose bf16 input rounding amplifies last bits)."""
@@ -157,11 +176,11 @@ def test_verify_rows_attend_bitwise_as_plain_decoding(tree: bool, prefix: int) -
         [n], [prefix], [list(range(nblk))], bs, torch.device("cpu"),
         tree_masks=[mask if tree else None], verify_rows=[True],
     )  # fmt: skip
-    out = TorchAttentionBackend(batch_decode=False).forward(q, k, v, k_cache, v_cache, meta, 0.125)
+    out = make_backend(backend).forward(q, k, v, k_cache, v_cache, meta, 0.125)
     flat_k, flat_v = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
     for i in range(n):
         visible = list(range(prefix)) + [prefix + j for j in mask[i].nonzero().squeeze(1).tolist()]
-        expect = _decode_reference(q[i], flat_k[visible], flat_v[visible], bs)
+        expect = _decode_reference(q[i], flat_k[visible], flat_v[visible], bs, backend)
         assert torch.equal(out[i], expect), f"row {i} differs from plain decoding"
 
 
@@ -172,6 +191,7 @@ def _chunked_attention(
     cuts: list[int],
     prompt_len: int,
     block_size: int,
+    backend: str,
 ) -> torch.Tensor:
     """One request's rows 0..len(q) - 1 computed in chunks ending at ``cuts`` (the last cut is
     len(q)), each chunk a step over a paged cache holding the earlier ones."""
@@ -187,16 +207,15 @@ def _chunked_attention(
         )  # fmt: skip
         rows = slice(start, stop)
         out.append(
-            TorchAttentionBackend(batch_decode=False).forward(
-                q[rows], k[rows], v[rows], k_cache, v_cache, meta, 0.125
-            )
+            make_backend(backend).forward(q[rows], k[rows], v[rows], k_cache, v_cache, meta, 0.125)
         )
         start = stop
     return torch.cat(out)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("prompt_len", [200, 150])
-def test_prompt_rows_attend_the_same_whatever_the_chunking(prompt_len: int) -> None:
+def test_prompt_rows_attend_the_same_whatever_the_chunking(prompt_len: int, backend: str) -> None:
     """A request's attention outputs, bit for bit, whether its rows came in one chunk or cut
     at block boundaries (the scheduler's cuts), and rows past the prompt (generated tokens
     recomputed after a preemption) exactly as decoding computed them: so plain decoding does
@@ -207,11 +226,12 @@ def test_prompt_rows_attend_the_same_whatever_the_chunking(prompt_len: int) -> N
     q = torch.randn(n, hq, d, generator=g)
     k = torch.randn(n, hk, d, generator=g)
     v = torch.randn(n, hk, d, generator=g)
-    whole = _chunked_attention(q, k, v, [n], prompt_len, bs)
+    whole = _chunked_attention(q, k, v, [n], prompt_len, bs, backend)
     for cuts in ([64, 128, n], [16, n], [96, 176, n], [144, 160, 170, n]):
         if any(c < prompt_len and c % bs for c in cuts):
             continue  # the scheduler cuts prompts at block boundaries only
-        chunked = _chunked_attention(q, k, v, cuts, prompt_len, bs)
+        chunked = _chunked_attention(q, k, v, cuts, prompt_len, bs, backend)
         assert torch.equal(chunked, whole), f"cut at {cuts}"
     for r in range(prompt_len, n):
-        assert torch.equal(whole[r], _decode_reference(q[r], k[: r + 1], v[: r + 1], bs)), r
+        decoded = _decode_reference(q[r], k[: r + 1], v[: r + 1], bs, backend)
+        assert torch.equal(whole[r], decoded), r
