@@ -28,11 +28,14 @@ too (added exactly outside the kernel). On SmolLM2 the measured error stayed und
 the bound.
 
 specd's AVX2 kernel (kernels/cpu/int4_linear.cpp) computes in float32: each weight is one FMA
-(q * scale + offset, rounded once), and each output accumulates its products with FMAs, 8
-lanes of n / 8 in input order (n = K times the planes the kernel reads), then a horizontal
-sum of 3 adds. The classic dot-product bound then gives |error| <= (n / 8 + 5) u sum_i |x_i|
-|w_i| (u = 2^-24, to first order); the factor used, (n + 8) u, is 8x that and, for SmolLM2's
-head, ~170 times tighter than the bfloat16 one: fewer logits are rescored.
+(q * scale + offset, rounded once) with offset = zero - 8 scale rounded once at load (an error
+of at most u (|zero| + 8 |scale|) on the weight, u = 2^-24), and each output accumulates its
+products with FMAs, 8 lanes of n / 8 in input order (n = K times the planes the kernel
+reads), then a horizontal sum of 3 adds. With A'_vi = A_vi + 8 |scale| per plane (which
+covers |w| and the offset's rounding), the classic dot-product bound gives |error| <=
+(n / 8 + 6) u sum_i |x_i| A'_vi to first order; the factor used, (n + 8) u, is several times
+that and, for SmolLM2's head, still ~50 times tighter than the bfloat16 one: fewer logits
+are rescored.
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ def error_factor(kernel: Kernel, in_features: int, planes: int) -> float:
 _NORM_CHUNK = 4096
 
 
-def row_magnitude_norms(qw: QuantizedWeight) -> torch.Tensor:
-    """float32 [N]: ||A_v||_2 per row v, A_vi = sum over planes of |(q - 8) * scale| + |zero|."""
+def row_magnitude_norms(qw: QuantizedWeight, offset_slack: bool = False) -> torch.Tensor:
+    """float32 [N]: ||A_v||_2 per row v, A_vi = sum over planes of |(q - 8) * scale| + |zero|
+    (+ 8 |scale| with ``offset_slack``: the AVX2 kernel's rounded offsets, module docstring)."""
     n, k = qw.shape
     norms = []
     for start in range(0, n, _NORM_CHUNK):
@@ -71,6 +75,8 @@ def row_magnitude_norms(qw: QuantizedWeight) -> torch.Tensor:
         scale = part.scale.abs().repeat_interleave(GROUP_SIZE, dim=1)
         zero = part.zero.abs().repeat_interleave(GROUP_SIZE, dim=1)
         mag = (part.q.float() - 8).abs() * scale + zero
+        if offset_slack:
+            mag = mag + 8 * scale
         norms.append(mag.reshape(mag.shape[0], qw.planes, k).sum(dim=1).norm(dim=1))
     return torch.cat(norms)
 
@@ -95,8 +101,9 @@ class RescoredInt4Head(nn.Module):
         self.planes = qw.planes
         # C_v = c ||A_v|| per row of the weight (c: the kernel's error_factor), and its
         # maximum: the error bound of logit v is ||x|| C_v (see the module docstring).
-        factor = error_factor(self.kernel.kernel, self.in_features, self.kernel.planes_in_kernel)
-        per_row = factor * row_magnitude_norms(qw)
+        kernel_name = self.kernel.kernel
+        factor = error_factor(kernel_name, self.in_features, self.kernel.planes_in_kernel)
+        per_row = factor * row_magnitude_norms(qw, offset_slack=kernel_name == "avx2")
         self.register_buffer("bound_per_row", per_row, persistent=False)
         self.bound_max = float(per_row.max())
         # Counters for tests and benchmarks: rows computed, logits recomputed.
