@@ -150,6 +150,14 @@ def write_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
+def rows_to_write(meta: AttentionMetadata) -> torch.Tensor | None:
+    """The rows whose K/V are stored (slot >= 0), on the slots' device; None = every row."""
+    valid = meta.slot_mapping.cpu() >= 0
+    if bool(valid.all()):
+        return None
+    return valid.nonzero().squeeze(1).to(meta.slot_mapping.device)
+
+
 # Batched mode: requests with at most this many new tokens (decode, short speculative trees)
 # are padded into one SDPA call; longer ones (prefill chunks) run alone so a 512-token chunk
 # does not pad 63 decode rows to 512 queries each.
@@ -220,9 +228,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def prepare(self, meta: AttentionMetadata) -> None:
         device = meta.slot_mapping.device
-        slots_cpu = meta.slot_mapping.cpu()
-        valid = slots_cpu >= 0
-        write_rows = None if bool(valid.all()) else valid.nonzero().squeeze(1).to(device)
+        write_rows = rows_to_write(meta)
         cu = meta.cu_q
         if meta.block_tables_cpu is None:
             meta.block_tables_cpu = meta.block_tables.cpu()

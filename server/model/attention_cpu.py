@@ -30,6 +30,7 @@ from server.model.attention import (
     _Group,
     _prompt_segments,
     _TorchState,
+    rows_to_write,
     write_kv,
 )
 
@@ -71,9 +72,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return
         if meta.block_tables_cpu is None:
             meta.block_tables_cpu = meta.block_tables.cpu()
-        slots_cpu = meta.slot_mapping.cpu()
-        valid = slots_cpu >= 0
-        write_rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+        write_rows = rows_to_write(meta)
         cu = meta.cu_q
         rows: list[torch.Tensor] = []
         keys: list[torch.Tensor] = []
