@@ -1,13 +1,15 @@
 """Offline engine throughput on the embedded model, weight formats side by side.
 
     python -m loadtest.bench_engine [--model smollm2-135m-instruct]
-        [--quantization none int4 | none int4:aten int4:avx2 | none int4@torch int4@cpu]
+        [--quantization none int4 | none int4:aten int4:avx2 | none int4@torch int4@cpu
+                        | none/1 int4/1 none int4]
         [--batch-sizes 1 8 32] [--new-tokens 128] [--verify-rows 16] [--verify-context 256]
         [--no-transformers] [--out loadtest/results/engine]
 
 Everything is measured in one run on one machine, in one process: an engine per weight format
 (``--quantization``, ModelConfig.quantization; ``int4:aten`` / ``int4:avx2`` pin the CPU int4
-kernel, server/model/int4.py; an ``@torch`` / ``@cpu`` suffix pins the attention backend;
+kernel, server/model/int4.py; an ``@torch`` / ``@cpu`` suffix pins the attention backend, a
+``/N`` suffix the threads of specd's CPU kernels, --kernel-threads;
 plain ``int4`` takes the engine's own choices) is built first,
 then the formats take turns at each measurement (each batch size, each single-stream round;
 the order rotated per turn). Per format: the engine's output tokens/s at each
@@ -43,6 +45,8 @@ from loadtest.host import format_loadavg, loadavg
 from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from server.engine.offline import OfflineEngine
 from server.engine.sampling_params import SamplingParams
+from server.model import int4_avx2
+from server.model.cpu_threads import resolve_kernel_threads
 from server.model.int4 import Int4Linear
 from server.model.loader import resolve_model
 
@@ -71,6 +75,7 @@ def machine_info() -> dict[str, str]:
         "cores": str(host["usable_cores"]),
         "torch": torch.__version__,
         "torch_threads": str(torch.get_num_threads()),
+        "kernel_threads": str(resolve_kernel_threads(0)) + " (auto; a /N format pins its own)",
         "python": str(host["python"]),
         "git_commit": git["commit"][:7] + (" (dirty)" if git["dirty"] == "yes" else ""),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -186,6 +191,7 @@ def engine_config(
     quantization: str,
     int4_kernel: str = "auto",
     attention_backend: str = "auto",
+    kernel_threads: int = 0,
 ) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(
@@ -194,6 +200,7 @@ def engine_config(
             quantization=quantization,  # type: ignore[arg-type]
             int4_kernel=int4_kernel,  # type: ignore[arg-type]
             cpu_linear_plan=args.cpu_linear_plan,
+            kernel_threads=kernel_threads,
         ),
         # Off: every measurement computes its prompts (no reuse across repeats).
         cache=CacheConfig(enable_prefix_caching=False),
@@ -209,14 +216,22 @@ def split_format(spec: str) -> tuple[str, str | None]:
     """``int4:avx2`` -> (``int4``, ``avx2``): a --quantization value and the CPU int4 kernel
     it is measured with (--int4-kernel; None: the engine's own choice). An ``@backend``
     suffix (``split_backend``) is not part of it."""
-    quantization, _, kernel = spec.partition("@")[0].partition(":")
+    quantization, _, kernel = spec.partition("/")[0].partition("@")[0].partition(":")
     return quantization, kernel or None
 
 
 def split_backend(spec: str) -> str | None:
     """``int4@torch`` -> ``torch``: the attention backend a format is measured with
     (--attention-backend; None: the engine's own choice)."""
-    return spec.partition("@")[2] or None
+    return spec.partition("/")[0].partition("@")[2] or None
+
+
+def split_threads(spec: str) -> int | None:
+    """``int4/1`` -> 1: the threads of specd's CPU kernels a format is measured with
+    (--kernel-threads; None: the engine's own choice). The count is process-wide, so it is
+    set before each of the format's measurements."""
+    threads = spec.partition("/")[2]
+    return int(threads) if threads else None
 
 
 @dataclass
@@ -228,14 +243,21 @@ class _Built:
     label: str
     kernels: list[str]
     build_s: float
+    kernel_threads: int
+
+    def activate(self) -> None:
+        """Sets the process-wide settings this format is measured with."""
+        int4_avx2.set_kernel_threads(self.kernel_threads)
 
 
 def build_format(args: argparse.Namespace, model_dir: Path, spec: str) -> _Built:
     quantization, kernel = split_format(spec)
     backend = split_backend(spec)
+    threads = resolve_kernel_threads(split_threads(spec) or 0)
+    int4_avx2.set_kernel_threads(threads)
     t0 = time.perf_counter()
     engine = OfflineEngine(
-        engine_config(args, model_dir, quantization, kernel or "auto", backend or "auto")
+        engine_config(args, model_dir, quantization, kernel or "auto", backend or "auto", threads)
     )
     build_s = time.perf_counter() - t0
     runner = engine.core.runner
@@ -247,8 +269,10 @@ def build_format(args: argparse.Namespace, model_dir: Path, spec: str) -> _Built
         label += " (auto)"
     if backend is not None:  # pinned too
         label += f" [{runner.model.backend.name} attention]"
+    if split_threads(spec) is not None:
+        label += f" ({threads} kernel thread{'s' if threads > 1 else ''})"
     print(f"[{spec}] engine built in {build_s:.1f} s ({label})", flush=True)
-    return _Built(spec, engine, label, kernels, round(build_s, 1))
+    return _Built(spec, engine, label, kernels, round(build_s, 1), threads)
 
 
 def _rotated(built: list[_Built], turn: int) -> list[_Built]:
@@ -269,6 +293,7 @@ def bench_formats(args: argparse.Namespace, model_dir: Path) -> list[dict]:
     for turn, batch in enumerate(args.batch_sizes):
         prompts = chat_prompts(tokenizer, batch)
         for b in _rotated(built, turn):
+            b.activate()
             row = engine_throughput(b.engine, prompts, args.new_tokens)
             rate = row["output_tokens_per_s"]
             print(f"[{b.spec}] batch {batch}: {rate} output tok/s", flush=True)
@@ -277,12 +302,14 @@ def bench_formats(args: argparse.Namespace, model_dir: Path) -> list[dict]:
     rounds: dict[str, list[float]] = {b.spec: [] for b in built}
     for turn in range(args.repeats):
         for b in _rotated(built, turn):
+            b.activate()
             rounds[b.spec].append(single_stream_once(b.engine, prompt, args.new_tokens))
     out = []
     for b in built:
         rates = rounds[b.spec]
         print(f"[{b.spec}] single stream: {statistics.median(rates):.1f} tok/s", flush=True)
         runner = b.engine.core.runner
+        b.activate()
         curve = verify_row_curve(runner, args.verify_rows, args.verify_context, args.verify_repeats)
         print(
             f"[{b.spec}] verify rows: "
@@ -294,6 +321,7 @@ def bench_formats(args: argparse.Namespace, model_dir: Path) -> list[dict]:
                 "quantization": b.spec,
                 "label": b.label,
                 "int4_kernels": b.kernels,
+                "kernel_threads": b.kernel_threads,
                 "build_s": b.build_s,
                 "throughput": throughput[b.spec],
                 "single_stream": {
@@ -507,6 +535,9 @@ def _format_spec(value: str) -> str:
         )
     if split_backend(value) not in (None, "torch", "cpu"):
         raise argparse.ArgumentTypeError(f"{value!r}: an @attention backend is torch or cpu")
+    threads = value.partition("/")[2]
+    if threads and not (threads.isdigit() and int(threads) >= 1):
+        raise argparse.ArgumentTypeError(f"{value!r}: /N kernel threads must be >= 1")
     if kernel is not None and quantization != "int4":
         raise argparse.ArgumentTypeError(f"{value!r}: a kernel goes with int4 only")
     return value

@@ -36,6 +36,7 @@ _FLAG_TO_FIELD: dict[str, tuple[str, str]] = {
     "seed": ("model", "seed"),
     "cpu_linear_plan": ("model", "cpu_linear_plan"),
     "cpu_threads": ("model", "cpu_threads"),
+    "kernel_threads": ("model", "kernel_threads"),
     "quantization": ("model", "quantization"),
     "int4_kernel": ("model", "int4_kernel"),
     "block_size": ("cache", "block_size"),
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="torch intra-op threads on CPU (default 0: usable cores - 1, one left to the API "
         "process)",
+    )
+    a(
+        "--kernel-threads",
+        type=int,
+        help="threads of specd's own CPU kernels (int4 linears, paged attention); a call never "
+        "waits for a thread to wake, so a core the API process takes costs only its share "
+        "(default 0: usable cores)",
     )
     a(
         "--quantization",

@@ -40,6 +40,10 @@ class ModelConfig:
     # torch intra-op threads on CPU; 0 (auto): usable cores - 1, leaving one to the API
     # process (server/model/cpu_threads.py has the measurements).
     cpu_threads: int = 0
+    # Threads of specd's own CPU kernels (int4/int8 linears, paged attention), which split
+    # each call without ever waiting for a thread to wake (kernels/cpu/work_pool.h); 0 (auto):
+    # usable cores, the API process's included (server/model/cpu_threads.py).
+    kernel_threads: int = 0
     # Linear weights served as 4-bit (server/model/quantize.py). auto: int4 for a GGUF whose
     # decoder linears are all Q4_0 / Q4_1 (the file's own precision), on CPU with dtype auto;
     # none otherwise. int4: any model, CPU only (non-Q4 linears are rounded to nearest; the
@@ -58,6 +62,8 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads must be >= 0, 0 for auto (got {self.cpu_threads})")
+        if self.kernel_threads < 0:
+            raise ValueError(f"kernel_threads must be >= 0, 0 for auto (got {self.kernel_threads})")
 
     @property
     def name(self) -> str:

@@ -23,10 +23,17 @@
 // through the same code (SignedBytes::expand).
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "work_pool.h"
+
 namespace {
+
+// The kernels' threads (work_pool.h): the calling thread plus set_threads(n) - 1 workers.
+specd::WorkPool& pool() {
+  static specd::WorkPool instance;
+  return instance;
+}
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kBlockN = 8;  // weight rows per block
@@ -211,7 +218,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& q, const torch
   float* yp = out.data_ptr<float>();
   const int64_t row_bytes = groups * F::kGroupBytes;
   const int64_t blocks = (n + kBlockN - 1) / kBlockN;
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+  // A block of 8 weight rows at one input row is ~1 us of work: chunks of a few blocks.
+  pool().parallel_for(blocks, 4, [&](int64_t begin, int64_t end) {
     if (rows <= kFusedRows) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t n0 = b * kBlockN, count = std::min(kBlockN, n - n0);
@@ -254,7 +262,23 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q8,
   return linear<SignedBytes>(x, q8, scales, offsets);
 }
 
+void set_threads(int64_t threads, int64_t spin_us) {
+  TORCH_CHECK(threads >= 1, "threads must be >= 1");
+  pool().set_spin_us(spin_us);
+  if (pool().workers() != threads - 1) pool().set_workers(threads - 1);
+}
+
+int64_t get_threads() { return pool().workers() + 1; }
+
+// The pool for the other kernels' extensions to share (paged_attention.cpp's use_pool): the
+// same header compiled with the same flags, so the same class. It lives as long as the process.
+py::capsule pool_handle() { return py::capsule(&pool(), "specd.WorkPool"); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_threads", &set_threads, "threads running each kernel call (the caller's included)",
+        py::arg("threads"), py::arg("spin_us") = 200);
+  m.def("get_threads", &get_threads, "threads running each kernel call");
+  m.def("pool_handle", &pool_handle, "this extension's threads, for use_pool of the others");
   m.def("int4_linear", &int4_linear, "float32 x [M, K] @ int4 weight [N, K].T (AVX2, FMA)");
   m.def("int8_linear", &int8_linear, "float32 x [M, K] @ int8 weight [N, K].T (AVX2, FMA)");
 }

@@ -25,7 +25,13 @@
 #include <cmath>
 #include <vector>
 
+#include "work_pool.h"
+
 namespace {
+
+// The int4 extension's threads, shared (use_pool) so that one set of workers serves every
+// kernel of a step; at::parallel_for until then.
+specd::WorkPool* shared_pool = nullptr;
 
 inline float horizontal_sum(__m256 v) {
   const __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -164,18 +170,30 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
   float* op = out.data_ptr<float>();
   const int64_t group = heads / kv_heads, slot_stride = kv_heads * d;
   const float s = static_cast<float>(scale);
-  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+  const auto attend = [&](int64_t begin, int64_t end) {
     std::vector<float> scores(static_cast<size_t>(most + 8));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i / heads, h = i % heads, kvh = h / group;
       attend_row(qp + i * d, kp + kvh * d, vp + kvh * d, slot_stride, slots + starts[t],
                  starts[t + 1] - starts[t], d, s, scores.data(), op + i * d);
     }
-  });
+  };
+  if (shared_pool != nullptr) {
+    shared_pool->parallel_for(rows * heads, 1, attend);
+  } else {
+    at::parallel_for(0, rows * heads, 1, attend);
+  }
   return out;
 }
 
+void use_pool(const py::capsule& handle) {
+  void* pool = PyCapsule_GetPointer(handle.ptr(), "specd.WorkPool");
+  if (pool == nullptr) throw py::error_already_set();
+  shared_pool = static_cast<specd::WorkPool*>(pool);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("use_pool", &use_pool, "run on the threads of the int4 extension's pool_handle()");
   m.def("paged_attention", &paged_attention,
         "float32 attention of query rows over their own keys in the paged cache (AVX2, FMA)");
 }

@@ -39,10 +39,15 @@ SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "cpu" / "paged_attent
 
 @functools.cache
 def load() -> ModuleType | None:
-    """The compiled kernel, or None where it can't be had (logged once)."""
-    return int4_avx2.load_extension(
+    """The compiled kernel, or None where it can't be had (logged once). It runs on the int4
+    extension's threads (--kernel-threads), one set of workers for every kernel of a step."""
+    kernel = int4_avx2.load_extension(
         "specd_paged_attention", SOURCE, "attention kernel", "torch's SDPA"
     )
+    threads = int4_avx2.load()
+    if kernel is not None and threads is not None:
+        kernel.use_pool(threads.pool_handle())
+    return kernel
 
 
 @dataclass

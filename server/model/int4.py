@@ -361,15 +361,15 @@ def choose_kernel(wanted: str = "auto") -> Kernel:
         return "avx2"
     if wanted != "auto":
         raise ValueError(f"int4 kernel must be auto, avx2 or aten (got {wanted!r})")
-    return host_kernel(torch.get_num_threads())
+    return host_kernel(torch.get_num_threads(), int4_avx2.kernel_threads())
 
 
 @functools.cache
-def host_kernel(threads: int) -> Kernel:
+def host_kernel(threads: int, kernel_threads: int = 1) -> Kernel:
     """The kernel that computes a decoder-sized int4 matrix faster here, summed over 1, 4 and
     16 rows (median of 5 rounds in which the two take turns); torch's where the AVX2 kernel
-    can't be had. Timed once per process and thread count (~0.3 s with quantizing the probe
-    matrices), logged."""
+    can't be had. Timed once per process and thread counts (torch's, ``threads``; specd's
+    kernels', ``kernel_threads``; ~0.3 s with quantizing the probe matrices), logged."""
     if int4_avx2.load() is None:
         return "aten"
     generator = torch.Generator().manual_seed(0)
@@ -385,13 +385,14 @@ def host_kernel(threads: int) -> Kernel:
     choice: Kernel = "avx2" if seconds["avx2"] < seconds["aten"] else "aten"
     logger.info(
         "int4 kernel: %s (a %d x %d matrix at %s rows took %.0f us with torch's bf16 kernel, "
-        "%.0f us with the AVX2 float32 one; %d threads)",
+        "%.0f us with the AVX2 float32 one; %d torch / %d kernel threads)",
         choice,
         *_CHOICE_SHAPE,
         "/".join(map(str, _CHOICE_ROWS)),
         seconds["aten"] * 1e6,
         seconds["avx2"] * 1e6,
         threads,
+        kernel_threads,
     )
     return choice
 

@@ -67,10 +67,37 @@ def unavailable_reason() -> str | None:
     return None
 
 
+# Threads each kernel call runs on (kernels/cpu/work_pool.h): 1 until the engine sets its
+# --kernel-threads (server/model/cpu_threads.py). Workers spin this long for the next call
+# (within a forward, calls come tens of microseconds apart) and then sleep.
+_kernel_threads = 1
+KERNEL_SPIN_US = 1000
+
+
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled extension, or None (logged once) where it can't be had."""
-    return load_extension("specd_int4_avx2", SOURCE, "int4 kernel", "torch's")
+    module = load_extension("specd_int4_avx2", SOURCE, "int4 kernel", "torch's")
+    if module is not None:
+        module.set_threads(_kernel_threads, KERNEL_SPIN_US)
+    return module
+
+
+def set_kernel_threads(threads: int) -> None:
+    """Threads for every call of specd's CPU kernels from now on: the int4/int8 linears here
+    and the paged attention kernel, which runs on this extension's threads (attention_cpu)."""
+    global _kernel_threads
+    if threads < 1:
+        raise ValueError(f"kernel threads must be >= 1, got {threads}")
+    _kernel_threads = threads
+    if load.cache_info().currsize:  # already loaded: apply now
+        module = load()
+        if module is not None:
+            module.set_threads(threads, KERNEL_SPIN_US)
+
+
+def kernel_threads() -> int:
+    return _kernel_threads
 
 
 def load_extension(name: str, source: Path, what: str, fallback: str) -> ModuleType | None:

@@ -22,7 +22,7 @@ from server.engine.request import Request
 from server.model.attention import AttentionMetadata, build_attention_metadata
 from server.model.attention_backends import get_attention_backend
 from server.model.cpu_linear import plan_linears
-from server.model.cpu_threads import apply_cpu_threads
+from server.model.cpu_threads import apply_cpu_threads, apply_kernel_threads
 from server.model.int4 import plan_int4_linears
 from server.model.loader import eos_token_ids, load_model, resolve_device, resolve_model
 from server.model.sampler import compute_logprobs, sample
@@ -75,6 +75,7 @@ class ModelRunner:
         self.device = resolve_device(mc.device)
         if self.device.type == "cpu":
             apply_cpu_threads(mc.cpu_threads)
+            apply_kernel_threads(mc.kernel_threads)
         self.model_path = resolve_model(mc.model)
         backend = get_attention_backend(engine_config.attention_backend, self.device)
         self.model, self.hf_config, self.tokenizer = load_model(

@@ -77,7 +77,19 @@ def test_formats_can_pin_the_attention_backend() -> None:
         bench_engine.main(["--quantization", "int4@flash"])
 
 
+def test_formats_can_pin_the_kernel_threads() -> None:
+    assert bench_engine.split_threads("int4:avx2@cpu/1") == 1
+    assert bench_engine.split_format("int4:avx2@cpu/1") == ("int4", "avx2")
+    assert bench_engine.split_backend("int4:avx2@cpu/1") == "cpu"
+    assert bench_engine.split_backend("none/2") is None
+    assert bench_engine.split_threads("int4") is None
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--quantization", "int4/0"])
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--quantization", "int4/x"])
+
+
 def test_formats_take_turns_in_rotated_order() -> None:
-    built = [bench_engine._Built(spec, None, spec, [], 0.0) for spec in ("a", "b", "c")]  # type: ignore[arg-type]
+    built = [bench_engine._Built(spec, None, spec, [], 0.0, 1) for spec in ("a", "b", "c")]  # type: ignore[arg-type]
     orders = ["".join(b.spec for b in bench_engine._rotated(built, turn)) for turn in range(4)]
     assert orders == ["abc", "bca", "cab", "abc"]

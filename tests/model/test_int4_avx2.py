@@ -131,7 +131,9 @@ def test_no_rows_and_bad_inputs() -> None:
 def test_the_kernel_is_chosen_by_flag_or_by_timing() -> None:
     qw = quantize_rtn(torch.randn(32, 64))
     assert choose_kernel("aten") == "aten"
-    assert choose_kernel("auto") == int4.host_kernel(torch.get_num_threads())
+    assert choose_kernel("auto") == int4.host_kernel(
+        torch.get_num_threads(), int4_avx2.kernel_threads()
+    )
     assert Int4Linear(qw).kernel == choose_kernel("auto")
     # An explicit compute dtype asks for torch's kernel (its float32 path is a test reference).
     assert Int4Linear(qw, compute_dtype=torch.float32).kernel == "aten"
