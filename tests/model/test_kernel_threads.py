@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from server.cli import build_parser, config_from_args
-from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from server.config import ModelConfig
 from server.model import attention_cpu, cpu_threads, int4_avx2
 from server.model.cpu_threads import apply_kernel_threads, resolve_kernel_threads
 from server.model.int4 import Int4Linear, quantize_rtn
@@ -28,10 +28,7 @@ needs_kernels = pytest.mark.skipif(
 def restore_threads() -> Iterator[None]:
     before = int4_avx2.kernel_threads()
     yield
-    int4_avx2.set_kernel_threads(before)
-    module = int4_avx2.load()
-    if module is not None:
-        module.set_threads(before, int4_avx2.KERNEL_SPIN_US)
+    int4_avx2.set_kernel_threads(before)  # also re-applies it to the loaded extension
 
 
 def _layers() -> list[Int4Linear]:
@@ -86,18 +83,3 @@ def test_flag_and_validation(restore_threads) -> None:
     with pytest.raises(ValueError, match="kernel threads must be >= 1"):
         int4_avx2.set_kernel_threads(0)
     assert apply_kernel_threads(0) == len(os.sched_getaffinity(0)) == int4_avx2.kernel_threads()
-
-
-@needs_kernels
-def test_the_engine_applies_it(tiny_model_dirs, restore_threads) -> None:
-    from server.engine.offline import OfflineEngine
-
-    OfflineEngine(
-        EngineConfig(
-            model=ModelConfig(model=str(tiny_model_dirs["llama"]), kernel_threads=3),
-            cache=CacheConfig(num_blocks=16),
-            scheduler=SchedulerConfig(max_num_seqs=2),
-            separate_process=False,
-        )
-    )
-    assert int4_avx2.kernel_threads() == 3 == int4_avx2.load().get_threads()
