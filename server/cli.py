@@ -107,16 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--quantization",
         choices=["auto", "none", "int4"],
-        help="int4: 4-bit linear weights on CPU (a Q4_0/Q4_1 GGUF's blocks repacked as they "
-        "are, other weights rounded to nearest in groups of 32). auto (default): int4 for a Q4 "
-        "GGUF on CPU with --dtype auto, else none",
+        help="int4: 4-bit linear weights (a Q4_0/Q4_1 GGUF's blocks repacked as they are, other "
+        "weights rounded to nearest in groups of 32); on CPU, or on CUDA with --int4-kernel "
+        "tinygemm (less memory, slower than bf16 there). auto (default): int4 for a Q4 GGUF on "
+        "CPU with --dtype auto, else none",
     )
     a(
         "--int4-kernel",
-        choices=["auto", "avx2", "aten"],
-        help="the CPU kernel of int4 linears: avx2 (specd's float32 kernel, built on first use "
-        "where the CPU has AVX2 and FMA), aten (torch's bf16 kernel); auto (default): the faster "
-        "here, timed at load",
+        choices=["auto", "avx2", "aten", "tinygemm"],
+        help="the kernel of int4 linears. CPU: avx2 (specd's float32 kernel, built on first use "
+        "where the CPU has AVX2 and FMA), aten (torch's bf16 kernel); CUDA: tinygemm (torch's, "
+        "which --quantization int4 there needs named); auto (default): on CPU the faster here, "
+        "timed at load",
     )
     a("--max-model-len", type=int)
     a("--block-size", type=int)

@@ -18,7 +18,7 @@ DType = Literal["auto", "float32", "float16", "bfloat16", "float64"]
 AttentionBackendName = Literal["auto", "torch", "cpu", "triton"]
 Device = Literal["auto", "cpu", "cuda"]
 Quantization = Literal["auto", "none", "int4"]
-Int4Kernel = Literal["auto", "avx2", "aten"]
+Int4Kernel = Literal["auto", "avx2", "aten", "tinygemm"]
 
 
 @dataclass(frozen=True)
@@ -46,18 +46,23 @@ class ModelConfig:
     kernel_threads: int = 0
     # Linear weights served as 4-bit (server/model/quantize.py). auto: int4 for a GGUF whose
     # decoder linears are all Q4_0 / Q4_1 (the file's own precision), on CPU with dtype auto;
-    # none otherwise. int4: any model, CPU only (non-Q4 linears are rounded to nearest; the
-    # LM head stays dense unless the source holds it in Q4_0 / Q4_1 / Q8_0).
+    # none otherwise. int4: any model, on CPU (float32 activations), or on CUDA (bfloat16) with
+    # int4_kernel "tinygemm" named, since it measured slower than bf16 there
+    # (quantize.CUDA_INT4_MEASURED); non-Q4 linears are rounded to nearest; the LM head stays
+    # dense unless the source holds it in Q4_0 / Q4_1 / Q8_0.
     quantization: Quantization = "auto"
-    # Which CPU kernel computes int4 linears (server/model/int4.py): avx2, specd's float32 one
-    # (server/model/int4_avx2.py); aten, torch's bf16 one; auto: the faster here, timed at load.
+    # Which kernel computes int4 linears (server/model/int4.py). CPU: avx2, specd's float32 one
+    # (server/model/int4_avx2.py); aten, torch's bf16 one; auto: the faster here, timed at
+    # load. CUDA: tinygemm, torch's (which int4 there needs named).
     int4_kernel: Int4Kernel = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "none", "int4"):
             raise ValueError(f"quantization must be auto, none or int4 (got {self.quantization!r})")
-        if self.int4_kernel not in ("auto", "avx2", "aten"):
-            raise ValueError(f"int4_kernel must be auto, avx2 or aten (got {self.int4_kernel!r})")
+        if self.int4_kernel not in ("auto", "avx2", "aten", "tinygemm"):
+            raise ValueError(
+                f"int4_kernel must be auto, avx2, aten or tinygemm (got {self.int4_kernel!r})"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
         if self.cpu_threads < 0:

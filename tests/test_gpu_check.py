@@ -25,7 +25,11 @@ STAGES = [
     "kernel-bench",
     "engine-decode",
     "engine-verify",
+    "int4-linear",
+    "int4-engine",
     "greedy-identity",
+    "bf16-greedy",
+    "int4-greedy",
 ]
 
 
@@ -54,8 +58,9 @@ def test_dry_run_writes_every_stage_and_passes(tmp_path: Path) -> None:
     assert list(status) == STAGES
     assert "fail" not in status.values(), report["stages"]
     # The stages that can run on CPU did; the two that need CUDA said why they did not.
-    for stage in ("environment", "engine-decode", "engine-verify", "greedy-identity"):
-        assert status[stage] == "pass", stage
+    for stage in STAGES:
+        if stage not in ("kernel-tests", "kernel-bench"):
+            assert status[stage] == "pass", stage
     stages = {s["name"]: s for s in report["stages"]}
     assert stages["kernel-tests"]["reason"] and stages["kernel-bench"]["reason"]
     plan = report["meta"]["plan"]
@@ -67,6 +72,34 @@ def test_dry_run_writes_every_stage_and_passes(tmp_path: Path) -> None:
     assert {r["shape"] for r in verify} == {"chain", "tree"}
     identity = stages["greedy-identity"]["data"]
     assert identity["identical"] and identity["drafted"] > 0
+    # int4 (the CPU kernel here, tinygemm on CUDA): within the head's error bound, rows
+    # computed alike whatever their count, the engine beside the dense one, lossless.
+    linear = stages["int4-linear"]["data"]
+    assert 0 < linear["worst_err_over_bound"] <= 1
+    assert all(r["row_invariant"] for r in linear["rows"] if r["rows"] <= 64)
+    assert {r["rows"] for r in linear["rows"]} == {1, 8, 32, 64, 512}
+    engine = stages["int4-engine"]["data"]["rows"]
+    assert [r["batch"] for r in engine] == list(plan["decode_batches"])
+    # int4 reads fewer bytes of weights, so its floor is lower than the dense model's.
+    assert all(0 < r["int4_floor_ms"] < r["dense_floor_ms"] for r in engine)
+    for stage in ("bf16-greedy", "int4-greedy"):  # float32 on CPU: identical
+        identity = stages[stage]["data"]
+        assert identity["identical"] and identity["drafted"] > 0, stage
+    assert "int4" in stages["int4-greedy"]["data"]["model"]
+
+
+def test_only_runs_the_named_stages_after_the_environment(tmp_path: Path) -> None:
+    out = tmp_path / "only.md"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "kernels.gpu_check", "--dry-run", "--out", str(out)]
+    proc = subprocess.run(
+        [*cmd, "--only", "int4-linear"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["environment", "int4-linear"]
+    bad = subprocess.run([*cmd, "--only", "nope"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
 
 
 def test_pytest_summary_and_bench_rows_parse_real_output() -> None:

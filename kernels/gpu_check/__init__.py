@@ -14,12 +14,21 @@ does not stop the next one:
    an in-memory one); decode step time at batch 1/8/32/64 against the bytes-read floor.
 4. ``engine-verify`` (performance): steps verifying k = 1..64 draft rows per request (a chain
    and a random tree) at batch 1 and 8, against plain decode.
-5. ``greedy-identity`` (correctness): a tiny random model (tests/tiny_models.py) generates the
+5. ``int4-linear`` (correctness): int4 linears with torch's tinygemm kernel at the 8B
+   model's shapes and 1..512 rows: error against the product with the quantized weights,
+   within the bound the int4 head's rescoring assumes (server/model/int4_head.py), rows
+   computed alike whatever their count, time against a dense bf16 linear.
+6. ``int4-engine`` (performance): the same 8B-shaped runner with its linears and head rounded
+   to int4 on the device, decode steps at batch 1/8/32/64 beside the dense runner's.
+7. ``greedy-identity`` (correctness): a tiny random model (tests/tiny_models.py) generates the
    same greedy tokens with Triton attention + tree speculation as with torch attention alone.
+8. ``int4-greedy`` (correctness): the tiny model served int4 (``--quantization int4``: the real
+   loader and its int4 cache) gives the same greedy tokens with tree speculation as without.
 
 Writes one markdown file and a JSON beside it: by default ``$OUT/<date>-<device>.md`` when $OUT
 is set (the device tool brings back only what is under $OUT), else
-``loadtest/results/gpu/<date>-<device>.md``. ``--dry-run`` runs the same code on CPU with tiny
+``loadtest/results/gpu/<date>-<device>.md``. ``--only STAGE ...`` runs those stages
+after the environment. ``--dry-run`` runs the same code on CPU with tiny
 shapes (the kernel-test stage only checks its paths: CI runs tests/kernels itself) and writes
 to a temp dir unless ``--out`` is given; tests/test_gpu_check.py runs it, so these paths cannot
 rot.
@@ -36,6 +45,7 @@ triton at import time (``__main__`` settles TRITON_INTERPRET first):
 - ``kernel_stages``: ``kernel-tests`` and ``kernel-bench`` and the parsing of their output.
 - ``engine_stages``: the random-weight 8B-shaped runner, ``engine-decode``, ``engine-verify``,
   ``greedy-identity``.
+- ``int4_stages``: ``int4-linear``, ``int4-engine``, ``int4-greedy``.
 - ``report``: the markdown and JSON files and where they go.
 - ``__main__``: the CLI; runs the stages in order.
 """

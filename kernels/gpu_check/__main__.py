@@ -22,10 +22,15 @@ from kernels.gpu_check.engine_stages import (
     stage_greedy_identity,
 )
 from kernels.gpu_check.environment import device_name, stage_environment
+from kernels.gpu_check.int4_stages import (
+    stage_int4_engine,
+    stage_int4_linear,
+    stage_speculation_identity,
+)
 from kernels.gpu_check.kernel_stages import stage_kernel_bench, stage_kernel_tests
 from kernels.gpu_check.plan import REPO, Plan, make_plan
 from kernels.gpu_check.report import default_out, write_results
-from kernels.gpu_check.stages import StageResult, log, run_stage
+from kernels.gpu_check.stages import Deadline, StageResult, log, run_stage
 
 
 def prepare_environment(dry_run: bool) -> None:
@@ -38,18 +43,42 @@ def prepare_environment(dry_run: bool) -> None:
         log("warning: triton was imported before gpu_check set TRITON_INTERPRET")
 
 
-def run_all(
-    plan: Plan, env: dict[str, Any], save: Callable[[list[StageResult]], None]
-) -> list[StageResult]:
-    """Every stage in order; `save` after each, so a run killed mid-way still leaves a file."""
-    holder = EngineHolder(plan)
-    stages = [
+def all_stages(
+    plan: Plan, env: dict[str, Any], holder: EngineHolder
+) -> list[tuple[StageResult, Callable[[StageResult, Deadline], None]]]:
+    """Every stage in the order it runs: the 8B-shaped engines (dense, then int4 beside it)
+    before the tiny models, so that their weights go in one piece."""
+    return [
         (StageResult("environment", "info"), stage_environment(plan, env)),
         (StageResult("kernel-tests", "correctness"), stage_kernel_tests(plan)),
         (StageResult("kernel-bench", "performance"), stage_kernel_bench(plan, env)),
         (StageResult("engine-decode", "performance"), stage_engine_decode(plan, env, holder)),
         (StageResult("engine-verify", "performance"), stage_engine_verify(plan, env, holder)),
+        (StageResult("int4-linear", "correctness"), stage_int4_linear(plan, env)),
+        (StageResult("int4-engine", "performance"), stage_int4_engine(plan, env, holder)),
         (StageResult("greedy-identity", "correctness"), stage_greedy_identity(plan)),
+        (StageResult("bf16-greedy", "correctness"), stage_speculation_identity(plan, "none")),
+        (StageResult("int4-greedy", "correctness"), stage_speculation_identity(plan, "int4")),
+    ]
+
+
+# The stages in order: the plan budgets each one (its keys are in running order).
+STAGE_NAMES = list(make_plan(dry_run=True).budgets)
+
+
+def run_all(
+    plan: Plan,
+    env: dict[str, Any],
+    save: Callable[[list[StageResult]], None],
+    only: list[str] | None = None,
+) -> list[StageResult]:
+    """Every stage in order (``only``: those and the environment, whose bandwidth the floors
+    use); `save` after each, so a run killed mid-way still leaves a file."""
+    holder = EngineHolder(plan)
+    stages = [
+        (result, body)
+        for result, body in all_stages(plan, env, holder)
+        if only is None or result.name in ("environment", *only)
     ]
     results: list[StageResult] = []
     try:
@@ -70,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, temp results")
     ap.add_argument("--out", type=Path, help="results .md path (JSON beside it)")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=STAGE_NAMES[1:],
+        metavar="STAGE",
+        help=f"run these stages (and the environment) only: {', '.join(STAGE_NAMES[1:])}",
+    )
     args = ap.parse_args(argv)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))  # tests.tiny_models, whatever the working directory
@@ -99,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["seconds"] = round(time.monotonic() - t0, 1)
         write_results(out, meta, results)
 
-    results = run_all(plan, env, save)
+    results = run_all(plan, env, save, args.only)
     meta["complete"] = True
     save(results)
     failed = [r.name for r in results if r.status == "fail"]

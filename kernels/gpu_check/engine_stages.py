@@ -73,12 +73,12 @@ def random_load_model(
 
 
 @contextmanager
-def random_weights() -> Iterator[None]:
+def random_weights(loader: Callable[..., Any] = random_load_model) -> Iterator[None]:
     """ModelRunner builds its model through this module-level name; swap it for the run."""
     from server.model import runner as runner_module
 
     saved = runner_module.load_model
-    runner_module.load_model = random_load_model
+    runner_module.load_model = loader
     try:
         yield
     finally:
@@ -90,7 +90,9 @@ def _blocks_needed(plan: Plan) -> int:
     return max(max(plan.decode_batches), max(plan.verify_batches)) * per_request + 4
 
 
-def build_runner(plan: Plan, model_dir: Path) -> Any:
+def build_runner(
+    plan: Plan, model_dir: Path, loader: Callable[..., Any] = random_load_model
+) -> Any:
     from server.config import CacheConfig, EngineConfig, ModelConfig
     from server.model.runner import ModelRunner
 
@@ -104,7 +106,7 @@ def build_runner(plan: Plan, model_dir: Path) -> Any:
         attention_backend="triton",
         separate_process=False,
     )
-    with random_weights():
+    with random_weights(loader):
         return ModelRunner(config)
 
 
@@ -158,9 +160,14 @@ def time_step(runner: Any, step: Any, repeats: int, device: str) -> float:
 
 def weight_bytes_read(runner: Any) -> int:
     """Bytes of weights one decode step reads: all but the embedding table (one row a token),
-    unless the LM head is tied to it."""
+    unless the LM head is tied to it. int4 layers hold theirs as buffers (packed weights,
+    scales and zeros); an int4 head's exact copy, read for a few candidates, is left out."""
+    from server.model.int4 import Int4Linear
+
     model = runner.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tensors = [*model.parameters()]
+    tensors += [b for m in model.modules() if isinstance(m, Int4Linear) for b in m.buffers()]
+    total = sum(t.numel() * t.element_size() for t in tensors)
     if model.lm_head is not None:
         emb = model.model.embed_tokens.weight
         total -= emb.numel() * emb.element_size()
@@ -304,7 +311,13 @@ def greedy_prompts(n: int) -> list[list[int]]:
 
 
 def greedy_tokens(
-    plan: Plan, model_dir: Path, backend: str, speculative: Any
+    plan: Plan,
+    model_dir: Path,
+    backend: str,
+    speculative: Any,
+    dtype: str = "float32",
+    quantization: str = "none",
+    int4_kernel: str = "auto",
 ) -> tuple[list[list[int]], int, int]:
     """(greedy tokens per prompt, drafted, accepted) of one in-process engine."""
     from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -314,7 +327,12 @@ def greedy_tokens(
     engine = OfflineEngine(
         EngineConfig(
             model=ModelConfig(
-                model=str(model_dir), dtype="float32", device=plan.device, cpu_linear_plan=False
+                model=str(model_dir),
+                dtype=dtype,
+                device=plan.device,
+                quantization=quantization,  # type: ignore[arg-type]
+                int4_kernel=int4_kernel,  # type: ignore[arg-type]
+                cpu_linear_plan=False,
             ),
             cache=CacheConfig(block_size=8, num_blocks=512),  # no preemption: 16 x ~130 tokens
             scheduler=SchedulerConfig(max_num_batched_tokens=64),

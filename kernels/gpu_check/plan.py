@@ -73,7 +73,11 @@ def make_plan(dry_run: bool) -> Plan:
                 "kernel-bench": 60,
                 "engine-decode": 60,
                 "engine-verify": 60,
+                "int4-linear": 60,
+                "int4-engine": 60,
                 "greedy-identity": 60,
+                "bf16-greedy": 60,
+                "int4-greedy": 60,
             },
         )
     return Plan(
@@ -90,12 +94,20 @@ def make_plan(dry_run: bool) -> Plan:
         copy_bytes=1 << 30,
         greedy_prompts=16,
         greedy_tokens=40,
+        # The H200 runs (loadtest/results/gpu/2026-12-04-nvidia-h200*.md) took 65-85 s of
+        # kernel tests, 54-61 s of bench, 11-14 s of decode, 16-23 s of verify, 4 s of int4
+        # linears, 3 s of int4 engine, 3-4 s of greedy identity, 24 s of bf16 speculation
+        # (Triton compiling for bf16) and 1-12 s of int4 speculation.
         budgets={
             "environment": 20,
-            "kernel-tests": 140,
-            "kernel-bench": 110,
-            "engine-decode": 60,
-            "engine-verify": 60,
-            "greedy-identity": 45,
+            "kernel-tests": 110,
+            "kernel-bench": 75,
+            "engine-decode": 40,
+            "engine-verify": 45,
+            "int4-linear": 30,
+            "int4-engine": 40,
+            "greedy-identity": 25,
+            "bf16-greedy": 35,
+            "int4-greedy": 25,
         },
     )

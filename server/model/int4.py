@@ -27,6 +27,16 @@ used instead when a quick timing at load finds it faster: on CPUs without AVX-51
 torch's kernel emulates bfloat16 and is the slower of the two. ``--int4-kernel`` (``auto``,
 ``avx2``, ``aten``; ModelConfig.int4_kernel) overrides the choice. A layer keeps its kernel
 for every row count, so a verify row is computed as the decode row it stands for.
+
+On CUDA the layers use torch's tinygemm kernel, ``torch.ops.aten._weight_int4pack_mm``
+(``tinygemm``): the same w = (q - 8) * scale + zero, bfloat16 activations, scales and zeros
+(the model runs in bfloat16 there), weights repacked on the device by
+``_convert_weight_to_int4pack`` (two values a byte, even k in the high nibble, as torch's
+own tests pack them). ``make gpu-check`` measured it on an H200 at Llama-3-8B shapes
+(loadtest/results/gpu/2026-12-04-nvidia-h200.md): within 4% of the error bound the int4
+head assumes for bf16 kernels, each row the same whatever the row count, but 1.0-1.4x a dense
+bf16 linear only at one row, 0.1-0.7x at 8-64 rows and 0.04x at 512; so on CUDA it is served
+only when named (server/model/quantize.py), for its memory.
 """
 
 from __future__ import annotations
@@ -55,11 +65,16 @@ _ROW_MULTIPLE = 16
 TENSOR_SUFFIXES = (".qweight", ".scales", ".zeros", ".planes")
 # inner_k_tiles of _convert_weight_to_int4pack_for_cpu (the CPU kernel accepts 2, 4 or 8).
 _INNER_K_TILES = 2
+# inner_k_tiles of the CUDA packing, largest first: K must be a multiple of 16 times it.
+_CUDA_INNER_K_TILES = (8, 4, 2)
 # The kernel's activation / scale dtype (see the module docstring). float32 is exact to float
 # rounding against dequantize() and serves as the reference in tests.
 COMPUTE_DTYPE = torch.bfloat16
 
-Kernel = Literal["aten", "avx2"]
+Kernel = Literal["aten", "avx2", "tinygemm"]
+# The kernels that run on each device type (auto: on CPU the faster, timed; on CUDA tinygemm).
+DEVICE_KERNELS: dict[str, tuple[Kernel, ...]] = {"cpu": ("avx2", "aten"), "cuda": ("tinygemm",)}
+KERNEL_NAMES: tuple[Kernel, ...] = ("avx2", "aten", "tinygemm")
 
 
 @dataclass
@@ -193,7 +208,9 @@ def relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
 
 
 class Int4Linear(nn.Module):
-    """A linear layer whose weight is held packed for ``_weight_int4pack_mm_for_cpu``.
+    """A linear layer whose weight is held packed for one int4 kernel: torch's CPU kernel
+    (``aten``), specd's AVX2 one (``avx2``) or torch's CUDA one (``tinygemm``, packed on the
+    current CUDA device).
 
     Inputs are cast to ``compute_dtype`` (see the module docstring) and outputs back to the
     input's dtype. The bias, if any, stays a parameter so checkpoints load it as before.
@@ -218,7 +235,11 @@ class Int4Linear(nn.Module):
             kernel = choose_kernel() if compute_dtype == COMPUTE_DTYPE else "aten"
         self.kernel: Kernel = kernel
         self.compute_dtype = torch.float32 if kernel == "avx2" else compute_dtype
-        if kernel == "avx2":
+        if kernel == "tinygemm":
+            self.compute_dtype = torch.bfloat16
+            self.planes_in_kernel = qw.planes
+            self._pack_for_tinygemm(qw)
+        elif kernel == "avx2":
             # Q8_0 blocks (two planes from split_q8) go as int8: half the vector work.
             q8 = int4_avx2.as_q8(qw.q, qw.scale, qw.zero) if qw.planes == 2 else None
             packed, scales, offsets = q8 or int4_avx2.pack(qw.q, qw.scale, qw.zero)
@@ -232,18 +253,25 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def _pack_for_torch(self, qw: QuantizedWeight) -> None:
-        n = qw.shape[0]
-        pad = -n % _ROW_MULTIPLE
-        q, scale, zero = qw.q, qw.scale, qw.zero
-        if pad:
-            q = torch.cat([q, q.new_full((pad, q.shape[1]), 8)])
-            scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
-            zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
+        q, scale, zero = _padded_rows(qw)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.to(torch.int32).contiguous(), _INNER_K_TILES
         )
         self.register_buffer("packed", packed, persistent=False)
         sz = torch.stack([scale.t(), zero.t()], dim=-1).to(self.compute_dtype).contiguous()
+        self.register_buffer("scales_and_zeros", sz, persistent=False)
+
+    def _pack_for_tinygemm(self, qw: QuantizedWeight) -> None:
+        """torch's CUDA layout: N padded to a multiple of 16 with zero rows, q two values a
+        byte (even k high), scales and zeros bf16 [K / G, N, 2]; on the current CUDA device."""
+        device = torch.device("cuda", torch.cuda.current_device())
+        q, scale, zero = (t.to(device) for t in _padded_rows(qw))
+        k = q.shape[1]
+        tiles = next(t for t in _CUDA_INNER_K_TILES if k % (16 * t) == 0)
+        pairs = ((q[:, ::2].to(torch.int32) << 4) | q[:, 1::2].to(torch.int32)).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
+        self.register_buffer("packed", packed, persistent=False)
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         self.register_buffer("scales_and_zeros", sz, persistent=False)
 
     def extra_repr(self) -> str:
@@ -260,9 +288,14 @@ class Int4Linear(nn.Module):
             x = x.repeat(1, self.planes_in_kernel)
         if self.kernel == "avx2":
             return int4_avx2.linear(x, self.packed, self.scales, self.offsets)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.packed, GROUP_SIZE, self.scales_and_zeros
-        )
+        if self.kernel == "tinygemm":
+            out = torch.ops.aten._weight_int4pack_mm(
+                x.contiguous(), self.packed, GROUP_SIZE, self.scales_and_zeros
+            )
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, self.packed, GROUP_SIZE, self.scales_and_zeros
+            )
         return out[:, : self.out_features] if out.shape[1] != self.out_features else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,6 +310,17 @@ class Int4Linear(nn.Module):
             out = self._mm(x2)
         out = out.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
+
+
+def _padded_rows(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, scale, zero) with N padded to a multiple of _ROW_MULTIPLE by rows that compute 0."""
+    pad = -qw.shape[0] % _ROW_MULTIPLE
+    q, scale, zero = qw.q, qw.scale, qw.zero
+    if pad:
+        q = torch.cat([q, q.new_full((pad, q.shape[1]), 8)])
+        scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
+        zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
+    return q, scale, zero
 
 
 # ---- few-row plan (as server/model/cpu_linear.py does for dense linears) -------------------
@@ -347,9 +391,22 @@ _CHOICE_ROWS = (1, 4, 16)
 _CHOICE_LAYERS = 8
 
 
-def choose_kernel(wanted: str = "auto") -> Kernel:
-    """The kernel ``wanted`` names (``--int4-kernel``), or for ``auto`` the faster of the two on
-    this machine (``host_kernel``)."""
+def choose_kernel(wanted: str = "auto", device_type: str = "cpu") -> Kernel:
+    """The kernel ``wanted`` names (``--int4-kernel``), or for ``auto`` the one for
+    ``device_type``: on CPU the faster of the two on this machine (``host_kernel``), on CUDA
+    torch's tinygemm kernel. Raises ValueError for a kernel that doesn't run on the device."""
+    if wanted not in ("auto", *KERNEL_NAMES):
+        raise ValueError(f"int4 kernel must be auto, {', '.join(KERNEL_NAMES)} (got {wanted!r})")
+    runs_here = DEVICE_KERNELS.get(device_type)
+    if runs_here is None:
+        raise ValueError(f"int4 weights run on CPU or CUDA (got device {device_type!r})")
+    if wanted != "auto" and wanted not in runs_here:
+        raise ValueError(
+            f"--int4-kernel {wanted} does not run on {device_type}; there use "
+            f"{' or '.join(('auto', *runs_here))}"
+        )
+    if device_type == "cuda":
+        return "tinygemm"
     if wanted == "aten":
         return "aten"
     if wanted == "avx2":
@@ -359,8 +416,6 @@ def choose_kernel(wanted: str = "auto") -> Kernel:
                 f"{int4_avx2.unavailable_reason() or 'it failed to build (see the log)'}"
             )
         return "avx2"
-    if wanted != "auto":
-        raise ValueError(f"int4 kernel must be auto, avx2 or aten (got {wanted!r})")
     return host_kernel(torch.get_num_threads(), int4_avx2.kernel_threads())
 
 

@@ -57,6 +57,7 @@ def error_factor(kernel: Kernel, in_features: int, planes: int) -> float:
     """c such that |kernel logit - exact logit| <= c sum_i |x_i| A_vi (module docstring)."""
     if kernel == "avx2":
         return (in_features * planes + 8) * FLOAT32_ROUNDOFF
+    # torch's CPU kernel and tinygemm alike: bf16 inputs, scales, zeros and output.
     return ALPHA + OUTPUT_ROUNDING
 
 
@@ -95,16 +96,18 @@ class RescoredInt4Head(nn.Module):
         self.in_features, self.out_features = qw.shape[1], qw.shape[0]
         # The exact weights, a byte a 4-bit value (unpacking nibbles per call cost more than
         # the rescoring itself): rows are dequantized only for the candidates.
-        self.register_buffer("exact_q", qw.q.contiguous(), persistent=False)
-        self.register_buffer("exact_scales", qw.scale.contiguous(), persistent=False)
-        self.register_buffer("exact_zeros", qw.zero.contiguous(), persistent=False)
+        # On the kernel's device (CUDA for tinygemm): candidates are gathered where the logits are.
+        device = self.kernel.packed.device
+        self.register_buffer("exact_q", qw.q.to(device).contiguous(), persistent=False)
+        self.register_buffer("exact_scales", qw.scale.to(device).contiguous(), persistent=False)
+        self.register_buffer("exact_zeros", qw.zero.to(device).contiguous(), persistent=False)
         self.planes = qw.planes
         # C_v = c ||A_v|| per row of the weight (c: the kernel's error_factor), and its
         # maximum: the error bound of logit v is ||x|| C_v (see the module docstring).
         kernel_name = self.kernel.kernel
         factor = error_factor(kernel_name, self.in_features, self.kernel.planes_in_kernel)
         per_row = factor * row_magnitude_norms(qw, offset_slack=kernel_name == "avx2")
-        self.register_buffer("bound_per_row", per_row, persistent=False)
+        self.register_buffer("bound_per_row", per_row.to(device), persistent=False)
         self.bound_max = float(per_row.max())
         # Counters for tests and benchmarks: rows computed, logits recomputed.
         self.rows_seen = 0
@@ -134,7 +137,7 @@ class RescoredInt4Head(nn.Module):
         rows, cols = (logits >= high - 2 * self.bound_max * x_norm).nonzero(as_tuple=True)
         found = logits[rows, cols]
         bound = x_norm[rows, 0] * self.bound_per_row[cols]
-        floor = torch.full((logits.shape[0],), -torch.inf).scatter_reduce(
+        floor = torch.full((logits.shape[0],), -torch.inf, device=logits.device).scatter_reduce(
             0, rows, found - bound, "amax"
         )
         keep = found + bound >= floor[rows]

@@ -127,7 +127,7 @@ def load_model(
     (dtype/device "auto": bfloat16 on CUDA, float32 on CPU). `backend` defaults to torch.
     `quantization` (auto, none, int4) is resolved by server/model/quantize.py; int4 loads the
     linears from the model's int4 cache entry (built on first use), computed by
-    ``int4_kernel`` (auto, avx2, aten: server/model/int4.py's choose_kernel).
+    ``int4_kernel`` (auto, avx2, aten, tinygemm: server/model/int4.py's choose_kernel).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -137,11 +137,15 @@ def load_model(
     path = Path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    int4 = quantize.choose_quantization(quantization, path, dtype, dev) == "int4"
+    int4 = quantize.choose_quantization(quantization, path, dtype, dev, int4_kernel) == "int4"
     if int4:
-        if dt != torch.float32:
+        # Each kernel's activation dtype: float32 on CPU (its kernels' accuracy is stated
+        # for it), bfloat16 on CUDA (tinygemm's).
+        wants = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        if dt != wants:
             raise ValueError(
-                f"--quantization int4 needs float32 activations (--dtype auto or float32); "
+                f"--quantization int4 on {dev.type} needs {str(wants).removeprefix('torch.')} "
+                f"activations (--dtype auto or {str(wants).removeprefix('torch.')}); "
                 f"got --dtype {dtype}"
             )
         path = quantize.int4_dir(path)
@@ -156,7 +160,7 @@ def load_model(
         layers = quantize.int4_layers(spec, quant)
         quantize.drop_dense_weights(model, list(layers))
         model = model.to_empty(device=dev).to(dt)
-        kernel = choose_kernel(int4_kernel)
+        kernel = choose_kernel(int4_kernel, dev.type)
         quantize.install_int4(model, layers, kernel)
         logger.info("int4: %d linear layers from %s, %s kernel", len(layers), path, kernel)
     else:

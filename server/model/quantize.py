@@ -60,14 +60,28 @@ QUANTIZE_HEAD_RTN = False
 _EXACT_TOL = 1e-6
 
 
+# Why int4 on CUDA needs the kernel named: what an H200 measured (make gpu-check).
+CUDA_INT4_MEASURED = (
+    "torch's tinygemm int4 kernel, the only CUDA one, measured on an H200 at Llama-3-8B shapes "
+    "1.0-1.4x a dense bf16 linear at 1 row but 0.1-0.7x at 8-64 rows (speculation's verify "
+    "steps) and 0.04x at 512 (prefill), and the whole decode step no faster "
+    "(loadtest/results/gpu/2026-12-04-nvidia-h200.md)"
+)
+
+
 def choose_quantization(
-    quantization: str, model_dir: Path, dtype: str, device: torch.device
+    quantization: str,
+    model_dir: Path,
+    dtype: str,
+    device: torch.device,
+    int4_kernel: str = "auto",
 ) -> str:
     """'int4' or 'none' for the resolved model directory.
 
     auto: int4 when the model came from a GGUF file whose decoder linears are all Q4_0 / Q4_1,
     on CPU, with dtype auto (an explicit --dtype asks for dense weights in that dtype, and
-    keeps the fp32 path that matches transformers exactly). int4: on CPU only.
+    keeps the fp32 path that matches transformers exactly). int4: on CPU, or on CUDA with
+    ``int4_kernel`` tinygemm named (it saves memory, not time there: CUDA_INT4_MEASURED).
     """
     if quantization not in ("auto", "none", "int4"):
         raise ValueError(f"unknown quantization {quantization!r}; choose auto, none or int4")
@@ -79,10 +93,16 @@ def choose_quantization(
     if quantization == "none":
         return "none"
     if quantization == "int4":
-        if device.type != "cpu":
+        if device.type not in ("cpu", "cuda"):
             raise ValueError(
-                "--quantization int4 runs on CPU only (torch's int4 CPU kernel; no GPU path "
-                "has been measured); use --device cpu or --quantization none"
+                f"--quantization int4 runs on CPU or CUDA (got device {device.type}); "
+                "use --quantization none"
+            )
+        if device.type == "cuda" and int4_kernel != "tinygemm":
+            raise ValueError(
+                f"--quantization int4 on CUDA is slower than bf16: {CUDA_INT4_MEASURED}. "
+                "Use --quantization none, or add --int4-kernel tinygemm to take it for its "
+                "memory (about 3.4x less for the weights)"
             )
         return "int4"
     if device.type != "cpu" or dtype != "auto":

@@ -137,8 +137,17 @@ def test_the_kernel_is_chosen_by_flag_or_by_timing() -> None:
     assert Int4Linear(qw).kernel == choose_kernel("auto")
     # An explicit compute dtype asks for torch's kernel (its float32 path is a test reference).
     assert Int4Linear(qw, compute_dtype=torch.float32).kernel == "aten"
-    with pytest.raises(ValueError, match="auto, avx2 or aten"):
+    with pytest.raises(ValueError, match="auto, avx2, aten, tinygemm"):
         choose_kernel("int8")
+    # Each kernel on its own device only; auto on CUDA is torch's tinygemm kernel.
+    assert choose_kernel("auto", "cuda") == "tinygemm"
+    assert choose_kernel("tinygemm", "cuda") == "tinygemm"
+    with pytest.raises(ValueError, match="tinygemm does not run on cpu; there use auto or avx2"):
+        choose_kernel("tinygemm")
+    with pytest.raises(ValueError, match="avx2 does not run on cuda; there use auto or tinygemm"):
+        choose_kernel("avx2", "cuda")
+    with pytest.raises(ValueError, match="run on CPU or CUDA"):
+        choose_kernel("auto", "mps")
 
 
 def test_the_flag_reaches_the_layers(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
