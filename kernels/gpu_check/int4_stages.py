@@ -73,15 +73,11 @@ def time_call(fn: Callable[[], Any], device: str, calls: int = 20, rounds: int =
 
 
 def exact_and_magnitude(qw: Any) -> tuple[Any, Any]:
-    """float32 [N, K] each: the quantized weights, and A_vi = |(q - 8) scale| + |zero| summed
-    over planes (server/model/int4_head.py), on their device."""
-    from server.model.int4 import GROUP_SIZE
+    """float32 [N, K] each: the quantized weights, and the magnitudes A_vi behind the int4
+    head's error bound (server/model/int4_head.py), on their device."""
+    from server.model.int4_head import weight_magnitudes
 
-    n, k = qw.shape
-    scale = qw.scale.abs().repeat_interleave(GROUP_SIZE, dim=1)
-    zero = qw.zero.abs().repeat_interleave(GROUP_SIZE, dim=1)
-    magnitude = (qw.q.float() - 8).abs() * scale + zero
-    return qw.dequantize(), magnitude.reshape(n, qw.planes, k).sum(dim=1)
+    return qw.dequantize(), weight_magnitudes(qw)
 
 
 def error_over_bound(layer: Any, exact_w: Any, magnitude: Any, x: Any) -> float:

@@ -66,19 +66,25 @@ def error_factor(kernel: Kernel, in_features: int, planes: int) -> float:
 _NORM_CHUNK = 4096
 
 
-def row_magnitude_norms(qw: QuantizedWeight, offset_slack: bool = False) -> torch.Tensor:
-    """float32 [N]: ||A_v||_2 per row v, A_vi = sum over planes of |(q - 8) * scale| + |zero|
-    (+ 8 |scale| with ``offset_slack``: the AVX2 kernel's rounded offsets, module docstring)."""
+def weight_magnitudes(qw: QuantizedWeight, offset_slack: bool = False) -> torch.Tensor:
+    """float32 [N, K]: A_vi = sum over planes of |(q - 8) * scale| + |zero| (+ 8 |scale| with
+    ``offset_slack``: the AVX2 kernel's rounded offsets, module docstring)."""
     n, k = qw.shape
-    norms = []
-    for start in range(0, n, _NORM_CHUNK):
-        part = qw.rows(slice(start, start + _NORM_CHUNK))
-        scale = part.scale.abs().repeat_interleave(GROUP_SIZE, dim=1)
-        zero = part.zero.abs().repeat_interleave(GROUP_SIZE, dim=1)
-        mag = (part.q.float() - 8).abs() * scale + zero
-        if offset_slack:
-            mag = mag + 8 * scale
-        norms.append(mag.reshape(mag.shape[0], qw.planes, k).sum(dim=1).norm(dim=1))
+    scale = qw.scale.abs().repeat_interleave(GROUP_SIZE, dim=1)
+    zero = qw.zero.abs().repeat_interleave(GROUP_SIZE, dim=1)
+    mag = (qw.q.float() - 8).abs() * scale + zero
+    if offset_slack:
+        mag = mag + 8 * scale
+    return mag.reshape(n, qw.planes, k).sum(dim=1)
+
+
+def row_magnitude_norms(qw: QuantizedWeight, offset_slack: bool = False) -> torch.Tensor:
+    """float32 [N]: ||A_v||_2 per row v (``weight_magnitudes``), a chunk of rows at a time."""
+    n = qw.shape[0]
+    norms = [
+        weight_magnitudes(qw.rows(slice(start, start + _NORM_CHUNK)), offset_slack).norm(dim=1)
+        for start in range(0, n, _NORM_CHUNK)
+    ]
     return torch.cat(norms)
 
 
