@@ -10,6 +10,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -144,18 +145,25 @@ def step_plan(runner: Any, batch: int, context: int, drafts: int, tree: bool, se
     return out
 
 
+def time_call(fn: Callable[[], Any], device: str, calls: int = 1, rounds: int = 5) -> float:
+    """Median over ``rounds`` of the seconds per call of ``fn`` (``calls`` back to back a
+    round, the device synchronised around them), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) / calls)
+    return median(times)
+
+
 def time_step(runner: Any, step: Any, repeats: int, device: str) -> float:
     """Median seconds of runner.execute(step) after one warm-up (Triton compiles per shape).
     Executing doesn't advance the requests (the scheduler does), so the plan can repeat."""
-    runner.execute(step)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        runner.execute(step)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return median(times)
+    return time_call(partial(runner.execute, step), device, rounds=repeats)
 
 
 def weight_bytes_read(runner: Any) -> int:

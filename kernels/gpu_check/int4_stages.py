@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 from kernels.gpu_check.engine_stages import (
@@ -21,10 +20,10 @@ from kernels.gpu_check.engine_stages import (
     greedy_tokens,
     random_load_model,
     step_plan,
+    time_call,
     time_step,
     write_model_dir,
 )
-from kernels.gpu_check.environment import _sync
 from kernels.gpu_check.plan import Plan
 from kernels.gpu_check.stages import Deadline, StageResult, log
 
@@ -49,27 +48,7 @@ def int4_kernel(plan: Plan) -> str:
     return choose_kernel("auto", plan.device)
 
 
-def compute_dtype(plan: Plan) -> Any:
-    import torch
-
-    return torch.bfloat16 if plan.device == "cuda" else torch.float32
-
-
 # ---- 6. the linear -----------------------------------------------------------------------------
-
-
-def time_call(fn: Callable[[], Any], device: str, calls: int = 20, rounds: int = 5) -> float:
-    """Median over rounds of the seconds per call of `fn`, `calls` back to back a round."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) / calls)
-    return median(times)
 
 
 def exact_and_magnitude(qw: Any) -> tuple[Any, Any]:
@@ -113,7 +92,7 @@ def stage_int4_linear(plan: Plan, env: dict[str, Any]) -> Callable[[StageResult,
         from server.model.int4 import Int4Linear, quantize_rtn
 
         kernel = int4_kernel(plan)
-        dtype = compute_dtype(plan)
+        dtype = getattr(torch, plan.dtype)  # the serving dtype: bf16 on CUDA
         bw = (env.get("copy_tbps") or 1.0) * 1e12
         shapes = LINEAR_SHAPES_TINY if plan.dry_run else LINEAR_SHAPES_8B
         gen = torch.Generator(device=plan.device).manual_seed(0)
@@ -134,8 +113,8 @@ def stage_int4_linear(plan: Plan, env: dict[str, Any]) -> Callable[[StageResult,
                 checked = rows <= 64  # prefill-sized rows are timed only
                 err = error_over_bound(layer, exact_w, magnitude, x) if checked else None
                 worst = max(worst, err or 0.0)
-                int4_s = time_call(partial(layer._mm, x), plan.device)
-                dense_s = time_call(partial(F.linear, x, dense), plan.device)
+                int4_s = time_call(partial(layer._mm, x), plan.device, calls=20)
+                dense_s = time_call(partial(F.linear, x, dense), plan.device, calls=20)
                 result.data["rows"].append(
                     {
                         "matrix": name,
@@ -167,21 +146,14 @@ def stage_int4_linear(plan: Plan, env: dict[str, Any]) -> Callable[[StageResult,
 # ---- 7. the engine with int4 weights ---------------------------------------------------------
 
 
-def random_int4_load_model(
-    path: Path,
-    dtype: str = "auto",
-    device: str = "auto",
-    backend: Any = None,
-    *_more: Any,
-    **_options: Any,
-) -> tuple[Any, Any, Any]:
+def random_int4_load_model(*args: Any, **options: Any) -> tuple[Any, Any, Any]:
     """random_load_model, then every decoder linear and the head rounded to int4 (per group
     of 32, round to nearest) on the device, layer by layer, and installed as the loader
     installs a checkpoint's int4 weights."""
     from server.model import quantize
     from server.model.int4 import choose_kernel, quantize_rtn
 
-    model, hf_config, tokenizer = random_load_model(path, dtype, device, backend)
+    model, hf_config, tokenizer = random_load_model(*args, **options)
     kernel = choose_kernel("auto", next(model.parameters()).device.type)
     names = [
         name
@@ -247,7 +219,7 @@ def stage_speculation_identity(
         tree = SpeculativeConfig(
             policy="fixed", method="tree", num_speculative_tokens=6, max_tree_width=3
         )
-        dtype = "bfloat16" if plan.device == "cuda" else "float32"
+        dtype = plan.dtype  # the serving dtype: bf16 on CUDA, float32 in the dry run
         with tempfile.TemporaryDirectory(prefix="gpu-check-tiny-") as tmp:
             model_dir = make_tiny_model("llama", Path(tmp) / "llama")
             # An int4 copy of the model goes to a cache of this run's own.
