@@ -77,3 +77,26 @@ def test_tree_nodes_are_tested_only_under_accepted_parents() -> None:
     depth1, depth2 = est.global_probs()[:2]
     # Depth 1: nodes 1 (accepted) and 3 (rejected) -> about 1/2; depth 2: only node 2 -> ~0.
     assert 0.4 < depth1 < 0.6 and depth2 < 0.1
+
+
+def test_a_requests_skill_is_judged_against_what_its_own_scores_predicted() -> None:
+    """The global mix is long matches accepted 90% and one-token matches 20%. A request that
+    only ever drafts one-token matches, accepted at exactly that 20%, is an average request:
+    its estimate stays at the calibrated 0.2 (judged against the global mix it would read as
+    unskilled and sink far below what it gets accepted). A request whose one-token matches
+    land 60% of the time is rated above a fresh one."""
+    est = AcceptanceEstimator(max_depth=2, score_edges=(1.5, 2.5, 3.5))
+    for i in range(500):
+        est.observe(f"long{i % 5}", chain(1, 4.0), [1] if i % 10 else [])
+        est.observe(f"short{i % 5}", chain(1, 1.0), [1] if i % 5 == 0 else [])
+        est.next_step()
+    for i in range(40):
+        est.observe("average", chain(1, 1.0), [1] if i % 5 == 0 else [])
+        est.observe("skilled", chain(1, 1.0), [1] if i % 5 < 3 else [])
+        est.next_step()
+    average = est.node_probs("average", chain(1, 1.0))[1]
+    fresh = est.node_probs("new", chain(1, 1.0))[1]
+    skilled = est.node_probs("skilled", chain(1, 1.0))[1]
+    assert abs(fresh - 0.2) < 0.05  # the bucket (the skilled request lifts it a little)
+    assert abs(average - fresh) < 0.08  # judged against the global mix: ~0.06
+    assert skilled > fresh + 0.15

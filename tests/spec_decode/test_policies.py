@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.engine.plan import StepPlan
+from server.engine.plan import RunnerOutput, StepPlan
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.speculation import Speculator
@@ -169,3 +169,32 @@ def test_shadow_drafts_are_a_rotating_sample_of_the_idle_requests() -> None:
     assert [len(s) for s in seen] == [4, 4, 4]
     assert seen[0] == {"r0", "r1", "r2", "r3"} and seen[1] == {"r4", "r5", "r6", "r7"}
     assert set().union(*seen) == {r.request_id for r in batch}
+
+
+def test_proposals_the_policy_prunes_to_nothing_are_shadowed() -> None:
+    """Goodput prunes a one-token-match proposal that its calibration rates poorly. The
+    proposal's first draft is still scored against the token plain decoding emits, so the
+    one-token bucket keeps learning from the proposals it is not verifying (otherwise its
+    estimate would only move on proposals the policy already liked)."""
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.01})
+    policy = GoodputPolicy(
+        PolicyContext(8, free_proposals=True, score_edges=NgramDrafter.score_edges, cost_model=cost)
+    )
+    for _ in range(200):  # long matches land, one-token matches never do
+        policy.estimator.observe("primer", TokenTree.chain(0, [5], [6.0]), (1,))
+        policy.estimator.observe("primer", TokenTree.chain(0, [5], [1.0]), ())
+    speculator = Speculator(NgramDrafter(), policy, 8)
+    # The last token (3) occurred once before, behind a different token: a one-token match.
+    r = Request("r", [1, 2, 3, 4, 5], SamplingParams(), frozenset(), 10_000)
+    r.append_output_token(3)
+    r.num_computed_tokens = r.num_tokens - 1  # decoding: its last token to compute
+    plan = StepPlan([r], {"r": 1}, spec_budgets={"r": 8})
+    speculator.fill(plan)
+    assert not plan.spec_trees
+    shadow = speculator._shadows["r"]
+    assert shadow.num_drafts == 1 and shadow.token_ids[1] == 4
+    before = policy.estimator.calibration_table()[0]
+    output = RunnerOutput(sampled_token_ids={"r": [4]})
+    speculator.observe(plan, output, 0.03)
+    after = policy.estimator.calibration_table()[0]
+    assert after[2] > before[2] and after[3] > before[3]  # one more tested, and it landed
