@@ -128,7 +128,8 @@ class Allocator:
     ) -> Allocation:
         """The allocation with the highest predicted goodput (see the module docstring)."""
         best = self._best_prefix(base, candidates)
-        if len(uniform_ks):
+        # One request: its uniform-k allocations are prefixes of its own order, scored above.
+        if len(uniform_ks) and len(candidates) > 1:
             sizes = np.array([c.size for c in candidates])
             ks = np.asarray(uniform_ks)[:, None]
             uniform = self.evaluate_many(base, candidates, np.minimum(ks, sizes[None, :]))

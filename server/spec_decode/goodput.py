@@ -53,6 +53,11 @@ class GoodputPolicy(LearnedPolicy):
     def select(
         self, base: StepBase, requests: list[Request], trees: list[TokenTree]
     ) -> list[TokenTree]:
+        if not any(t.num_drafts for t in trees):
+            # Nothing proposed (no match: about half the steps of a chat at batch 1): nothing
+            # to choose, and pricing the empty allocation would cost the step ~0.3 ms.
+            self._previous.update((r.request_id, 0) for r in requests)
+            return trees
         built = [self.tree_candidates(r, t) for r, t in zip(requests, trees, strict=True)]
         allocation = self.choose(base, requests, [c for c, _ in built])
         pruned = []
