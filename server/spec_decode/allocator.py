@@ -12,9 +12,10 @@ first), which keeps every chosen set parent-closed (a child's value is its paren
 conditional probability < 1), so a pruned tree stays a tree.
 
 Rather than stop at the first candidate that does not raise G, every prefix of that order is
-scored and the best one taken: on CPU a step's cost is not monotonic in rows (4 rows can be
-cheaper than 3, loadtest/results/engine/linear-cpu.md), and the first dip would stop a greedy
-walk short of a better allocation. SmartSpec's uniform-k allocations are scored too, so the
+scored and the best one taken: on CPU a step's cost is a staircase in rows (the runner pads a
+row count up to the next cheaper one, loadtest/results/engine/linear-cpu.md), so a candidate
+that lands on a step of the staircase may not pay while the two after it, on the flat, do;
+the first candidate that doesn't raise G would stop a greedy walk short of them. SmartSpec's uniform-k allocations are scored too, so the
 result's predicted goodput is never below any uniform k's, nor below no speculation (m = 0).
 """
 
