@@ -15,8 +15,9 @@ Rather than stop at the first candidate that does not raise G, every prefix of t
 scored and the best one taken: on CPU a step's cost is a staircase in rows (the runner pads a
 row count up to the next cheaper one, loadtest/results/engine/linear-cpu.md), so a candidate
 that lands on a step of the staircase may not pay while the two after it, on the flat, do;
-the first candidate that doesn't raise G would stop a greedy walk short of them. SmartSpec's uniform-k allocations are scored too, so the
-result's predicted goodput is never below any uniform k's, nor below no speculation (m = 0).
+the first candidate that doesn't raise G would stop a greedy walk short of them. SmartSpec's
+uniform-k allocations are scored too, so the result's predicted goodput is never below any
+uniform k's, nor below no speculation (m = 0).
 """
 
 from __future__ import annotations
