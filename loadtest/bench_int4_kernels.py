@@ -27,7 +27,7 @@ from loadtest.bench_engine import machine_info, report_header
 from loadtest.host import loadavg
 from server.model import int4_avx2
 from server.model.cpu_threads import apply_cpu_threads
-from server.model.int4 import Int4Linear, Kernel, median_seconds
+from server.model.int4 import Int4Linear, Kernel, kernel_seconds
 from server.model.loader import resolve_model
 from server.model.quantize import int4_dir, read_int4_tensors
 
@@ -36,9 +36,9 @@ LABELS = {"aten": "torch bf16 kernel", "avx2": "specd AVX2 fp32 kernel"}
 
 
 def forward_ms(layers: dict[Kernel, list[Int4Linear]], rows: int, rounds: int) -> dict:
-    """Median ms per kernel to run all its layers once on ``rows`` rows (int4.median_seconds:
+    """Median ms per kernel to run all its layers once on ``rows`` rows (int4.kernel_seconds:
     the kernels take turns round by round)."""
-    return {k: round(t * 1e3, 3) for k, t in median_seconds(layers, rows, rounds).items()}
+    return {k: round(t * 1e3, 3) for k, t in kernel_seconds(layers, rows, rounds).items()}
 
 
 def plot(rows_out: list[dict], path: Path) -> None:

@@ -439,7 +439,7 @@ def host_kernel(threads: int, kernel_threads: int = 1) -> Kernel:
         # threads) far more than torch's (1 thread), and a server that started while the
         # host was busy took medians of 2.2 ms for the AVX2 kernel (0.4-0.7 ms quiet) against
         # 2.0 for torch's and served a whole sweep 2x slower.
-        for k, t in median_seconds(layers, rows, rounds=7, fastest=True).items():
+        for k, t in kernel_seconds(layers, rows, rounds=7, fastest=True).items():
             seconds[k] += t / len(weights)
     choice: Kernel = "avx2" if seconds["avx2"] < seconds["aten"] else "aten"
     logger.info(
@@ -456,7 +456,7 @@ def host_kernel(threads: int, kernel_threads: int = 1) -> Kernel:
     return choice
 
 
-def median_seconds(
+def kernel_seconds(
     layers: dict[Kernel, list[Int4Linear]], rows: int, rounds: int, fastest: bool = False
 ) -> dict[Kernel, float]:
     """Median (``fastest``: least) seconds to run every layer of each kernel once on
