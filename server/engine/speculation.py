@@ -198,10 +198,8 @@ class Speculator:
         for rid, tree in self._shadows.items():
             emitted = output.sampled_token_ids.get(rid)
             if emitted and rid not in output.failed:
-                accepted = tuple(
-                    i for i in range(1, tree.num_nodes) if tree.token_ids[i] == emitted[0]
-                )
-                scored.append(VerifiedTree(rid, tree, accepted[:1]))
+                hits = [i for i in range(1, tree.num_nodes) if tree.token_ids[i] == emitted[0]]
+                scored.append(VerifiedTree(rid, tree, tuple(hits[:1])))
         return scored
 
     def observe(self, plan: StepPlan, output: RunnerOutput, seconds: float) -> None:

@@ -66,7 +66,8 @@ class _Counts:
     accepted: float = 0.0
     tested: float = 0.0
 
-    def add(self, accepted: bool, decay: float) -> None:
+    def add(self, accepted: float, decay: float) -> None:
+        """One more tested node, ``accepted`` 1/0 (or a probability: expected counts)."""
         self.accepted = self.accepted * decay + float(accepted)
         self.tested = self.tested * decay + 1.0
 
@@ -216,9 +217,7 @@ class AcceptanceEstimator:
         scores = tree.scores if self.score_edges is not None else None
         if scores is not None:  # before this tree moves the buckets
             for i in tested:
-                expected = self._calibrated(scores[i], tree.depths[i])
-                record.expected.tested = record.expected.tested * _REQUEST_DECAY + 1.0
-                record.expected.accepted = record.expected.accepted * _REQUEST_DECAY + expected
+                record.expected.add(self._calibrated(scores[i], tree.depths[i]), _REQUEST_DECAY)
             self._cache.clear()
         for i in tested:
             ok = i in accepted

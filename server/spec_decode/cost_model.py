@@ -239,7 +239,7 @@ class CostModel:
     def observe(self, shape: StepShape, seconds: float) -> float:
         """Adds one measured step; returns what the model predicted for it beforehand."""
         x = shapes_matrix([shape])[0]
-        predicted = max(float(x @ self._coef), _MIN_SECONDS)
+        predicted = float(self.predict_matrix(x[None])[0])
         if seconds <= 0 or not math.isfinite(seconds):
             return predicted
         self._errors.append(abs(predicted - seconds) / seconds)
