@@ -190,7 +190,11 @@ class Allocator:
         max_depth = np.concatenate([[0.0], np.maximum.accumulate(d.astype(np.float64))])
         drafts = np.arange(total + 1, dtype=np.float64)
         full = self.cost.predict_matrix(self._features(base, drafts, spec, max_depth))
-        seconds = self._decode_seconds(base, full)
+        # More drafts are never priced below fewer. The runner makes that true of the real
+        # cost (cpu_linear pads a row count up to a larger one whenever that is faster), so a
+        # fitted dip is noise, and a policy maximising predicted goodput would spend draft
+        # rows exactly on it.
+        seconds = np.maximum.accumulate(self._decode_seconds(base, full))
         m = int(np.argmax(expected / seconds))  # the first maximum: fewest drafts on ties
         counts = np.bincount(o[:m], minlength=len(candidates)).tolist()
         return Allocation(counts, float(expected[m]), float(seconds[m]))

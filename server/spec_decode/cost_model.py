@@ -5,11 +5,12 @@ it needs T(step) for steps it has not run yet. T is linear in a handful of featu
 step (``StepShape``) and fitted online by least squares on the engine's own measured steps,
 so it is right for whatever model and device it serves, with no hand-entered coefficients:
 
-- rows through the target (prefill chunks + 1 per decoding request + draft tokens), with
-  hinges at 16, 64 and 256 rows, and one indicator per exact row count 1..16. On CPU the
-  few-row linears are far from linear in rows (loadtest/results/engine/linear-cpu.md: a
-  forward's linears took 45 ms at 1 row, 32 ms at 2, 48 ms at 3, 17 ms at 4), and on a GPU
-  small batches cost the same whatever their size; the indicators let the fit learn either;
+- rows through the target (prefill chunks + 1 per decoding request + draft tokens), as a
+  piecewise-linear function of rows with knots at 2, 3, 4, 6, 8, 12, 16, 64 and 256 rows.
+  On CPU few-row steps are far from linear in rows (measured at batch 1 with int4 weights:
+  24.5 ms at 1 row, 29.9 at 2, 29.6 at 3, 29.9 at 4, 32.9 at 5, 51 at 9), and on a GPU small
+  batches cost the same whatever their size; free slopes between knots let the fit learn
+  either;
 - rows whose logits are computed (the LM head is a large matrix: a 49152 x 576 head is a
   fifth of SmolLM2-135M's weights);
 - KV tokens attended (context lengths summed), requests in the batch, requests verifying a
@@ -18,11 +19,12 @@ so it is right for whatever model and device it serves, with no hand-entered coe
   + drafts).
 
 Fit: rows are weighted by 1 / measured time (least squares on relative error), a little
-ridge (features scaled to unit RMS) keeps unseen indicators at zero (and the row-count
-indicators near the smooth trend unless their data insist), and one trimming pass drops
-outlier steps (GC pauses, a busy core) before the final fit. The fitted price never falls as
-rows are added (other features equal): the runner pads a row count up whenever a larger one
-is faster, so the real cost doesn't either. The window holds the most
+ridge (features scaled to unit RMS) keeps unseen features at zero, a stronger one on the
+few-row knots keeps the slope from changing at a knot unless the data insist (so a row count
+the policy seldom runs is priced from its neighbours, not from a few noisy steps), and one
+trimming pass drops outlier steps (GC pauses, a busy core) before the final fit. (The fit may
+still price more rows below fewer where its data are noisy; the allocator never takes such a
+dip: see ``allocator.py``.) The window holds the most
 recent steps; the start-up profile's samples stay in the fit for good, with an indicator
 feature of their own that absorbs what the profile does not time (scheduling, drafting
 overhead of real steps), so row counts seen only in the profile stay calibrated.
@@ -37,14 +39,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Exact row counts with their own indicator (1..this).
-_ONE_HOT_ROWS = 16
-_ROW_HINGES = (16, 64, 256)
+# Knots of the piecewise-linear price in rows: dense where few-row steps bend (the slope may
+# change at each), sparse beyond. No knot at 1: no step has fewer rows, so the slope up to 2
+# is the rows coefficient's.
+_FEW_ROW_KNOTS = (2, 3, 4, 6, 8, 12, 16)
+_ROW_KNOTS = (*_FEW_ROW_KNOTS, 64, 256)
 FEATURES: tuple[str, ...] = (
     "intercept",
     "rows",
-    *(f"rows_over_{h}" for h in _ROW_HINGES),
-    *(f"rows_eq_{n}" for n in range(1, _ONE_HOT_ROWS + 1)),
+    "multi_row",
+    *(f"rows_over_{k}" for k in _ROW_KNOTS),
     "logit_rows",
     "kv_tokens",
     "requests",
@@ -55,15 +59,18 @@ FEATURES: tuple[str, ...] = (
     "profile",
 )
 _INDEX = {name: i for i, name in enumerate(FEATURES)}
+_KNOTS = np.array(_ROW_KNOTS, dtype=np.float64)
 # Ridge strength relative to the (weighted) data's scale: small enough to leave well-measured
-# coefficients alone, large enough to zero indicators with no data.
+# coefficients alone, large enough to zero features with no data.
 _RIDGE = 1e-4
-# The exact-row-count indicators are shrunk harder, toward the smooth trend of rows and
-# hinges: a count's own price departs from the trend only where its data insist. Why: the
-# policy picks the allocation whose price is lowest, so it seeks out whichever count noise
-# made look cheap (measured at batch 1 on the mix: a fit priced 5 rows below 4 and 8 below 7,
-# and goodput verified 3 drafts in 176 steps and 2 in 6).
-_ONE_HOT_RIDGE = 1e-2
+# The few-row knots' slope changes are shrunk harder: a row count's price departs from the
+# line through its neighbours only where its data insist. Why: the policy picks the
+# allocation whose price is lowest, and it runs few steps at the counts it avoids, so a count
+# that noise priced high stays high and one priced low is sought out. Served at the lowest
+# rate on the mix, a fit with a free price per row count (one indicator each) priced 3 rows
+# 15 ms above 1 (measured offline: 5 ms) and 3 to 6 rows alike; goodput then drafted either
+# nothing or 4 to 8 tokens, and fixed k = 2 beat it by 14%.
+_KNOT_RIDGE = 1e-2
 # Residuals beyond this many robust standard deviations (and at least 10%) are outliers.
 _TRIM_SIGMAS = 3.0
 _TRIM_FLOOR = 0.10
@@ -122,13 +129,11 @@ def feature_matrix(
     x = np.zeros((rows.shape[0], len(FEATURES)))
     x[:, _INDEX["intercept"]] = 1.0
     x[:, _INDEX["rows"]] = rows
-    for h in _ROW_HINGES:
-        x[:, _INDEX[f"rows_over_{h}"]] = np.maximum(rows - h, 0.0)
-    # One indicator per exact row count 1.._ONE_HOT_ROWS, set in one scatter (the policy
-    # prices every step's candidate allocations through here: a column per count was a
-    # sixth of its time).
-    steps = np.flatnonzero((rows >= 1) & (rows <= _ONE_HOT_ROWS))
-    x[steps, _INDEX["rows_eq_1"] + rows[steps].astype(np.int64) - 1] = 1.0
+    x[:, _INDEX["multi_row"]] = rows >= 2
+    first = _INDEX[f"rows_over_{_ROW_KNOTS[0]}"]
+    # All hinges in one broadcast (the policy prices every step's candidate allocations
+    # through here).
+    x[:, first : first + len(_ROW_KNOTS)] = np.maximum(rows[:, None] - _KNOTS, 0.0)
     x[:, _INDEX["logit_rows"]] = logit_rows
     x[:, _INDEX["kv_tokens"]] = kv_tokens
     x[:, _INDEX["requests"]] = requests
@@ -267,24 +272,8 @@ class CostModel:
         if keep.sum() >= 4 and not keep.all():
             coef = _weighted_ridge(x, y, keep)
         if np.all(np.isfinite(coef)):
-            self._coef = _monotone_in_rows(coef)
+            self._coef = coef
             self.num_fits += 1
-
-
-def _monotone_in_rows(coef: np.ndarray) -> np.ndarray:
-    """``coef`` with the exact-row-count indicators raised where needed so that, other
-    things equal, a step with more rows (1.._ONE_HOT_ROWS) is never priced below one with
-    fewer. The runner makes that true of the real cost (cpu_linear pads a row count to a
-    larger one whenever that is faster), so a dip in the fit is noise, and a policy that
-    maximises predicted goodput would spend draft rows exactly on such dips."""
-    coef = coef.copy()
-    first = _INDEX["rows_eq_1"]
-    price = (
-        coef[_INDEX["rows"]] * np.arange(1, _ONE_HOT_ROWS + 1) + coef[first : first + _ONE_HOT_ROWS]
-    )
-    floor = np.maximum.accumulate(price)
-    coef[first : first + _ONE_HOT_ROWS] += floor - price
-    return coef
 
 
 def _weighted_ridge(x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -296,8 +285,8 @@ def _weighted_ridge(x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> np.ndarra
     scale[scale == 0] = 1.0
     xs = xw / scale
     penalty = np.full(x.shape[1], _RIDGE * len(yw))
-    first = _INDEX["rows_eq_1"]
-    penalty[first : first + _ONE_HOT_ROWS] = _ONE_HOT_RIDGE * len(yw)
+    first = _INDEX[f"rows_over_{_FEW_ROW_KNOTS[0]}"]
+    penalty[first : first + len(_FEW_ROW_KNOTS)] = _KNOT_RIDGE * len(yw)
     penalty[_INDEX["intercept"]] = 0.0
     # Normal equations on the [F, F] Gram matrix (F ~ 30), which the ridge term keeps well
     # conditioned: 0.04 ms against 0.37 ms for an SVD least-squares solve of the [630, 29]
