@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,15 +82,28 @@ class SmartSpecCost:
         return ms / 1e3
 
 
+# Cost models fitted before rows were priced piecewise linear (commit ade69f1) had one
+# indicator per exact row count, rows_eq_1..rows_eq_16; the reports of that time still replay.
+_LEGACY_ROW_COUNT = re.compile(r"rows_eq_(\d+)$")
+
+
 class CoefficientCost:
     """A fixed linear model over the engine's cost features (the profile indicator is 0)."""
 
     def __init__(self, coefficients: Mapping[str, float]) -> None:
         self.coefficients = {k: float(v) for k, v in coefficients.items() if k != "profile"}
-        self._model = CostModel.from_coefficients(self.coefficients)
+        self._per_row_count: dict[int, float] = {}
+        current = {}
+        for name, value in self.coefficients.items():
+            legacy = _LEGACY_ROW_COUNT.match(name)
+            if legacy:
+                self._per_row_count[int(legacy.group(1))] = value
+            else:
+                current[name] = value
+        self._model = CostModel.from_coefficients(current)
 
     def seconds(self, shape: StepShape, proposed: float) -> float:
-        return self._model.predict(shape)
+        return self._model.predict(shape) + self._per_row_count.get(shape.num_tokens, 0.0)
 
 
 class NoisyCost:
@@ -155,7 +169,7 @@ def _from_series(series: Mapping[str, float], path: Path) -> dict[str, float]:
 
 
 def _features(d: Mapping[str, object], path: Path) -> dict[str, float]:
-    unknown = sorted(set(d) - set(FEATURES))
+    unknown = sorted(k for k in set(d) - set(FEATURES) if not _LEGACY_ROW_COUNT.match(k))
     if unknown:
         raise ValueError(f"{path}: unknown cost features {unknown}")
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float))}

@@ -290,6 +290,20 @@ def test_coefficients_load_from_json_prometheus_and_sweep_runs(tmp_path: Path) -
     assert cost.seconds(StepShape(1, 1, 1, 1), proposed=0.0) == pytest.approx(0.5)
 
 
+def test_coefficients_of_the_earlier_per_row_count_fit_still_replay(tmp_path: Path) -> None:
+    (tmp_path / "m.txt").write_text(
+        'specd:spec_decode_cost_model_coefficient{feature="intercept",model_name="m"} 0.02\n'
+        'specd:spec_decode_cost_model_coefficient{feature="rows",model_name="m"} 0.001\n'
+        'specd:spec_decode_cost_model_coefficient{feature="rows_eq_3",model_name="m"} 0.005\n'
+    )
+    cost = CoefficientCost(load_coefficients(tmp_path / "m.txt"))
+    assert cost.seconds(StepShape(2, 2, 2, 1), proposed=0.0) == pytest.approx(0.022)
+    assert cost.seconds(StepShape(3, 3, 3, 1), proposed=0.0) == pytest.approx(0.028)
+    (tmp_path / "bad.json").write_text(json.dumps({"coefficients": {"rows_eq_x": 1.0}}))
+    with pytest.raises(ValueError, match="unknown cost features"):
+        load_coefficients(tmp_path / "bad.json")
+
+
 def test_compare_reports_relative_error_per_rate_and_policy(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "ngram-k2" / "mix" / "rate-1.0.json"
     run.parent.mkdir(parents=True)
