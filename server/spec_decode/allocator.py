@@ -133,8 +133,10 @@ class Allocator:
         # One request: its uniform-k allocations are prefixes of its own order, scored above.
         if len(uniform_ks) and len(candidates) > 1:
             sizes = np.array([c.size for c in candidates])
-            ks = np.asarray(uniform_ks)[:, None]
+            ks = np.sort(np.asarray(uniform_ks))[:, None]
             uniform = self.evaluate_many(base, candidates, np.minimum(ks, sizes[None, :]))
+            # As for the prefixes: a larger k is never priced below a smaller one.
+            uniform.predicted_seconds = np.maximum.accumulate(uniform.predicted_seconds)
             i = int(np.argmax(uniform.goodputs))
             if uniform.goodputs[i] > best.goodput:
                 best = uniform.row(i)
