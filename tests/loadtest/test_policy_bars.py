@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from loadtest.policy_bars import Bars, main, markdown, rate_checks
+from loadtest.policy_bars import Bars, RateCheck, main, markdown, missed_bars, rate_checks
 
 
 def _run(rate: str, e2e: float) -> dict[str, object]:
@@ -87,3 +87,10 @@ def test_repeated_runs_are_judged_on_their_median() -> None:
     summary["repetitive"]["goodput"].pop()  # an unfinished repeat: the median of two
     (check,) = rate_checks(summary, Bars())
     assert check.policy_ms == 3400.0 and check.runs == 2
+
+
+def test_a_near_miss_is_not_printed_as_the_bar_itself() -> None:
+    check = RateCheck("mix", 0.25, 1608.0, "ngram-k2", 1702.0, 1926.0)  # 1.198x over none
+    assert missed_bars(check, Bars(), lowest_rate=True) == ["lowest-rate speed-up 1.198x < 1.2x"]
+    clear = RateCheck("mix", 0.25, 1600.0, "ngram-k2", 1702.0, 1840.0)  # 1.15x: two decimals
+    assert missed_bars(clear, Bars(), lowest_rate=True) == ["lowest-rate speed-up 1.15x < 1.2x"]
