@@ -78,8 +78,9 @@ def record_decode_steps(engine: OfflineEngine, records: list[StepRecord]) -> Non
     def recorded(plan: StepPlan) -> RunnerOutput:
         out = execute(plan)
         decoding = all(
-            n == 1 and r.num_computed_tokens >= r.num_prompt_tokens
-            for r, n in ((r, plan.num_scheduled_tokens[r.request_id]) for r in plan.requests)
+            plan.num_scheduled_tokens[r.request_id] == 1
+            and r.num_computed_tokens >= r.num_prompt_tokens
+            for r in plan.requests
         )
         if plan.requests and decoding:
             records.append(
@@ -122,7 +123,7 @@ class Score:
     measured_tokens_per_s: float
     replayed_tokens_per_s: float
     priced_share: float  # steps the table priced (the rest at their own time)
-    rows_histogram: dict[int, int]  # rows per request-step at batch 1, all steps' rows else
+    rows_histogram: dict[int, int]  # steps by their rows (all requests' rows together)
 
 
 def score(records: list[StepRecord], table: dict[Shape, float]) -> Score:
