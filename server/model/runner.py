@@ -217,6 +217,11 @@ class ModelRunner:
         per-request bookkeeping only when some row is bad."""
         if self.faults is not None:
             self.faults.poison_logits(logits, _rows_by_request(plan, batch), plan.requests)
+        # A row's sum is finite whenever all its logits are (NaN and inf propagate), and a
+        # sum costs a fifth of isfinite over [N, V] on a CPU; a sum that overflowed with
+        # finite logits only sends the step to the exact check below.
+        if bool(torch.isfinite(logits.sum(dim=-1)).all()):
+            return
         finite_rows = torch.isfinite(logits).all(dim=-1)
         if bool(finite_rows.all()):
             return

@@ -113,3 +113,28 @@ def test_logprobs_returned_for_sampled_tokens(tiny):
     for lp in lps:
         assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy: chosen = best
         assert math.isclose(lp.logprob, lp.top[0][1])
+
+
+def test_huge_finite_logits_pass_and_a_nan_row_fails_its_request_alone(tiny, monkeypatch):
+    """The non-finite check sums each row first: a sum that overflows (finite logits near
+    float32's max) must not fail the request, and a NaN row fails only its own request."""
+    _, path = tiny
+    runner = make_runner(path)
+    reqs = [make_request("huge", [5, 6, 7]), make_request("nan", [8, 9]), make_request("ok", [4])]
+    real = runner.model.compute_logits
+
+    def skewed(hidden: torch.Tensor) -> torch.Tensor:
+        logits = real(hidden)
+        logits[0, :4] = 3e38  # finite; the row's sum is inf
+        logits[0, 7] = 3.4e38  # the greedy token
+        logits[1, 2] = float("nan")
+        return logits
+
+    monkeypatch.setattr(runner.model, "compute_logits", skewed)
+    sched = MiniScheduler(runner, token_budget=64)
+    for r in reqs:
+        sched.add(r)
+    out = sched.step()
+    assert out.failed.keys() == {"nan"}
+    assert out.sampled_token_ids["huge"] == [7]
+    assert "ok" in out.sampled_token_ids

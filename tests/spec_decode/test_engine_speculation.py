@@ -159,6 +159,26 @@ def test_max_tokens_and_stop_tokens_inside_an_accepted_run(
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
 
 
+def test_greedy_identity_with_logit_bias(tiny_llama_dir: Path) -> None:
+    """Greedy verification takes the argmax of the *processed* logits: a bias that changes the
+    greedy token must change the accepted one too. (Penalties turn speculation off.)"""
+    prompts = repetitive_token_prompts(8, seed=13)
+    plain_params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=32,
+        temperature=0.0,
+        ignore_eos=True,
+        logit_bias={prompts[0][-1]: 5.0, 7: -100.0},
+    )
+    plain = make_engine(tiny_llama_dir).generate(prompts, params)
+    spec = SpeculativeConfig(policy="fixed", method="tree", num_speculative_tokens=6)
+    engine = make_engine(tiny_llama_dir, spec)
+    assert tokens_of(engine.generate(prompts, params)) == tokens_of(plain)
+    assert engine.core.stats().num_accepted_tokens > 0
+    unprocessed = make_engine(tiny_llama_dir).generate(prompts, plain_params)
+    assert tokens_of(unprocessed) != tokens_of(plain), "the bias was meant to matter"
+
+
 def test_logprobs_under_speculation_are_the_targets(tiny_llama_dir: Path) -> None:
     prompts = repetitive_token_prompts(4, seed=7)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=3)
