@@ -120,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     for lo, hi in ((1, 1), (2, 4), (5, 8), (9, 16), (17, 64)):
         mask = np.array([lo <= s.num_requests <= hi for s in shapes])
         by_batch[f"{lo}-{hi}"] = summary(online[mask])
+    # By rows too: the large prefill steps are few, and priced by extrapolation when the
+    # profile and the window have not seen their size.
+    by_rows = {}
+    for lo, hi in ((1, 1), (2, 16), (17, 128), (129, 512), (513, 1 << 20)):
+        mask = np.array([lo <= s.num_tokens <= hi for s in shapes])
+        by_rows[f"{lo}-{hi}" if hi < 1 << 20 else f"{lo}+"] = summary(online[mask])
     result = {
         "command": "python -m loadtest.bench_cost_model " + " ".join(sys.argv[1:]),
         "machine": machine_info(),
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "offline_70_30": summary(offline),
         "repeat_noise_floor": summary(repeat_noise(shapes, measured)),
         "by_batch_size": by_batch,
+        "by_rows": by_rows,
         "coefficients_ms": {k: round(v * 1e3, 4) for k, v in cost.coefficients.items()},
         "steps": [
             {**s.__dict__, "predicted_s": round(p, 5), "measured_s": round(m, 5)}
@@ -193,9 +200,10 @@ def write_report(
         ("online, after the first 64 steps", "online_after_first_64_steps"),
         ("offline: fit on first 70%, score last 30%", "offline_70_30"),
         ("noise floor: same shape run again, vs that shape's median", "repeat_noise_floor"),
-        *((f"online, {k} requests", None) for k in result["by_batch_size"]),
+        *((f"online, {k} requests", ("by_batch_size", k)) for k in result["by_batch_size"]),
+        *((f"online, steps of {k} rows", ("by_rows", k)) for k in result.get("by_rows", {})),
     ):
-        s = result[key] if key else result["by_batch_size"][name.split(", ")[1].split()[0]]
+        s = result[key] if isinstance(key, str) else result[key[0]][key[1]]
         if s.get("steps"):
             lines.append(f"| {name} | {s['steps']} | {s['median']:.1%} | {s['p90']:.1%} |")
     lines += ["", "Fitted coefficients (ms per unit):", ""]

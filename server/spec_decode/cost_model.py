@@ -20,8 +20,9 @@ so it is right for whatever model and device it serves, with no hand-entered coe
 
 Fit: rows are weighted by 1 / measured time (least squares on relative error), a little
 ridge (features scaled to unit RMS) keeps unseen features at zero, a stronger one on the
-few-row knots keeps the slope from changing at a knot unless the data insist (so a row count
-the policy seldom runs is priced from its neighbours, not from a few noisy steps), and one
+knots keeps the slope from changing at a knot unless the data insist (so a row count the
+policy seldom runs is priced from its neighbours, and one past the largest steps seen by the
+slope below them, not from a few noisy steps), and one
 trimming pass drops outlier steps (GC pauses, a busy core) before the final fit. (The fit may
 still price more rows below fewer where its data are noisy; the allocator never takes such a
 dip: see ``allocator.py``.) The window holds the most
@@ -63,14 +64,20 @@ _KNOTS = np.array(_ROW_KNOTS, dtype=np.float64)
 # Ridge strength relative to the (weighted) data's scale: small enough to leave well-measured
 # coefficients alone, large enough to zero features with no data.
 _RIDGE = 1e-4
-# The few-row knots' slope changes are shrunk harder: a row count's price departs from the
-# line through its neighbours only where its data insist. Why: the policy picks the
-# allocation whose price is lowest, and it runs few steps at the counts it avoids, so a count
-# that noise priced high stays high and one priced low is sought out. Served at the lowest
-# rate on the mix, a fit with a free price per row count (one indicator each) priced 3 rows
-# 15 ms above 1 (measured offline: 5 ms) and 3 to 6 rows alike; goodput then drafted either
-# nothing or 4 to 8 tokens, and fixed k = 2 beat it by 14%.
+# Slope changes at the knots are shrunk harder: a row count's price departs from the line
+# through its neighbours only where its data insist. Why, at the few-row knots: the policy
+# picks the allocation whose price is lowest, and it runs few steps at the counts it avoids,
+# so a count that noise priced high stays high and one priced low is sought out. Served at
+# the lowest rate on the mix, a fit with a free price per row count (one indicator each)
+# priced 3 rows 15 ms above 1 (measured offline: 5 ms) and 3 to 6 rows alike; goodput then
+# drafted either nothing or 4 to 8 tokens, and fixed k = 2 beat it by 14%. At the large
+# knots (64, 256) the steps past them are few (prefill bursts) and the slope beyond the last
+# one extrapolates: with this ridge alone, a few quick steps just past 256 rows bent it by
+# -5.5 ms a row in the 2026-12-04 headline sweep, a 1024-row step was priced at 0.5 s (it
+# took 4 s), and the draft rows added to it looked free. There the ridge is at least that of
+# _KNOT_PSEUDO_STEPS steps past the knot on the slope below it (see ``_weighted_ridge``).
 _KNOT_RIDGE = 1e-2
+_KNOT_PSEUDO_STEPS = 32
 # Residuals beyond this many robust standard deviations (and at least 10%) are outliers.
 _TRIM_SIGMAS = 3.0
 _TRIM_FLOOR = 0.10
@@ -285,8 +292,17 @@ def _weighted_ridge(x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> np.ndarra
     scale[scale == 0] = 1.0
     xs = xw / scale
     penalty = np.full(x.shape[1], _RIDGE * len(yw))
-    first = _INDEX[f"rows_over_{_FEW_ROW_KNOTS[0]}"]
-    penalty[first : first + len(_FEW_ROW_KNOTS)] = _KNOT_RIDGE * len(yw)
+    few = [_INDEX[f"rows_over_{k}"] for k in _FEW_ROW_KNOTS]
+    penalty[few] = _KNOT_RIDGE * len(yw)
+    # A large knot's slope change is shrunk as if at least _KNOT_PSEUDO_STEPS steps past it
+    # followed the slope below it: a ridge relative to the column's own data lets the few
+    # steps past a knot (prefill bursts) set any slope beyond it, and that slope extrapolates.
+    # The few-row knots keep the plain relative ridge: every decode batch lies past them.
+    for k in _ROW_KNOTS:
+        if k not in _FEW_ROW_KNOTS:
+            past = int(np.count_nonzero(x[keep, _INDEX[f"rows_over_{k}"]]))
+            pseudo = _KNOT_PSEUDO_STEPS / max(past, 1)
+            penalty[_INDEX[f"rows_over_{k}"]] = max(_KNOT_RIDGE, pseudo) * len(yw)
     penalty[_INDEX["intercept"]] = 0.0
     # Normal equations on the [F, F] Gram matrix (F ~ 30), which the ridge term keeps well
     # conditioned: 0.04 ms against 0.37 ms for an SVD least-squares solve of the [630, 29]

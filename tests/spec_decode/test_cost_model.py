@@ -94,3 +94,42 @@ def test_given_coefficients_predict_exactly() -> None:
     with pytest.raises(ValueError, match="unknown cost features"):
         CostModel.from_coefficients({"flops": 1.0})
     assert set(model.coefficients) == set(FEATURES)
+
+
+def prefill_shape(chunk: int, batch: int) -> StepShape:
+    """``batch`` decoding requests plus one request prefilling ``chunk`` tokens."""
+    return StepShape(
+        num_tokens=chunk + batch,
+        num_logit_rows=batch + 1,
+        num_kv_tokens=batch * 200 + chunk,
+        num_requests=batch + 1,
+    )
+
+
+def test_a_few_quick_steps_past_a_knot_do_not_bend_the_price_of_larger_ones() -> None:
+    """Served on 2 CPU cores, two or three steps just past 256 rows that ran quicker than the
+    line (a quiet moment) turned the fitted slope above 256 rows from +4 to -1.5 ms a row:
+    a 1024-row prefill step was priced at 0.5 s and took 4 s, and the draft rows added to it
+    looked free. A slope changes at the large knots, as at the few-row ones, only where the
+    data insist."""
+    rng = np.random.default_rng(3)
+    model = CostModel(window=512)
+    for shape in training_shapes(rng, 300):
+        model.observe(shape, true_seconds(shape) * rng.normal(1.0, 0.02))
+    for chunk in (32, 64, 100, 150, 200, 240):  # prefill chunks up to the knot, on the line
+        for batch in (0, 4):
+            shape = prefill_shape(chunk, batch)
+            model.observe(shape, true_seconds(shape) * rng.normal(1.0, 0.02))
+    for chunk in (262, 270, 281):  # three quick ones just past it
+        shape = prefill_shape(chunk, 2)
+        model.observe(shape, true_seconds(shape) * 0.8)
+    model.fit()
+    big = prefill_shape(1024, 20)
+    assert model.predict(big) == pytest.approx(true_seconds(big), rel=0.25)
+    # Well measured large steps still move it: the data insist.
+    for _ in range(40):
+        for chunk in (400, 700, 1000):
+            shape = prefill_shape(chunk, 10)
+            model.observe(shape, true_seconds(shape) * 1.3 * rng.normal(1.0, 0.02))
+    model.fit()
+    assert model.predict(big) == pytest.approx(1.3 * true_seconds(big), rel=0.1)
