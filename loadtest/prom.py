@@ -34,6 +34,8 @@ PREDICTED_STEP_S = "spec_decode_predicted_step_seconds_total"
 MEASURED_STEP_S = "spec_decode_measured_step_seconds_total"
 # ...and a gauge of the goodput the policy expects from its last choice.
 ESTIMATED_GOODPUT = "spec_decode_estimated_goodput_tokens_per_second"
+# ...and the cost model's fitted coefficients (gauges, one series per feature).
+COEFFICIENT = "spec_decode_cost_model_coefficient"
 # Any series whose name holds one of these is kept in the time series.
 KEEP = ("spec_decode", "num_requests_running", "generation_tokens")
 
@@ -146,7 +148,8 @@ class Sampler:
     def timeline(self) -> list[dict[str, float]]:
         """Per interval (t = seconds since the run's start, at the interval's end): acceptance
         and policy means from the interval's deltas, the estimated-goodput gauge's value at
-        its end; each only when the server exports it."""
+        its end; each only when the server exports it. The last row also holds the cost
+        model's coefficient gauges at the run's end."""
         rows = []
         for (_t_a, a), (t_b, b) in zip(self.samples, self.samples[1:], strict=False):
             d = delta(a, b)
@@ -157,4 +160,10 @@ class Sampler:
             if goodput is not None:
                 row["estimated_goodput_tok_s"] = goodput
             rows.append(row)
+        if rows:
+            # The cost model as fitted at the run's end, as absolute values (a run's
+            # metrics_delta holds only their change): what `loadtest.simulate --cost-path
+            # <run JSON>` replays. On the last row alone, to keep run JSONs small.
+            last = self.samples[-1][1]
+            rows[-1].update({k: v for k, v in last.items() if COEFFICIENT in k})
         return rows

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from loadtest.prom import Sampler, delta, metric_sum, parse_text, policy_summary, spec_summary
@@ -108,3 +111,28 @@ def test_timeline_without_policy_series() -> None:
     (row,) = sampler.timeline()
     assert set(row) == {"t", "accepted_tokens", "draft_tokens", "acceptance_rate", "drafts",
                         "mean_acceptance_length"}  # fmt: skip
+
+
+def test_the_last_timeline_row_holds_the_cost_model_as_fitted_at_the_runs_end(
+    tmp_path: Path,
+) -> None:
+    """Absolute coefficient values on the last row only; ``loadtest.simulate --cost-path``
+    reads them back from a run JSON."""
+    from loadtest.sim.cost import load_coefficients
+
+    def coefficients(rows: float) -> str:
+        return (
+            f'\nspecd:spec_decode_cost_model_coefficient{{feature="rows",model_name="m"}} {rows}\n'
+            'specd:spec_decode_cost_model_coefficient{feature="intercept",model_name="m"} 0.03\n'
+        )
+
+    sampler = Sampler("http://unused")
+    sampler.samples = [
+        (0.0, parse_text(BEFORE + POLICY_BEFORE + coefficients(0.001))),
+        (1.0, parse_text(AFTER + POLICY_AFTER + coefficients(0.002))),
+        (2.0, parse_text(AFTER + POLICY_AFTER + coefficients(0.004))),
+    ]
+    first, last = sampler.timeline()
+    assert not any("coefficient" in k for k in first)
+    (tmp_path / "run.json").write_text(json.dumps({"metrics_timeline": [first, last]}))
+    assert load_coefficients(tmp_path / "run.json") == {"rows": 0.004, "intercept": 0.03}
