@@ -142,6 +142,10 @@ class Allocator:
                 best = uniform.row(i)
         return best
 
+    def plain(self, base: StepBase) -> Allocation:
+        """No drafts: plain decoding's expected tokens and predicted time."""
+        return self.evaluate(base, [RequestCandidates.chain([])], [0])
+
     def evaluate(
         self, base: StepBase, candidates: Sequence[RequestCandidates], counts: Sequence[int]
     ) -> Allocation:

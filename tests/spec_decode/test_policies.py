@@ -198,3 +198,22 @@ def test_proposals_the_policy_prunes_to_nothing_are_shadowed() -> None:
     speculator.observe(plan, output, 0.03)
     after = policy.estimator.calibration_table()[0]
     assert after[2] > before[2] and after[3] > before[3]  # one more tested, and it landed
+
+
+def test_goodput_speculates_only_when_it_beats_plain_decoding_by_its_margin() -> None:
+    """One draft at ~0.5 acceptance would make the step ~3% better than plain decoding: within
+    the estimates' noise (the allocation is a maximum over noisy estimates, biased upward),
+    so goodput decodes plainly; without the margin it takes the draft."""
+    marginal = CostModel.from_coefficients({"intercept": 0.010, "rows": 0.0084})
+    cautious = GoodputPolicy(context(marginal))
+    eager = GoodputPolicy(context(marginal), margin=0.0)
+    for policy in (cautious, eager):
+        teach(policy, {"r0": 0.5})
+    assert eager.allocate(base(1), requests(1), [8]) == [1]
+    assert cautious.allocate(base(1), requests(1), [8]) == [0]
+    # The same margin decides whether free proposals are worth making at all.
+    free = GoodputPolicy(context(marginal, free=True))
+    teach(free, {"r0": 0.5})
+    assert free.allocate(base(1), requests(1), [8]) == [0]
+    with pytest.raises(ValueError, match="margin"):
+        GoodputPolicy(context(marginal), margin=-0.1)
