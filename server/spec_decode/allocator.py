@@ -22,6 +22,7 @@ uniform k's, nor below no speculation (m = 0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,6 +122,13 @@ class Allocator:
     def __init__(self, cost: CostModel, draft_cost: DraftCost | None = None) -> None:
         self.cost = cost
         self.draft_cost = draft_cost or DraftCost()
+        # The last step base's prefill share and plain allocation: a step prices several
+        # allocations of one base, and each numpy call counts (the policy runs every step).
+        self._last_base: StepBase | None = None
+        self._last_coef: np.ndarray | None = None
+        self._prefill_share = math.nan
+        self._decode_alone = 0.0
+        self._plain: Allocation | None = None
 
     def best(
         self,
@@ -144,7 +152,18 @@ class Allocator:
 
     def plain(self, base: StepBase) -> Allocation:
         """No drafts: plain decoding's expected tokens and predicted time."""
-        return self.evaluate(base, [RequestCandidates.chain([])], [0])
+        self._remember(base)
+        if self._plain is None:
+            self._plain = self.evaluate(base, [RequestCandidates.chain([])], [0])
+        return self._plain
+
+    def _remember(self, base: StepBase) -> None:
+        """Forgets what was computed for another base or another fit of the cost model."""
+        coef = self.cost.coefficient_vector
+        if base is not self._last_base or coef is not self._last_coef:
+            self._last_base, self._last_coef = base, coef
+            self._plain = None
+            self._prefill_share = math.nan
 
     def evaluate(
         self, base: StepBase, candidates: Sequence[RequestCandidates], counts: Sequence[int]
@@ -211,8 +230,11 @@ class Allocator:
         dips with more rows (CPU few-row effects) never makes a step look nearly free."""
         if base.decode_shape is None or base.decode_shape == base.shape:
             return full
-        whole, decode = self.cost.predict_matrix(shapes_matrix([base.shape, base.decode_shape]))
-        return np.maximum(full - max(whole - decode, 0.0), 0.5 * decode)
+        self._remember(base)
+        if math.isnan(self._prefill_share):
+            whole, decode = self.cost.predict_matrix(shapes_matrix([base.shape, base.decode_shape]))
+            self._prefill_share, self._decode_alone = max(whole - decode, 0.0), decode
+        return np.maximum(full - self._prefill_share, 0.5 * self._decode_alone)
 
     def _features(
         self,

@@ -227,6 +227,12 @@ class CostModel:
     def coefficients(self) -> dict[str, float]:
         return {name: float(c) for name, c in zip(FEATURES, self._coef, strict=True)}
 
+    @property
+    def coefficient_vector(self) -> np.ndarray:
+        """The fitted coefficients as an array, replaced (not changed in place) by each fit:
+        callers may cache what they derive from one and compare by identity."""
+        return self._coef
+
     def predict(self, shape: StepShape) -> float:
         return float(self.predict_matrix(shapes_matrix([shape]))[0])
 

@@ -40,13 +40,17 @@ class LearnedPolicy:
         self._predicted_total = 0.0
         self._measured_total = 0.0
         self._last_goodput = 0.0
+        self._allocator: Allocator | None = None
 
     # ---- candidates ---------------------------------------------------------------------
 
     @property
     def allocator(self) -> Allocator:
+        """One allocator while the draft cost holds (it caches per step base)."""
         draft = DraftCost(not self.context.free_proposals, self._catchup_rows)
-        return Allocator(self.cost, draft)
+        if self._allocator is None or self._allocator.draft_cost != draft:
+            self._allocator = Allocator(self.cost, draft)
+        return self._allocator
 
     def chain_candidates(self, request: Request, cap: int) -> RequestCandidates:
         return RequestCandidates.chain(self.estimator.chain_probs(request.request_id, cap))

@@ -217,3 +217,42 @@ def test_goodput_speculates_only_when_it_beats_plain_decoding_by_its_margin() ->
     assert free.allocate(base(1), requests(1), [8]) == [0]
     with pytest.raises(ValueError, match="margin"):
         GoodputPolicy(context(marginal), margin=-0.1)
+
+
+def test_goodput_prunes_weak_proposals_without_valuing_their_nodes() -> None:
+    """Every node of a tree is worth at most its best first draft. When not even that would
+    pay, select prunes every tree to its root without valuing node by node (the per-node
+    work costs a batch-8 CPU step ~0.4 ms); when it could pay, the nodes are valued."""
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.004})
+    policy = GoodputPolicy(context(cost, free=True))
+    teach(policy, {"r0": 0.05, "r1": 0.05})
+    reqs = requests(2)
+    trees = [TokenTree.chain(9, [1, 2, 3]), TokenTree.chain(9, [4, 5])]
+    valued: list[str] = []
+    original = policy.tree_candidates
+
+    def counting(request: Request, tree: TokenTree) -> object:
+        valued.append(request.request_id)
+        return original(request, tree)
+
+    policy.tree_candidates = counting  # type: ignore[method-assign]
+    pruned = policy.select(base(2), reqs, trees)
+    assert [t.num_drafts for t in pruned] == [0, 0] and [t.root_token for t in pruned] == [9, 9]
+    assert valued == []
+    teach(policy, {"r0": 0.95, "r1": 0.95})
+    kept = policy.select(base(2), reqs, trees)
+    assert sum(t.num_drafts for t in kept) > 0 and valued == ["r0", "r1"]
+
+
+def test_the_allocators_plain_step_follows_the_base_and_each_refit() -> None:
+    cost = CostModel(window=64, refit_every=1)
+    cost.add_profile([(StepShape(1, 1, 10, 1), 0.010), (StepShape(4, 4, 40, 4), 0.016)] * 3)
+    policy = GoodputPolicy(context(cost, free=True))
+    first = policy.allocator.plain(base(2))
+    assert policy.allocator.plain(base(2)) is not first  # another base object: recomputed
+    b = base(2)
+    assert policy.allocator.plain(b) is policy.allocator.plain(b)
+    before = policy.allocator.plain(b).predicted_seconds
+    for _ in range(8):  # the cost doubles: the refit moves plain decoding's price with it
+        cost.observe(StepShape(2, 2, 200, 2), 2 * before)
+    assert policy.allocator.plain(b).predicted_seconds > 1.5 * before
