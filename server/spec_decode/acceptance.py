@@ -139,8 +139,8 @@ class _RequestRecord:
 
     def fade(self, factor: float) -> None:
         """Every test's weight times ``factor``: the offset shrinks toward the prior as the
-        tests' information does (one Newton step from the last fit; a refit per request per
-        step would cost ~40 us each)."""
+        tests' information does (one Newton step from the last fit: every live request
+        fades every step, and a refit loops over its tests in Python)."""
         self.weights = [w * factor for w in self.weights]
         precision = 1.0 / _OFFSET_PRIOR_VARIANCE
         data = self.information
