@@ -186,7 +186,7 @@ class CostModel:
     def __init__(
         self,
         window: int = 512,
-        refit_every: int = 16,
+        refit_every: int = 8,
         error_window: int = 128,
         default_seconds: float = 0.01,
     ) -> None:
