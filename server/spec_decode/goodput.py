@@ -58,9 +58,7 @@ class GoodputPolicy(LearnedPolicy):
             # compute-bound batch): then skip proposing too (it is cheap, not free).
             best_case = self._best_case(base, requests)
             if not self._pays(base, best_case):
-                # No speculation this step: the estimate is that of plain decoding.
-                self.record_goodput(self.allocator.plain(base).goodput)
-                self._previous.update((r.request_id, 0) for r in requests)
+                self._decode_plainly(base, requests)
                 return [0] * len(requests)
             return list(caps)
         candidates = [self.chain_candidates(r, c) for r, c in zip(requests, caps, strict=True)]
@@ -77,8 +75,7 @@ class GoodputPolicy(LearnedPolicy):
         if not self._pays(base, self._upper_bound(base, requests, trees)):
             # Not even with every node worth its tree's best first draft: prune everything
             # without valuing each node (on chat prompts at batch 8 most steps end here).
-            self._previous.update((r.request_id, 0) for r in requests)
-            self.record_goodput(self.allocator.plain(base).goodput)
+            self._decode_plainly(base, requests)
             return [TokenTree.root_only(t.root_token) for t in trees]
         built = [self.tree_candidates(r, t) for r, t in zip(requests, trees, strict=True)]
         allocation = self.choose(base, requests, [c for c, _ in built])
@@ -113,6 +110,11 @@ class GoodputPolicy(LearnedPolicy):
         largest = max(t.num_drafts for t in trees)
         return self.allocator.best(base, bounds, uniform_ks=range(1, largest + 1))
 
+    def _decode_plainly(self, base: StepBase, requests: list[Request]) -> None:
+        """No speculation this step: every budget is 0 and the estimate is plain decoding's."""
+        self._previous.update((r.request_id, 0) for r in requests)
+        self.record_goodput(self.allocator.plain(base).goodput)
+
     def _pays(self, base: StepBase, allocation: Allocation) -> bool:
         """Whether ``allocation`` drafts and beats plain decoding by the margin."""
         if not any(allocation.counts):
@@ -132,7 +134,8 @@ class GoodputPolicy(LearnedPolicy):
             if kept.goodput >= best.goodput * (1.0 - self.hysteresis):
                 best = kept
         if any(best.counts) and not self._pays(base, best):
-            best = allocator.evaluate(base, candidates, [0] * len(candidates))
+            plain = allocator.plain(base)  # priced in _pays already
+            best = Allocation([0] * len(candidates), plain.expected_tokens, plain.predicted_seconds)
         for r, n in zip(requests, best.counts, strict=True):
             self._previous[r.request_id] = n
         self.record_goodput(best.goodput)

@@ -250,6 +250,8 @@ def test_the_allocators_plain_step_follows_the_base_and_each_refit() -> None:
     policy = GoodputPolicy(context(cost, free=True))
     first = policy.allocator.plain(base(2))
     assert policy.allocator.plain(base(2)) is not first  # another base object: recomputed
+    # ... and priced for that base, not served from the last one.
+    assert policy.allocator.plain(base(4)).predicted_seconds > first.predicted_seconds
     b = base(2)
     assert policy.allocator.plain(b) is policy.allocator.plain(b)
     before = policy.allocator.plain(b).predicted_seconds

@@ -1,0 +1,219 @@
+"""Where an engine step's time goes, no speculation against speculation policies, in process.
+
+    python -m loadtest.bench_step_parts [--dataset free-form] [--batch 8]
+        [--configs none goodput fixed:2] [--repeats 3] [--new-tokens 64] [--out FILE.json]
+
+Builds one engine per configuration (n-gram drafts, ``num_speculative_tokens`` 8 for the
+cost-aware policies, k for ``fixed:k``) as ``bench_spec`` does, warms each on the same
+unmeasured prompts, then runs one ``bench_spec`` cell (dataset x batch) ``--repeats`` times
+per configuration in rotating order. Every part of every step is timed by wrapping the
+engine's own methods: scheduling, the speculator's fill (the policy's allocate and select,
+the shadow drafts; the rest of fill is proposing), the forward pass with verification
+(execute), the scheduler's update, and the speculator's observe (the cost model's and the
+acceptance estimator's learning). Prints tokens/s per run, milliseconds per step per part,
+and the decode steps by batch size (steps, seconds, tokens emitted): a closed batch's
+makespan is its slowest request's step count, which speculation on the others cannot cut.
+
+A measurement tool: run it alone on the machine (it times wall clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench_engine import machine_info
+from loadtest.bench_spec import (
+    DATASET_FILES,
+    encode_chat,
+    load_prompts,
+    make_engine,
+    restore_drafter,
+    run_batch,
+    warmup_prompts,
+)
+from loadtest.host import format_loadavg, loadavg
+from server.config import SpeculativeConfig
+from server.engine.offline import OfflineEngine
+from server.model.loader import resolve_model
+
+_BATCH1_PROMPTS = 4
+_WARMUP_TOKENS = 64
+
+
+@dataclass
+class DecodeStep:
+    requests: int
+    seconds: float
+    tokens: int
+
+
+@dataclass
+class StepLog:
+    """What one configuration's engine did, accumulated over its timed runs."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    steps: int = 0
+    decode: list[DecodeStep] = field(default_factory=list)
+
+
+def speculative_config(name: str) -> SpeculativeConfig:
+    """``none``, a policy name (k <= 8) or ``fixed:k``."""
+    if name == "none":
+        return SpeculativeConfig()
+    policy, _, k = name.partition(":")
+    budget = int(k) if k else 8
+    return SpeculativeConfig(method="ngram", num_speculative_tokens=budget, policy=policy)  # type: ignore[arg-type]
+
+
+def _timed(log: StepLog, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            log.seconds[part] += time.perf_counter() - start
+
+    return wrapper
+
+
+def instrument(engine: OfflineEngine, log: StepLog) -> None:
+    """Times each part of the engine's steps into ``log`` (see the module docstring)."""
+    core = engine.core
+    core.scheduler.schedule = _timed(log, "schedule", core.scheduler.schedule)  # type: ignore[method-assign]
+    core.scheduler.update = _timed(log, "update", core.scheduler.update)  # type: ignore[method-assign]
+    execute = core.runner.execute
+
+    def timed_execute(plan: Any) -> Any:
+        start = time.perf_counter()
+        out = execute(plan)
+        seconds = time.perf_counter() - start
+        log.seconds["execute"] += seconds
+        if all(plan.num_scheduled_tokens[r.request_id] == 1 for r in plan.requests):
+            tokens = sum(len(t) for t in out.sampled_token_ids.values())
+            log.decode.append(DecodeStep(len(plan.requests), seconds, tokens))
+        return out
+
+    core.runner.execute = timed_execute  # type: ignore[method-assign]
+    step = core.step
+
+    def timed_step() -> Any:
+        log.steps += 1
+        return _timed(log, "step", step)()
+
+    core.step = timed_step  # type: ignore[method-assign]
+    speculator = core.speculator
+    if speculator is None:
+        return
+    speculator.fill = _timed(log, "fill", speculator.fill)  # type: ignore[method-assign]
+    speculator.observe = _timed(log, "observe", speculator.observe)  # type: ignore[method-assign]
+    speculator._shadow_drafts = _timed(log, "fill: shadow drafts", speculator._shadow_drafts)  # type: ignore[method-assign]
+    policy = speculator.policy
+    policy.allocate = _timed(log, "fill: allocate", policy.allocate)  # type: ignore[method-assign]
+    policy.select = _timed(log, "fill: select", policy.select)  # type: ignore[method-assign]
+    cost = getattr(policy, "cost", None)
+    if cost is not None:
+        cost.observe = _timed(log, "observe: cost model", cost.observe)
+    estimator = getattr(policy, "estimator", None)
+    if estimator is not None:
+        estimator.observe = _timed(log, "observe: estimator", estimator.observe)
+
+
+def per_step_ms(log: StepLog) -> dict[str, float]:
+    """Milliseconds per engine step, per part."""
+    return {part: 1e3 * s / max(log.steps, 1) for part, s in sorted(log.seconds.items())}
+
+
+def decode_by_batch(log: StepLog) -> dict[int, dict[str, float]]:
+    """Pure decode steps grouped by batch size: steps, seconds, tokens emitted."""
+    out: dict[int, dict[str, float]] = {}
+    for d in log.decode:
+        row = out.setdefault(d.requests, {"steps": 0, "seconds": 0.0, "tokens": 0})
+        row["steps"] += 1
+        row["seconds"] += d.seconds
+        row["tokens"] += d.tokens
+    return dict(sorted(out.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dataset", default="free-form", choices=list(DATASET_FILES))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--configs", nargs="+", default=["none", "goodput"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", type=Path, help="write the results as JSON here too")
+    args = ap.parse_args(argv)
+
+    model_dir = resolve_model(args.model)
+    print(f"building {len(args.configs)} engines (load average {format_loadavg(loadavg())})")
+    engines: dict[str, OfflineEngine] = {}
+    saved: dict[str, object] = {}
+    logs: dict[str, StepLog] = {}
+    warmup: list[list[int]] = []
+    for name in args.configs:
+        engine = engines[name] = make_engine(model_dir, speculative_config(name))
+        warmup = warmup or encode_chat(engine, warmup_prompts())
+        run_batch(engine, warmup, 8, _WARMUP_TOKENS)
+        saved[name] = copy.deepcopy(engine.core.drafter)
+        instrument(engine, logs.setdefault(name, StepLog()))
+        print(f"  {name}: ready", flush=True)
+    n = _BATCH1_PROMPTS if args.batch == 1 else args.batch
+    prompts = encode_chat(engines[args.configs[0]], load_prompts(DATASET_FILES[args.dataset], n))
+    load = loadavg()
+    speeds: dict[str, list[float]] = {name: [] for name in args.configs}
+    for rep in range(args.repeats):
+        shift = rep % len(args.configs)
+        for name in args.configs[shift:] + args.configs[:shift]:
+            restore_drafter(engines[name], saved[name])
+            outputs, seconds = run_batch(engines[name], prompts, args.batch, args.new_tokens)
+            speeds[name].append(sum(len(o) for o in outputs) / seconds)
+    results = {
+        "command": " ".join(["python -m loadtest.bench_step_parts", *(argv or sys.argv[1:])]),
+        "machine": machine_info(),
+        "load_average_before": list(load) if load else [],
+        "load_average_after": list(loadavg() or []),
+        "configs": {
+            name: {
+                "tokens_per_s": [round(s, 2) for s in speeds[name]],
+                "median_tokens_per_s": round(statistics.median(speeds[name]), 2),
+                "steps": logs[name].steps,
+                "ms_per_step": {k: round(v, 3) for k, v in per_step_ms(logs[name]).items()},
+                "decode_by_batch": decode_by_batch(logs[name]),
+            }
+            for name in args.configs
+        },
+    }
+    print_results(results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def print_results(results: dict[str, Any]) -> None:
+    before, after = results["load_average_before"], results["load_average_after"]
+    print(f"load average before {before}, after {after}")
+    for name, r in results["configs"].items():
+        speed = f"{r['median_tokens_per_s']} tok/s (runs {r['tokens_per_s']})"
+        print(f"{name}: {speed}, {r['steps']} steps")
+        for part, ms in r["ms_per_step"].items():
+            print(f"    {part:24s} {ms:8.3f} ms/step")
+        print("    decode steps by batch size: steps, seconds, tokens")
+        for batch, row in r["decode_by_batch"].items():
+            print(f"      {batch:3d}: {row['steps']:4d} {row['seconds']:7.2f} s {row['tokens']:6d}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
