@@ -143,8 +143,12 @@ class Allocator:
             sizes = np.array([c.size for c in candidates])
             ks = np.sort(np.asarray(uniform_ks))[:, None]
             uniform = self.evaluate_many(base, candidates, np.minimum(ks, sizes[None, :]))
-            # As for the prefixes: a larger k is never priced below a smaller one.
-            uniform.predicted_seconds = np.maximum.accumulate(uniform.predicted_seconds)
+            # As for the prefixes: a larger k is never priced below a smaller one, nor below
+            # no drafts at all.
+            plain = self.plain(base).predicted_seconds
+            uniform.predicted_seconds = np.maximum.accumulate(
+                np.maximum(uniform.predicted_seconds, plain)
+            )
             i = int(np.argmax(uniform.goodputs))
             if uniform.goodputs[i] > best.goodput:
                 best = uniform.row(i)
