@@ -41,7 +41,9 @@ class EngineInfo:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, finish_together: bool = False) -> None:
+        """``finish_together``: every request is returned only when the last one is done
+        (offline batches), which is what the speculation policy then shortens."""
         self.config = config
         spec = config.speculative
         draft_kv = 0
@@ -79,6 +81,7 @@ class EngineCore:
                 self.drafter,
                 make_policy(spec.policy, self._policy_context(self.drafter)),
                 spec.num_speculative_tokens,
+                finish_together=finish_together,
             )
         self.scheduler = Scheduler(
             config.scheduler,

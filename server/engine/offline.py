@@ -30,7 +30,9 @@ class OfflineEngine:
     def __init__(self, config: EngineConfig) -> None:
         model_dir = resolve_model(config.model.model)
         config = replace(config, model=replace(config.model, model=str(model_dir)))
-        self.core = EngineCore(config)
+        # generate() returns when its last request is done: a request finished early gains
+        # nothing, so the speculation policy aims at the batch's finishing time.
+        self.core = EngineCore(config, finish_together=True)
         self.tokenizer = self.core.runner.tokenizer
         self._next_id = 0
 

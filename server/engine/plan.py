@@ -55,6 +55,9 @@ class StepPlan:
     # device, row i = the draft distribution node i's child was drawn from (the leaf's row is
     # unused). Rejection sampling needs q to stay lossless; greedy requests have no entry.
     spec_draft_probs: dict[str, Tensor] = field(default_factory=dict)
+    # Requests still waiting for admission after this plan (queued or preempted): while there
+    # are none, the running requests are all the work left (see Speculator's finish_together).
+    num_waiting: int = 0
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -197,7 +197,14 @@ class Scheduler:
         if scheduled:
             finished, self._finished_ids = self._finished_ids, set()
             preempted_ids, self._preempted_ids = self._preempted_ids - finished, set()
-        return StepPlan(scheduled, num_tokens, finished, preempted_ids, spec_budgets=spec_budgets)
+        return StepPlan(
+            scheduled,
+            num_tokens,
+            finished,
+            preempted_ids,
+            spec_budgets=spec_budgets,
+            num_waiting=len(self.waiting),
+        )
 
     def _chunk(self, request: Request, start: int, budget: int, scheduled: list[Request]) -> int:
         """How many of the request's tokens from ``start`` to compute within ``budget``.

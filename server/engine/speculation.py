@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from server.engine.plan import RunnerOutput, StepPlan
 from server.engine.request import Request
@@ -79,13 +79,23 @@ def plan_shape(plan: StepPlan, work: DraftWork, base: StepBase | None = None) ->
 
 
 class Speculator:
-    def __init__(self, drafter: Drafter, policy: SpecPolicy, max_spec_tokens: int) -> None:
+    def __init__(
+        self,
+        drafter: Drafter,
+        policy: SpecPolicy,
+        max_spec_tokens: int,
+        finish_together: bool = False,
+    ) -> None:
+        """``finish_together``: the requests are returned together when the last one is done
+        (offline ``generate``), so while none waits, the batch's finishing time is what a
+        step's drafts can shorten (``StepBase.most_remaining_tokens``)."""
         if drafter.kind == "sampled" and drafter.free_proposals:
             # Pruning i.i.d.-sampled children changes the residual sequence of the SpecInfer
             # rule (see verify.py): such drafters must take their budgets before drafting.
             raise ValueError(f"drafter {drafter.name!r}: sampled drafts cannot be pruned")
         self.drafter = drafter
         self.policy = policy
+        self.finish_together = finish_together
         self._budget_counts = [0] * (max_spec_tokens + 1)
         self._budget_sum = 0
         # This step's drafter work and draft-free base (fill computes them, observe reuses).
@@ -119,7 +129,11 @@ class Speculator:
         plan.spec_draft_kind = self.drafter.kind
         requests = [r for r in plan.requests if r.request_id in plan.spec_budgets]
         caps = [plan.spec_budgets[r.request_id] for r in requests]
-        base = self._base = step_base(plan)
+        base = step_base(plan)
+        if self.finish_together and plan.num_waiting == 0:
+            remaining = max(r.max_output_tokens - r.num_output_tokens for r in plan.requests)
+            base = replace(base, most_remaining_tokens=remaining)
+        self._base = base
         budgets = self.policy.allocate(base, requests, caps)
         budgets = [min(max(int(b), 0), c) for b, c in zip(budgets, caps, strict=True)]
         if self.drafter.free_proposals and self.policy.learns_acceptance:

@@ -67,11 +67,16 @@ class StepBase:
     cause nor can earn back, and counting that time in the denominator would make a step
     with a long prefill look slow and any draft look worth it (the simulator showed budgets
     kept at ~1.7 under saturation, where 0 was 25% faster).
+
+    most_remaining_tokens: set when the step's requests are all the work left and are
+    returned together (an offline batch with nothing waiting): the most output tokens any of
+    them may still produce, which bounds the steps until the batch is done. None otherwise.
     """
 
     shape: StepShape
-    emitted_tokens: int
+    emitted_tokens: float
     decode_shape: StepShape | None = None
+    most_remaining_tokens: int | None = None
 
 
 @dataclass

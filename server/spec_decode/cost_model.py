@@ -155,6 +155,27 @@ def feature_matrix(
     return x
 
 
+def feature_row(shape: StepShape) -> list[float]:
+    """One measured step's features, as ``shapes_matrix`` gives them, in plain floats: the
+    engine observes one step at a time, and numpy's per-call overhead would be most of it."""
+    rows = float(shape.num_tokens)
+    spec = float(shape.num_spec_requests)
+    return [
+        1.0,
+        rows,
+        float(rows >= 2),
+        *(max(rows - k, 0.0) for k in _ROW_KNOTS),
+        float(shape.num_logit_rows),
+        float(shape.num_kv_tokens),
+        float(shape.num_requests),
+        spec,
+        float(spec > 0),
+        float(shape.num_draft_forwards),
+        float(shape.num_draft_rows),
+        0.0,  # profile
+    ]
+
+
 def shapes_matrix(shapes: Sequence[StepShape], profile: bool = False) -> np.ndarray:
     columns = np.array(
         [
@@ -206,6 +227,7 @@ class CostModel:
         self._since_fit = 0
         self._coef = np.zeros(len(FEATURES))
         self._coef[_INDEX["intercept"]] = default_seconds
+        self._coef_list = self._coef.tolist()  # for one-step predictions in plain floats
         self.num_fits = 0
         # Set to a list to record every observed (shape, predicted beforehand, measured).
         self.trace: list[tuple[StepShape, float, float]] | None = None
@@ -219,6 +241,7 @@ class CostModel:
         model = cls(default_seconds=0.0)
         for name, value in coefficients.items():
             model._coef[_INDEX[name]] = value
+        model._coef_list = model._coef.tolist()
         return model
 
     # ---- prediction ---------------------------------------------------------------------
@@ -234,7 +257,10 @@ class CostModel:
         return self._coef
 
     def predict(self, shape: StepShape) -> float:
-        return float(self.predict_matrix(shapes_matrix([shape]))[0])
+        return self._predict_row(feature_row(shape))
+
+    def _predict_row(self, x: list[float]) -> float:
+        return max(math.fsum(a * b for a, b in zip(x, self._coef_list, strict=True)), _MIN_SECONDS)
 
     def predict_matrix(self, x: np.ndarray) -> np.ndarray:
         """x: [S, len(FEATURES)] from ``feature_matrix`` -> [S] seconds."""
@@ -264,8 +290,8 @@ class CostModel:
 
     def observe(self, shape: StepShape, seconds: float) -> float:
         """Adds one measured step; returns what the model predicted for it beforehand."""
-        x = shapes_matrix([shape])[0]
-        predicted = float(self.predict_matrix(x[None])[0])
+        x = feature_row(shape)
+        predicted = self._predict_row(x)
         if seconds <= 0 or not math.isfinite(seconds):
             return predicted
         self._errors.append(abs(predicted - seconds) / seconds)
@@ -297,6 +323,7 @@ class CostModel:
             coef = _weighted_ridge(x, y, keep)
         if np.all(np.isfinite(coef)):
             self._coef = coef
+            self._coef_list = coef.tolist()
             self.num_fits += 1
 
 

@@ -20,20 +20,54 @@ upward (the winner's curse). Measured on chat prompts at batch 8 on a 2-core CPU
 draft row costs about as much as a request's decode row: the verified drafts' expected tokens
 were 1.5-1.7x those accepted (on repetitive prompts 1.04x: 802 expected, 771 accepted); a
 gain the policy predicts at a few percent is within that error.
+
+A batch that finishes together (offline ``generate``, nothing waiting: the engine sets
+``StepBase.most_remaining_tokens``) is done when its last request is. Per-step goodput counts
+every request's tokens alike, which served traffic wants (a request that finishes early is
+latency returned and a slot for the next), but here a request with fewer tokens left than the
+most any request has left will finish in time without drafts, and its drafts only make the
+steps they ride in slower. Measured on the mix at batch 8 on a 2-core CPU: goodput and no
+speculation both took 63 steps (a chat request that barely speculates set it), and goodput's
+drafts made them 15% slower in all. So while the batch finishes together only the n requests
+with the most tokens left may speculate, and a draft of theirs is worth the time it saves at
+the end: the batch's last steps run those n alone, and an accepted draft brings the finish
+1/n of such a step closer. A draft pays when p * T(final step) / n beats the time it adds
+now, which for n = the whole batch (its start) is per-step goodput again. The estimated
+goodput then counts tokens in those units.
+
+Quiet steps: when valuing has seldom found drafts worth verifying lately (in under a quarter
+of the recently valued steps), a batch that chose plain decoding keeps it for the next
+``_QUIET_STEPS`` steps, while no request joins or leaves, before its drafts are valued again
+(SmartSpec re-chooses its k every few steps for the same reason). Measured on chat prompts at
+batch 8 on a 2-core CPU: nearly every step decodes plainly, and valuing it (pricing the best
+case, proposing, bounding the proposals) took ~1 ms of a ~39 ms step. Where valuing often
+finds drafts that pay (chat at batch 1, where k = 2 beats no speculation by ~15%), a skipped
+step is a lost draft more often than a saved millisecond, so it is valued every step. The
+drafter's first drafts teach the estimator meanwhile (the engine's shadow drafts), so a
+request that turns repetitive is seen a few steps later at most.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
 from server.engine.request import Request
 from server.spec_decode.allocator import Allocation, RequestCandidates, StepBase
+from server.spec_decode.cost_model import StepShape, shapes_matrix
 from server.spec_decode.learned import LearnedPolicy
 from server.spec_decode.policy import PolicyContext
 from server.spec_decode.tree import TokenTree
 
 _HYSTERESIS = 0.02
 _MARGIN = 0.05
+# Steps a batch that chose plain decoding keeps it, while no request joins or leaves, before
+# the policy values its drafts again (see the module docstring).
+_QUIET_STEPS = 3
+# ... only while the decayed share of valued steps that chose to speculate is below this.
+_QUIET_BELOW = 0.25
+_SHARE_DECAY = 0.8
 
 
 class GoodputPolicy(LearnedPolicy):
@@ -50,13 +84,32 @@ class GoodputPolicy(LearnedPolicy):
         self.hysteresis = hysteresis
         self.margin = margin
         self._previous: dict[str, int] = {}
+        # This step's base as the engine gave it and as this policy values it (they differ
+        # while a batch finishes together): allocate() sets it, select() reads it.
+        self._valued: tuple[StepBase, StepBase] | None = None
+        # This step's batch (request ids), and the batch that decodes plainly without being
+        # valued, for how many more steps.
+        self._batch: tuple[str, ...] = ()
+        self._quiet: tuple[tuple[str, ...], int] = ((), 0)
+        # Decayed share of the valued steps that chose to speculate (from an even start).
+        self._speculating_share = 0.5
 
     def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]:
+        self._batch = tuple(r.request_id for r in requests)
+        quiet_batch, quiet_steps = self._quiet
+        if quiet_steps > 0 and quiet_batch == self._batch:
+            self._quiet = (quiet_batch, quiet_steps - 1)
+            return [0] * len(requests)
+        base, caps = self._toward_the_finish(base, requests, caps)
+        if not any(caps):
+            self._decode_plainly(base, requests)
+            return [0] * len(requests)
         if self.context.free_proposals:
             # Propose everything and let select() keep what is worth verifying, unless not
             # even the best possible first draft of any request would pay for its row (a
             # compute-bound batch): then skip proposing too (it is cheap, not free).
-            best_case = self._best_case(base, requests)
+            speculating = [r for r, c in zip(requests, caps, strict=True) if c > 0]
+            best_case = self._best_case(base, speculating)
             if not self._pays(base, best_case):
                 self._decode_plainly(base, requests)
                 return [0] * len(requests)
@@ -64,13 +117,44 @@ class GoodputPolicy(LearnedPolicy):
         candidates = [self.chain_candidates(r, c) for r, c in zip(requests, caps, strict=True)]
         return self.choose(base, requests, candidates).counts
 
+    def _toward_the_finish(
+        self, base: StepBase, requests: list[Request], caps: list[int]
+    ) -> tuple[StepBase, list[int]]:
+        """The step as this policy values it, and the caps it may use: while the batch
+        finishes together, only its requests with the most tokens left speculate, and only
+        their tokens count (see the module docstring)."""
+        self._valued = None
+        left = base.most_remaining_tokens
+        if left is None:
+            return base, caps
+        last = [r for r in requests if r.max_output_tokens - r.num_output_tokens >= left]
+        if not last:
+            return replace(base, emitted_tokens=0), [0] * len(caps)
+        # The batch's last steps run these requests alone, at their context by then.
+        n = len(last)
+        kv = sum(r.num_computed_tokens + 1 + left for r in last)
+        now, final = self.cost.predict_matrix(
+            shapes_matrix([base.decode_shape or base.shape, StepShape(n, n, kv, n)])
+        )
+        # The finish moves a step earlier when all of them advance, so an accepted draft of
+        # one saves 1/n of a final step: valuing this step's plain tokens at n * now / final
+        # makes a draft pay exactly when p * final / n beats the time it adds now.
+        valued = replace(base, emitted_tokens=n * now / final)
+        self._valued = (base, valued)
+        ids = {r.request_id for r in last}
+        caps = [c if r.request_id in ids else 0 for r, c in zip(requests, caps, strict=True)]
+        return valued, caps
+
     def select(
         self, base: StepBase, requests: list[Request], trees: list[TokenTree]
     ) -> list[TokenTree]:
+        if self._valued is not None and self._valued[0] is base:
+            base = self._valued[1]
         if not any(t.num_drafts for t in trees):
             # Nothing proposed (no match: about half the steps of a chat at batch 1): nothing
             # to choose, and pricing the empty allocation would cost the step ~0.3 ms.
             self._previous.update((r.request_id, 0) for r in requests)
+            self._decided(speculates=False)
             return trees
         if not self._pays(base, self._upper_bound(base, requests, trees)):
             # Not even with every node worth its tree's best first draft: prune everything
@@ -111,9 +195,19 @@ class GoodputPolicy(LearnedPolicy):
         return self.allocator.best(base, bounds, uniform_ks=range(1, largest + 1))
 
     def _decode_plainly(self, base: StepBase, requests: list[Request]) -> None:
-        """No speculation this step: every budget is 0 and the estimate is plain decoding's."""
+        """No speculation this step (nor the next quiet steps): every budget is 0 and the
+        estimate is plain decoding's."""
         self._previous.update((r.request_id, 0) for r in requests)
         self.record_goodput(self.allocator.plain(base).goodput)
+        self._decided(speculates=False)
+
+    def _decided(self, speculates: bool) -> None:
+        """Counts a valued step's decision; a plain one starts quiet steps when valuing has
+        seldom paid lately (see the module docstring)."""
+        share = _SHARE_DECAY * self._speculating_share + (1.0 - _SHARE_DECAY) * speculates
+        self._speculating_share = share
+        if not speculates and share < _QUIET_BELOW:
+            self._quiet = (self._batch, _QUIET_STEPS)
 
     def _pays(self, base: StepBase, allocation: Allocation) -> bool:
         """Whether ``allocation`` drafts and beats plain decoding by the margin."""
@@ -138,6 +232,7 @@ class GoodputPolicy(LearnedPolicy):
             best = Allocation([0] * len(candidates), plain.expected_tokens, plain.predicted_seconds)
         for r, n in zip(requests, best.counts, strict=True):
             self._previous[r.request_id] = n
+        self._decided(speculates=any(best.counts))
         self.record_goodput(best.goodput)
         return best
 

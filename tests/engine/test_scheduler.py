@@ -93,6 +93,7 @@ def test_max_num_seqs_caps_the_running_set() -> None:
         add(s, str(i), 3, max_tokens=5)
     plan, _ = run_step(s)
     assert len(plan.requests) == 2 and len(s.waiting) == 2
+    assert plan.num_waiting == 2  # what the speculation policy reads: is more work queued?
 
 
 def test_preemption_frees_blocks_and_the_request_resumes_with_its_tokens() -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.spec_decode.cost_model import FEATURES, CostModel, StepShape
+from server.spec_decode.cost_model import (
+    FEATURES,
+    CostModel,
+    StepShape,
+    feature_row,
+    shapes_matrix,
+)
 
 
 def decode_shape(batch: int, drafts_each: int, context: int = 100) -> StepShape:
@@ -132,3 +138,15 @@ def test_a_few_quick_steps_past_a_knot_do_not_bend_the_price_of_larger_ones() ->
             model.observe(shape, true_seconds(shape) * 1.3 * rng.normal(1.0, 0.02))
     model.fit()
     assert model.predict(big) == pytest.approx(1.3 * true_seconds(big), rel=0.1)
+
+
+def test_one_steps_features_in_plain_floats_match_the_matrix_path() -> None:
+    """``observe`` and ``predict`` build one step's features without numpy; the policy
+    prices many through ``shapes_matrix``: both must agree for every feature."""
+    rng = np.random.default_rng(3)
+    model = CostModel.from_coefficients({name: float(rng.uniform(0, 1e-3)) for name in FEATURES})
+    for _ in range(200):
+        shape = StepShape(*(int(v) for v in rng.integers(0, [600, 60, 9000, 40, 9, 5, 40]) + 1))
+        assert feature_row(shape) == pytest.approx(shapes_matrix([shape])[0].tolist(), abs=0)
+        matrix = model.predict_matrix(shapes_matrix([shape]))[0]
+        assert model.predict(shape) == pytest.approx(matrix)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -258,3 +260,117 @@ def test_the_allocators_plain_step_follows_the_base_and_each_refit() -> None:
     for _ in range(8):  # the cost doubles: the refit moves plain decoding's price with it
         cost.observe(StepShape(2, 2, 200, 2), 2 * before)
     assert policy.allocator.plain(b).predicted_seconds > 1.5 * before
+
+
+def finishing_together(batch: list[Request], left: int) -> StepBase:
+    """The step of an offline batch with nothing waiting: ``left`` = the most output tokens
+    any of its requests may still produce."""
+    return replace(base(len(batch)), most_remaining_tokens=left)
+
+
+def requests_with_tokens_left(left: list[int]) -> list[Request]:
+    return [
+        Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=n), frozenset(), 10_000)
+        for i, n in enumerate(left)
+    ]
+
+
+def test_a_batch_that_finishes_together_speculates_only_where_its_finish_is() -> None:
+    """Eight requests with equally good drafts: served, each one's tokens count and all of
+    them speculate; in an offline batch the one with 40 tokens left sets when the batch is
+    done, the others finish in time without drafts, so only it speculates."""
+    cost = CostModel.from_coefficients({"intercept": 0.010, "rows": 0.002})
+    policy = GoodputPolicy(context(cost))
+    teach(policy, {f"r{i}": 0.9 for i in range(8)})
+    batch = requests_with_tokens_left([40] + [20] * 7)
+    served = policy.allocate(base(8), batch, [8] * 8)
+    assert all(b > 0 for b in served)
+    offline = GoodputPolicy(context(cost))
+    teach(offline, {f"r{i}": 0.9 for i in range(8)})
+    budgets = offline.allocate(finishing_together(batch, 40), batch, [8] * 8)
+    assert budgets[0] > 0 and budgets[1:] == [0] * 7
+
+
+def test_the_last_request_of_a_batch_drafts_what_per_step_goodput_would_not() -> None:
+    """Drafts accepted 40% of the time: served, a draft row (2 ms) in a batch of 8 (26 ms)
+    would have to be accepted 62% of the time to raise the step's tokens per second, so none
+    pays. At an offline batch's finish, the one request with the most left runs its last
+    steps alone (12 ms each): a draft that lands brings the batch's end 12 ms closer, worth
+    its 2 ms at 17% acceptance, so it drafts; the other seven finish in time without."""
+    cost = CostModel.from_coefficients({"intercept": 0.010, "rows": 0.002})
+    alphas = {f"r{i}": 0.4 for i in range(8)}
+    batch = requests_with_tokens_left([40] + [20] * 7)
+    served = GoodputPolicy(context(cost))
+    teach(served, alphas)
+    assert served.allocate(base(8), batch, [8] * 8) == [0] * 8
+    offline = GoodputPolicy(context(cost))
+    teach(offline, alphas)
+    budgets = offline.allocate(finishing_together(batch, 40), batch, [8] * 8)
+    assert budgets[0] > 0 and budgets[1:] == [0] * 7
+
+
+def test_a_batch_is_not_revalued_for_a_few_steps_when_valuing_seldom_pays() -> None:
+    """Once most valued steps have decoded plainly (four in a row here), a plain decision
+    keeps the same batch plain for three more steps without valuing its drafts (each
+    valuation costs ~1 ms of a CPU step), even if the drafts got better meanwhile; then it is
+    valued again. A request joining or leaving ends the quiet steps at once. While valuing
+    pays often, a plain decision is not followed by quiet steps."""
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.002})
+    policy = GoodputPolicy(context(cost))
+    teach(policy, {"r0": 0.02, "r1": 0.02})
+    pair = requests(2)
+    for _ in range(4):
+        assert policy.allocate(base(2), pair, [8, 8]) == [0, 0]
+    teach(policy, {"r0": 0.95, "r1": 0.95})
+    for _ in range(3):
+        assert policy.allocate(base(2), pair, [8, 8]) == [0, 0]
+    assert all(policy.allocate(base(2), pair, [8, 8]))
+
+    joined = GoodputPolicy(context(cost))
+    teach(joined, {"r0": 0.02, "r1": 0.02})
+    for _ in range(4):
+        assert joined.allocate(base(2), pair, [8, 8]) == [0, 0]
+    teach(joined, {"r0": 0.95, "r1": 0.95, "r2": 0.95})
+    assert all(joined.allocate(base(3), requests(3), [8, 8, 8]))
+
+    paying = GoodputPolicy(context(cost))
+    teach(paying, {"r0": 0.95, "r1": 0.95})
+    for _ in range(4):
+        assert all(paying.allocate(base(2), pair, [8, 8]))
+    teach(paying, {"r0": 0.02, "r1": 0.02})
+    assert paying.allocate(base(2), pair, [8, 8]) == [0, 0]
+    teach(paying, {"r0": 0.95, "r1": 0.95})
+    assert all(paying.allocate(base(2), pair, [8, 8]))
+
+
+class _BaseRecorder:
+    """A policy that records the step bases it is given and never speculates."""
+
+    learns_acceptance = False
+
+    def __init__(self) -> None:
+        self.bases: list[StepBase] = []
+
+    def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]:
+        self.bases.append(base)
+        return [0] * len(caps)
+
+
+def test_the_engine_marks_a_batch_that_finishes_together_only_while_nothing_waits() -> None:
+    batch = requests_with_tokens_left([30, 12])
+    for r in batch:
+        r.append_output_token(9)
+        r.num_computed_tokens = r.num_tokens - 1  # decoding: its last token to compute
+    got = []
+    for finish_together, waiting in ((True, 0), (True, 1), (False, 0)):
+        recorder = _BaseRecorder()
+        speculator = Speculator(NgramDrafter(), recorder, 8, finish_together=finish_together)  # type: ignore[arg-type]
+        plan = StepPlan(
+            batch,
+            {r.request_id: 1 for r in batch},
+            spec_budgets={r.request_id: 4 for r in batch},
+            num_waiting=waiting,
+        )
+        speculator.fill(plan)
+        got.append(recorder.bases[0].most_remaining_tokens)
+    assert got == [29, None, None]  # 30 - the one output token already made
