@@ -35,20 +35,23 @@ the end: the batch's last steps run those n alone, and an accepted draft brings 
 now, which for n = the whole batch (its start) is per-step goodput again. The estimated
 goodput then counts tokens in those units.
 
-Quiet steps: when valuing has seldom found drafts worth verifying lately (in under a quarter
-of the recently valued steps), a batch that chose plain decoding keeps it for the next
-``_QUIET_STEPS`` steps, while no request joins or leaves, before its drafts are valued again
-(SmartSpec re-chooses its k every few steps for the same reason). Measured on chat prompts at
-batch 8 on a 2-core CPU: nearly every step decodes plainly, and valuing it (pricing the best
-case, proposing, bounding the proposals) took ~1 ms of a ~39 ms step. Where valuing often
-finds drafts that pay (chat at batch 1, where k = 2 beats no speculation by ~15%), a skipped
-step is a lost draft more often than a saved millisecond, so it is valued every step. The
-drafter's first drafts teach the estimator meanwhile (the engine's shadow drafts), so a
-request that turns repetitive is seen a few steps later at most.
+Quiet steps: valuing a step's drafts (pricing the best case, proposing, bounding and pruning
+the proposals) costs time too: ~1 ms of a ~39 ms step on chat prompts at batch 8 on a 2-core
+CPU, where nearly every step then decodes plainly. So the policy keeps two running averages
+over the steps it values: the seconds valuing took, and the seconds its choice was predicted
+to save (the time plain decoding would take for the chosen allocation's expected tokens, less
+the allocation's; 0 for a plain choice). While valuing saves less than it costs, a batch that
+chose plain decoding keeps it for the next ``_QUIET_STEPS`` steps, while no request joins or
+leaves, before its drafts are valued again (SmartSpec re-chooses its k every few steps for
+the same reason). Where drafts pay often (chat at batch 1, where k = 2 beats no speculation by
+~15%), every step is valued. The predicted savings are optimistic (see the margin above), so
+this errs towards valuing. The drafter's first drafts teach the estimator meanwhile (the
+engine's shadow drafts), so a request that turns repetitive is seen a few steps later.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -65,9 +68,8 @@ _MARGIN = 0.05
 # Steps a batch that chose plain decoding keeps it, while no request joins or leaves, before
 # the policy values its drafts again (see the module docstring).
 _QUIET_STEPS = 3
-# ... only while the decayed share of valued steps that chose to speculate is below this.
-_QUIET_BELOW = 0.25
-_SHARE_DECAY = 0.8
+# Decay of the running averages of what valuing a step costs and saves (per valued step).
+_VALUING_DECAY = 0.8
 
 
 class GoodputPolicy(LearnedPolicy):
@@ -91,8 +93,11 @@ class GoodputPolicy(LearnedPolicy):
         # valued, for how many more steps.
         self._batch: tuple[str, ...] = ()
         self._quiet: tuple[tuple[str, ...], int] = ((), 0)
-        # Decayed share of the valued steps that chose to speculate (from an even start).
-        self._speculating_share = 0.5
+        # When this step's valuing began, and running averages of the seconds valuing a step
+        # took and its choice was predicted to save.
+        self._valuing_since = 0.0
+        self._valuing_costs = 0.0
+        self._valuing_saves = 0.0
 
     def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]:
         self._batch = tuple(r.request_id for r in requests)
@@ -100,6 +105,7 @@ class GoodputPolicy(LearnedPolicy):
         if quiet_steps > 0 and quiet_batch == self._batch:
             self._quiet = (quiet_batch, quiet_steps - 1)
             return [0] * len(requests)
+        self._valuing_since = time.perf_counter()
         base, caps = self._toward_the_finish(base, requests, caps)
         if not any(caps):
             self._decode_plainly(base, requests)
@@ -154,7 +160,7 @@ class GoodputPolicy(LearnedPolicy):
             # Nothing proposed (no match: about half the steps of a chat at batch 1): nothing
             # to choose, and pricing the empty allocation would cost the step ~0.3 ms.
             self._previous.update((r.request_id, 0) for r in requests)
-            self._decided(speculates=False)
+            self._decided(saved_seconds=0.0)
             return trees
         if not self._pays(base, self._upper_bound(base, requests, trees)):
             # Not even with every node worth its tree's best first draft: prune everything
@@ -199,14 +205,17 @@ class GoodputPolicy(LearnedPolicy):
         estimate is plain decoding's."""
         self._previous.update((r.request_id, 0) for r in requests)
         self.record_goodput(self.allocator.plain(base).goodput)
-        self._decided(speculates=False)
+        self._decided(saved_seconds=0.0)
 
-    def _decided(self, speculates: bool) -> None:
-        """Counts a valued step's decision; a plain one starts quiet steps when valuing has
-        seldom paid lately (see the module docstring)."""
-        share = _SHARE_DECAY * self._speculating_share + (1.0 - _SHARE_DECAY) * speculates
-        self._speculating_share = share
-        if not speculates and share < _QUIET_BELOW:
+    def _decided(self, saved_seconds: float) -> None:
+        """Ends a valued step: counts what valuing it cost and what its choice is predicted to
+        save; a plain choice starts quiet steps while valuing costs more than it saves (see
+        the module docstring)."""
+        spent = time.perf_counter() - self._valuing_since
+        keep = _VALUING_DECAY
+        self._valuing_costs = keep * self._valuing_costs + (1.0 - keep) * spent
+        self._valuing_saves = keep * self._valuing_saves + (1.0 - keep) * saved_seconds
+        if saved_seconds == 0.0 and self._valuing_saves < self._valuing_costs:
             self._quiet = (self._batch, _QUIET_STEPS)
 
     def _pays(self, base: StepBase, allocation: Allocation) -> bool:
@@ -232,7 +241,13 @@ class GoodputPolicy(LearnedPolicy):
             best = Allocation([0] * len(candidates), plain.expected_tokens, plain.predicted_seconds)
         for r, n in zip(requests, best.counts, strict=True):
             self._previous[r.request_id] = n
-        self._decided(speculates=any(best.counts))
+        saved = 0.0
+        if any(best.counts):
+            # Plain decoding's time for the expected tokens, less this allocation's.
+            plain = allocator.plain(base)
+            if plain.expected_tokens > 0:
+                saved = best.expected_tokens / plain.goodput - best.predicted_seconds
+        self._decided(saved_seconds=max(saved, 0.0))
         self.record_goodput(best.goodput)
         return best
 
