@@ -69,7 +69,7 @@ _MARGIN = 0.05
 # the policy values its drafts again (see the module docstring).
 _QUIET_STEPS = 3
 # Decay of the running averages of what valuing a step costs and saves (per valued step).
-_VALUING_DECAY = 0.8
+_VALUING_DECAY = 0.98
 
 
 class GoodputPolicy(LearnedPolicy):
@@ -85,6 +85,7 @@ class GoodputPolicy(LearnedPolicy):
             raise ValueError(f"margin must be >= 0, got {margin}")
         self.hysteresis = hysteresis
         self.margin = margin
+        self.quiet_steps = _QUIET_STEPS
         self._previous: dict[str, int] = {}
         # This step's base as the engine gave it and as this policy values it (they differ
         # while a batch finishes together): allocate() sets it, select() reads it.
@@ -216,7 +217,7 @@ class GoodputPolicy(LearnedPolicy):
         self._valuing_costs = keep * self._valuing_costs + (1.0 - keep) * spent
         self._valuing_saves = keep * self._valuing_saves + (1.0 - keep) * saved_seconds
         if saved_seconds == 0.0 and self._valuing_saves < self._valuing_costs:
-            self._quiet = (self._batch, _QUIET_STEPS)
+            self._quiet = (self._batch, self.quiet_steps)
 
     def _pays(self, base: StepBase, allocation: Allocation) -> bool:
         """Whether ``allocation`` drafts and beats plain decoding by the margin."""
