@@ -71,12 +71,15 @@ class StepBase:
     most_remaining_tokens: set when the step's requests are all the work left and are
     returned together (an offline batch with nothing waiting): the most output tokens any of
     them may still produce, which bounds the steps until the batch is done. None otherwise.
+    runner_up_remaining_tokens: then, the most any of the others (with fewer left) may still
+    produce (0: none).
     """
 
     shape: StepShape
     emitted_tokens: float
     decode_shape: StepShape | None = None
     most_remaining_tokens: int | None = None
+    runner_up_remaining_tokens: int = 0
 
 
 @dataclass

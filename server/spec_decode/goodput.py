@@ -32,20 +32,25 @@ drafts made them 15% slower in all. So while the batch finishes together only th
 with the most tokens left may speculate, and a draft of theirs is worth the time it saves at
 the end: the batch's last steps run those n alone, and an accepted draft brings the finish
 1/n of such a step closer. A draft pays when p * T(final step) / n beats the time it adds
-now, which for n = the whole batch (its start) is per-step goodput again. The estimated
+now, which for n = the whole batch (its start) is per-step goodput again. Only up to the
+lead over the runner-up, though: once the leaders are down to the next request's count, the
+finish is that request's, and their further tokens bring it no closer. The estimated
 goodput then counts tokens in those units.
 
 Quiet steps: valuing a step's drafts (pricing the best case, proposing, bounding and pruning
 the proposals) costs time too: ~1 ms of a ~39 ms step on chat prompts at batch 8 on a 2-core
 CPU, where nearly every step then decodes plainly. So the policy keeps two running averages
-over the steps it values: the seconds valuing took, and the seconds its choice was predicted
-to save (the time plain decoding would take for the chosen allocation's expected tokens, less
-the allocation's; 0 for a plain choice). While valuing saves less than it costs, a batch that
-chose plain decoding keeps it for the next ``_QUIET_STEPS`` steps, while no request joins or
-leaves, before its drafts are valued again (SmartSpec re-chooses its k every few steps for
-the same reason). Where drafts pay often (chat at batch 1, where k = 2 beats no speculation by
-~15%), every step is valued. The predicted savings are optimistic (see the margin above), so
-this errs towards valuing. The drafter's first drafts teach the estimator meanwhile (the
+over the steps it values (about the last 50): the seconds valuing took, and the seconds its
+choice was predicted to save (the time plain decoding would take for the chosen allocation's
+expected tokens, less the allocation's; 0 for a plain choice). While valuing saves less than
+it costs, a batch that chose plain decoding keeps it for the next ``_QUIET_STEPS`` steps,
+while no request joins or leaves, before its drafts are valued again (SmartSpec re-chooses
+its k every few steps for the same reason). The memory is long because drafts that pay come
+in bursts (a phrase copied from the prompt): averaged over ~5 valued steps, a lone chat
+request went quiet between bursts and missed their starts (2-3% slower than valuing every
+step, back to back); over ~50 it ran as fast as valuing every step, while chat at batch 8
+still went quiet and gained 1-3%. The predicted savings are optimistic (see the margin above),
+so this errs towards valuing. The drafter's first drafts teach the estimator meanwhile (the
 engine's shadow drafts), so a request that turns repetitive is seen a few steps later.
 """
 
@@ -148,8 +153,13 @@ class GoodputPolicy(LearnedPolicy):
         # makes a draft pay exactly when p * final / n beats the time it adds now.
         valued = replace(base, emitted_tokens=n * now / final)
         self._valued = (base, valued)
+        # Past the runner-up's count the finish is the runner-up's: a leader's tokens beyond
+        # that lead do not bring it closer (in a batch that moves in step, the lead is 1-3).
+        lead = left - base.runner_up_remaining_tokens
         ids = {r.request_id for r in last}
-        caps = [c if r.request_id in ids else 0 for r, c in zip(requests, caps, strict=True)]
+        caps = [
+            min(c, lead) if r.request_id in ids else 0 for r, c in zip(requests, caps, strict=True)
+        ]
         return valued, caps
 
     def select(

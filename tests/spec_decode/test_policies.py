@@ -262,10 +262,12 @@ def test_the_allocators_plain_step_follows_the_base_and_each_refit() -> None:
     assert policy.allocator.plain(b).predicted_seconds > 1.5 * before
 
 
-def finishing_together(batch: list[Request], left: int) -> StepBase:
+def finishing_together(batch: list[Request], left: int, runner_up: int = 0) -> StepBase:
     """The step of an offline batch with nothing waiting: ``left`` = the most output tokens
-    any of its requests may still produce."""
-    return replace(base(len(batch)), most_remaining_tokens=left)
+    any of its requests may still produce, ``runner_up`` the most any other may."""
+    return replace(
+        base(len(batch)), most_remaining_tokens=left, runner_up_remaining_tokens=runner_up
+    )
 
 
 def requests_with_tokens_left(left: list[int]) -> list[Request]:
@@ -307,6 +309,21 @@ def test_the_last_request_of_a_batch_drafts_what_per_step_goodput_would_not() ->
     teach(offline, alphas)
     budgets = offline.allocate(finishing_together(batch, 40), batch, [8] * 8)
     assert budgets[0] > 0 and budgets[1:] == [0] * 7
+
+
+def test_a_leader_drafts_no_further_than_its_lead() -> None:
+    """With drafts accepted 90% of the time a lone leader would draft a long chain, but with
+    2 tokens more left than the runner-up, tokens past those 2 leave the batch's finish where
+    the runner-up puts it: at most 2 drafts."""
+    cost = CostModel.from_coefficients({"intercept": 0.010, "rows": 0.001})
+    batch = requests_with_tokens_left([40] + [38] * 7)
+    far = GoodputPolicy(context(cost))
+    teach(far, {f"r{i}": 0.9 for i in range(8)})
+    assert far.allocate(finishing_together(batch, 40), batch, [8] * 8)[0] > 2
+    near = GoodputPolicy(context(cost))
+    teach(near, {f"r{i}": 0.9 for i in range(8)})
+    budgets = near.allocate(finishing_together(batch, 40, runner_up=38), batch, [8] * 8)
+    assert 0 < budgets[0] <= 2 and budgets[1:] == [0] * 7
 
 
 def test_a_batch_is_not_revalued_for_a_few_steps_while_valuing_saves_less_than_it_costs() -> None:
@@ -370,5 +387,6 @@ def test_the_engine_marks_a_batch_that_finishes_together_only_while_nothing_wait
             num_waiting=waiting,
         )
         speculator.fill(plan)
-        got.append(recorder.bases[0].most_remaining_tokens)
-    assert got == [29, None, None]  # 30 - the one output token already made
+        marked = recorder.bases[0]
+        got.append((marked.most_remaining_tokens, marked.runner_up_remaining_tokens))
+    assert got == [(29, 11), (None, 0), (None, 0)]  # less the one output token made
