@@ -93,6 +93,11 @@ class Request:
         return min(self.sampling_params.max_tokens, self.max_total_tokens - self.num_prompt_tokens)
 
     @property
+    def num_tokens_left(self) -> int:
+        """Output tokens it may still produce (fewer if it stops at EOS or a stop string)."""
+        return self.max_output_tokens - self.num_output_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status.finished
 

@@ -264,7 +264,7 @@ class Scheduler:
         if params.max_speculative_tokens is not None:
             cap = min(cap, params.max_speculative_tokens)
         # Accepted drafts + the bonus token must fit in what the request may still output.
-        return max(0, min(cap, request.max_output_tokens - request.num_output_tokens - 1))
+        return max(0, min(cap, request.num_tokens_left - 1))
 
     def _lookup_prefix(self, request: Request) -> list[int]:
         return self.block_manager.find_cached_prefix(request)

@@ -131,7 +131,7 @@ class Speculator:
         caps = [plan.spec_budgets[r.request_id] for r in requests]
         base = step_base(plan)
         if self.finish_together and plan.num_waiting == 0:
-            left = {r.max_output_tokens - r.num_output_tokens for r in plan.requests}
+            left = {r.num_tokens_left for r in plan.requests}
             most = max(left)
             runner_up = max(left - {most}, default=0)
             base = replace(base, most_remaining_tokens=most, runner_up_remaining_tokens=runner_up)

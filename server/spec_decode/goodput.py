@@ -48,8 +48,8 @@ while no request joins or leaves, before its drafts are valued again (SmartSpec 
 its k every few steps for the same reason). The memory is long because drafts that pay come
 in bursts (a phrase copied from the prompt): averaged over ~5 valued steps, a lone chat
 request went quiet between bursts and missed their starts (2-3% slower than valuing every
-step, back to back); over ~50 it ran as fast as valuing every step, while chat at batch 8
-still went quiet and gained 1-3%. The predicted savings are optimistic (see the margin above),
+step, back to back, while batch 8 gained 1-3%); over ~50 it ran as fast as valuing every
+step. The predicted savings are optimistic (see the margin above),
 so this errs towards valuing. The drafter's first drafts teach the estimator meanwhile (the
 engine's shadow drafts), so a request that turns repetitive is seen a few steps later.
 """
@@ -90,7 +90,7 @@ class GoodputPolicy(LearnedPolicy):
             raise ValueError(f"margin must be >= 0, got {margin}")
         self.hysteresis = hysteresis
         self.margin = margin
-        self.quiet_steps = _QUIET_STEPS
+        self.quiet_steps = _QUIET_STEPS  # 0 turns quiet steps off (for A/B runs)
         self._previous: dict[str, int] = {}
         # This step's base as the engine gave it and as this policy values it (they differ
         # while a batch finishes together): allocate() sets it, select() reads it.
@@ -139,7 +139,7 @@ class GoodputPolicy(LearnedPolicy):
         left = base.most_remaining_tokens
         if left is None:
             return base, caps
-        last = [r for r in requests if r.max_output_tokens - r.num_output_tokens >= left]
+        last = [r for r in requests if r.num_tokens_left >= left]
         if not last:
             return replace(base, emitted_tokens=0), [0] * len(caps)
         # The batch's last steps run these requests alone, at their context by then.
