@@ -21,7 +21,12 @@ from server.engine.speculation import Speculator
 from server.model.runner import ModelRunner
 from server.spec_decode.cost_model import CostModel
 from server.spec_decode.draft_model import draft_kv_bytes_per_block
-from server.spec_decode.drafter import Drafter, FinishedRequestConsumer, TopTokenConsumer
+from server.spec_decode.drafter import (
+    Drafter,
+    FinishedRequestConsumer,
+    TopTokenConsumer,
+    implements,
+)
 from server.spec_decode.drafters import make_drafter
 from server.spec_decode.policies import make_policy, needs_cost_model
 from server.spec_decode.policy import PolicyContext
@@ -192,7 +197,7 @@ class EngineCore:
         if output.top_tokens is not None and isinstance(self.drafter, TopTokenConsumer):
             self.drafter.observe_top_tokens(output.top_tokens)
         outputs = failed + self.scheduler.update(plan, output)
-        if isinstance(self.drafter, FinishedRequestConsumer):
+        if implements(type(self.drafter), FinishedRequestConsumer):
             self.drafter.observe_finished(r for r in plan.requests if r.is_finished)
         if self.speculator is not None:
             # The whole step's wall time: what the policy's goodput is measured against.

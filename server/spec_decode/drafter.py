@@ -13,6 +13,7 @@ distribution q, which the drafter must then also return for verification.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -134,6 +135,14 @@ class TopTokenConsumer(Protocol):
     feedback_top_k: int
 
     def observe_top_tokens(self, top: TopTokens) -> None: ...
+
+
+@functools.cache
+def implements(cls: type, protocol: type) -> bool:
+    """``issubclass`` against a method-only runtime-checkable protocol, remembered per class:
+    typing's check walks the protocol's members (~30 us a call), and the engine asks every
+    step."""
+    return issubclass(cls, protocol)
 
 
 def check_budgets(requests: list[Request], budgets: list[int]) -> None:

@@ -40,18 +40,24 @@ goodput then counts tokens in those units.
 Quiet steps: valuing a step's drafts (pricing the best case, proposing, bounding and pruning
 the proposals) costs time too: ~1 ms of a ~39 ms step on chat prompts at batch 8 on a 2-core
 CPU, where nearly every step then decodes plainly. So the policy keeps two running averages
-over the steps it values (about the last 50): the seconds valuing took, and the seconds its
-choice was predicted to save (the time plain decoding would take for the chosen allocation's
-expected tokens, less the allocation's; 0 for a plain choice). While valuing saves less than
-it costs, a batch that chose plain decoding keeps it for the next ``_QUIET_STEPS`` steps,
-while no request joins or leaves, before its drafts are valued again (SmartSpec re-chooses
-its k every few steps for the same reason). The memory is long because drafts that pay come
-in bursts (a phrase copied from the prompt): averaged over ~5 valued steps, a lone chat
-request went quiet between bursts and missed their starts (2-3% slower than valuing every
-step, back to back, while batch 8 gained 1-3%); over ~50 it ran as fast as valuing every
-step. The predicted savings are optimistic (see the margin above),
-so this errs towards valuing. The drafter's first drafts teach the estimator meanwhile (the
-engine's shadow drafts), so a request that turns repetitive is seen a few steps later.
+over the steps it values (about the last 50), per batch size (1, 2-3, 4-7, 8-15, ...): the
+seconds valuing took, and the seconds its choice was predicted to save (the time plain
+decoding would take for the chosen allocation's expected tokens, less the allocation's; 0
+for a plain choice). While valuing saves less than it costs, a batch that chose plain
+decoding keeps it for the next ``_QUIET_STEPS`` steps, while no request joins or leaves,
+before its drafts are valued again (SmartSpec re-chooses its k every few steps for the same
+reason), and each valuation in a row that chooses plain again doubles the spell, up to
+``_QUIET_GROWTH`` times (3, 6, 12, 24 steps): a batch whose drafts do not pay is then valued
+in ~5 of 64 steps instead of 16. Per batch size, because whether drafts pay depends on it
+most: a lone request's drafts ride nearly free and a batch of 8's cost as much as a
+request's own row, so savings at batch 1 kept a later batch of 8 valued for its first ~60
+steps (all of an offline batch's). The memory is long because drafts that pay come in
+bursts (a phrase copied from the prompt): averaged over ~5 valued steps, a lone chat request
+went quiet between bursts and missed their starts (2-3% slower than valuing every step, back
+to back, while batch 8 gained 1-3%); over ~50 it ran as fast as valuing every step. The
+predicted savings are optimistic (see the margin above), so this errs towards valuing. The
+drafter's first drafts teach the estimator meanwhile (the engine's shadow drafts, one
+request a quiet step), so a request that turns repetitive is seen at the spell's end.
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ import numpy as np
 
 from server.engine.request import Request
 from server.spec_decode.allocator import Allocation, RequestCandidates, StepBase
-from server.spec_decode.cost_model import StepShape, shapes_matrix
+from server.spec_decode.cost_model import StepShape
 from server.spec_decode.learned import LearnedPolicy
 from server.spec_decode.policy import PolicyContext
 from server.spec_decode.tree import TokenTree
@@ -73,6 +79,9 @@ _MARGIN = 0.05
 # Steps a batch that chose plain decoding keeps it, while no request joins or leaves, before
 # the policy values its drafts again (see the module docstring).
 _QUIET_STEPS = 3
+# Each valuation in a row that chooses plain decoding again doubles the quiet steps, up to
+# this many times the first (see the module docstring).
+_QUIET_GROWTH = 8
 # Decay of the running averages of what valuing a step costs and saves (per valued step).
 _VALUING_DECAY = 0.98
 
@@ -91,6 +100,7 @@ class GoodputPolicy(LearnedPolicy):
         self.hysteresis = hysteresis
         self.margin = margin
         self.quiet_steps = _QUIET_STEPS  # 0 turns quiet steps off (for A/B runs)
+        self.quiet_growth = _QUIET_GROWTH  # 1 keeps every quiet spell at quiet_steps
         self._previous: dict[str, int] = {}
         # This step's base as the engine gave it and as this policy values it (they differ
         # while a batch finishes together): allocate() sets it, select() reads it.
@@ -99,16 +109,19 @@ class GoodputPolicy(LearnedPolicy):
         # valued, for how many more steps.
         self._batch: tuple[str, ...] = ()
         self._quiet: tuple[tuple[str, ...], int] = ((), 0)
-        # When this step's valuing began, and running averages of the seconds valuing a step
-        # took and its choice was predicted to save.
+        # How long the batch's last quiet spell was (0: it was valued and chose drafts, or is
+        # new), which the next plain choice of the same batch doubles.
+        self._last_quiet: tuple[tuple[str, ...], int] = ((), 0)
+        # When this step's valuing began, and per batch size (by powers of two) running
+        # averages of the seconds valuing a step took and its choice was predicted to save.
         self._valuing_since = 0.0
-        self._valuing_costs = 0.0
-        self._valuing_saves = 0.0
+        self._valuing: dict[int, tuple[float, float]] = {}
 
     def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]:
         self._batch = tuple(r.request_id for r in requests)
         quiet_batch, quiet_steps = self._quiet
-        if quiet_steps > 0 and quiet_batch == self._batch:
+        self.quiet = quiet_steps > 0 and quiet_batch == self._batch
+        if self.quiet:
             self._quiet = (quiet_batch, quiet_steps - 1)
             return [0] * len(requests)
         self._valuing_since = time.perf_counter()
@@ -145,9 +158,8 @@ class GoodputPolicy(LearnedPolicy):
         # The batch's last steps run these requests alone, at their context by then.
         n = len(last)
         kv = sum(r.num_computed_tokens + 1 + left for r in last)
-        now, final = self.cost.predict_matrix(
-            shapes_matrix([base.decode_shape or base.shape, StepShape(n, n, kv, n)])
-        )
+        now = self.cost.predict(base.decode_shape or base.shape)
+        final = self.cost.predict(StepShape(n, n, kv, n))
         # The finish moves a step earlier when all of them advance, so an accepted draft of
         # one saves 1/n of a final step: valuing this step's plain tokens at n * now / final
         # makes a draft pay exactly when p * final / n beats the time it adds now.
@@ -224,10 +236,19 @@ class GoodputPolicy(LearnedPolicy):
         the module docstring)."""
         spent = time.perf_counter() - self._valuing_since
         keep = _VALUING_DECAY
-        self._valuing_costs = keep * self._valuing_costs + (1.0 - keep) * spent
-        self._valuing_saves = keep * self._valuing_saves + (1.0 - keep) * saved_seconds
-        if saved_seconds == 0.0 and self._valuing_saves < self._valuing_costs:
-            self._quiet = (self._batch, self.quiet_steps)
+        size = len(self._batch).bit_length()
+        costs, saves = self._valuing.get(size, (0.0, 0.0))
+        costs = keep * costs + (1.0 - keep) * spent
+        saves = keep * saves + (1.0 - keep) * saved_seconds
+        self._valuing[size] = (costs, saves)
+        if saved_seconds > 0.0 or saves >= costs:
+            self._last_quiet = ((), 0)
+            return
+        last_batch, last_steps = self._last_quiet
+        steps = self.quiet_steps
+        if last_batch == self._batch and last_steps > 0:
+            steps = min(2 * last_steps, self.quiet_growth * self.quiet_steps)
+        self._quiet = self._last_quiet = (self._batch, steps)
 
     def _pays(self, base: StepBase, allocation: Allocation) -> bool:
         """Whether ``allocation`` drafts and beats plain decoding by the margin."""

@@ -30,6 +30,7 @@ _INITIAL_CATCHUP_ROWS = 2.0
 class LearnedPolicy:
     name = "learned"
     learns_acceptance = True
+    quiet = False
 
     def __init__(self, context: PolicyContext) -> None:
         self.context = context

@@ -93,6 +93,10 @@ class SpecPolicy(Protocol):
     # True: the policy learns acceptance, so the speculator shadows the requests it gives no
     # budget (StepObservation.shadowed).
     learns_acceptance: bool
+    # True while this step's budgets were set without valuing its drafts (goodput's quiet
+    # steps): nothing reads the estimates until the next valued step, so the speculator
+    # shadows fewer requests meanwhile.
+    quiet: bool
 
     def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]: ...
 
@@ -112,6 +116,7 @@ class NoSpeculation:
 
     name = "none"
     learns_acceptance = False
+    quiet = False
 
     def __init__(self, context: PolicyContext | None = None) -> None:
         pass
@@ -139,6 +144,7 @@ class FixedBudget:
 
     name = "fixed"
     learns_acceptance = False
+    quiet = False
 
     def __init__(self, context: PolicyContext | None = None) -> None:
         pass

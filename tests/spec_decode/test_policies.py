@@ -141,25 +141,18 @@ def test_reservations_hold_what_each_policy_may_use_before_new_prompts() -> None
         assert learned.reservation(2, 5) == 2
 
 
-def test_shadow_drafts_are_a_rotating_sample_of_the_idle_requests() -> None:
-    """A policy that gives every request of a batch of 10 no budget: each step shadows at
-    most 4 of them (bounded proposal work however large the batch), those shadowed longest
-    ago first, so every request is sampled within 3 steps."""
-    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.02})
-    policy = GoodputPolicy(PolicyContext(8, free_proposals=True, cost_model=cost))
-    never = TokenTree((0, 5), (-1, 0))
-    for _ in range(300):
-        policy.estimator.observe("primer", never, ())
+def _shadowed_per_step(policy: GoodputPolicy, steps: int) -> list[set[str]]:
+    """The requests a batch of 10 (all of whose contexts repeat, so prompt lookup always
+    has a draft) has shadowed in each of ``steps`` steps."""
     speculator = Speculator(NgramDrafter(), policy, 8)
     batch = []
     for i in range(10):
-        # Repeats itself, so prompt lookup always has a draft.
         r = Request(f"r{i}", [7, 8, 9, 7, 8, 9, 7, 8], SamplingParams(), frozenset(), 10_000)
         r.append_output_token(9)
         r.num_computed_tokens = r.num_tokens - 1  # decoding: its last token to compute
         batch.append(r)
     seen: list[set[str]] = []
-    for _ in range(3):
+    for _ in range(steps):
         plan = StepPlan(
             batch,
             {r.request_id: 1 for r in batch},
@@ -168,9 +161,36 @@ def test_shadow_drafts_are_a_rotating_sample_of_the_idle_requests() -> None:
         speculator.fill(plan)
         assert not plan.spec_trees  # nothing verified
         seen.append(set(speculator._shadows))
+    return seen
+
+
+def _never_accepting_policy() -> GoodputPolicy:
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.02})
+    policy = GoodputPolicy(PolicyContext(8, free_proposals=True, cost_model=cost))
+    never = TokenTree((0, 5), (-1, 0))
+    for _ in range(300):
+        policy.estimator.observe("primer", never, ())
+    return policy
+
+
+def test_shadow_drafts_are_a_rotating_sample_of_the_idle_requests() -> None:
+    """A policy that gives every request of a batch of 10 no budget: each step shadows at
+    most 4 of them (bounded proposal work however large the batch), those shadowed longest
+    ago first, so every request is sampled within 3 steps."""
+    policy = _never_accepting_policy()
+    policy.quiet_steps = 0
+    seen = _shadowed_per_step(policy, 3)
     assert [len(s) for s in seen] == [4, 4, 4]
     assert seen[0] == {"r0", "r1", "r2", "r3"} and seen[1] == {"r4", "r5", "r6", "r7"}
-    assert set().union(*seen) == {r.request_id for r in batch}
+    assert set().union(*seen) == {f"r{i}" for i in range(10)}
+
+
+def test_a_quiet_step_shadows_one_request() -> None:
+    """In goodput's quiet steps (nothing reads the estimates until the next valued step)
+    the speculator shadows one idle request a step, still the one shadowed longest ago."""
+    policy = _never_accepting_policy()
+    seen = _shadowed_per_step(policy, 3)
+    assert seen == [{"r0", "r1", "r2", "r3"}, {"r4"}, {"r5"}]
 
 
 def test_proposals_the_policy_prunes_to_nothing_are_shadowed() -> None:
@@ -358,10 +378,63 @@ def test_a_batch_is_not_revalued_for_a_few_steps_while_valuing_saves_less_than_i
     assert all(paying.allocate(base(2), pair, [8, 8]))
 
 
+def _valued_steps(policy: GoodputPolicy, batch: list[Request], steps: int) -> list[int]:
+    """The steps (of ``steps`` in a row, same batch) in which the policy valued drafts."""
+    valued = []
+    for step in range(steps):
+        policy.allocate(base(len(batch)), batch, [8] * len(batch))
+        if not policy.quiet:
+            valued.append(step)
+    return valued
+
+
+def test_quiet_spells_double_while_valuing_keeps_choosing_plain_decoding() -> None:
+    """Each valuation in a row that chooses plain decoding again doubles the next quiet
+    spell (3, 6, 12, then at most 24 steps), so a batch whose drafts never pay is valued in
+    a few steps of fifty. Drafts that got better meanwhile wait for the spell's end; once
+    valuing has saved more than it cost, plain choices are valued every step again."""
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.002})
+    policy = GoodputPolicy(context(cost))
+    teach(policy, {"r0": 0.02, "r1": 0.02})
+    pair = requests(2)
+    assert _valued_steps(policy, pair, 75) == [0, 4, 11, 24, 49, 74]
+
+    drafting = GoodputPolicy(context(cost))
+    teach(drafting, {"r0": 0.02, "r1": 0.02})
+    assert _valued_steps(drafting, pair, 5) == [0, 4]  # then 6 quiet steps
+    teach(drafting, {"r0": 0.95, "r1": 0.95})
+    assert [any(drafting.allocate(base(2), pair, [8, 8])) for _ in range(7)] == [False] * 6 + [True]
+    teach(drafting, {"r0": 0.02, "r1": 0.02})
+    assert _valued_steps(drafting, pair, 5) == [0, 1, 2, 3, 4]  # valuing has paid
+
+    steady = GoodputPolicy(context(cost))
+    steady.quiet_growth = 1
+    teach(steady, {"r0": 0.02, "r1": 0.02})
+    assert _valued_steps(steady, pair, 13) == [0, 4, 8, 12]
+
+
+def test_what_valuing_saved_at_one_batch_size_does_not_keep_another_valued() -> None:
+    """Valuing pays at batch 1 (a lone request's drafts ride nearly free) and rarely at
+    batch 8, so what it cost and saved is averaged per batch size (powers of two): savings
+    at batch 1 do not keep a batch of 8 whose drafts do not pay from going quiet."""
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.002})
+    policy = GoodputPolicy(context(cost))
+    teach(policy, {"r0": 0.95})
+    lone = requests(1)
+    for _ in range(10):
+        assert policy.allocate(base(1), lone, [8]) != [0]  # each saves ~tens of ms
+    eight = requests(8)
+    teach(policy, {r.request_id: 0.02 for r in eight})
+    assert _valued_steps(policy, eight, 5) == [0, 4]
+    teach(policy, {"r0": 0.95})
+    assert policy.allocate(base(1), lone, [8]) != [0]
+
+
 class _BaseRecorder:
     """A policy that records the step bases it is given and never speculates."""
 
     learns_acceptance = False
+    quiet = False
 
     def __init__(self) -> None:
         self.bases: list[StepBase] = []
