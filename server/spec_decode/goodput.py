@@ -105,13 +105,10 @@ class GoodputPolicy(LearnedPolicy):
         # This step's base as the engine gave it and as this policy values it (they differ
         # while a batch finishes together): allocate() sets it, select() reads it.
         self._valued: tuple[StepBase, StepBase] | None = None
-        # This step's batch (request ids), and the batch that decodes plainly without being
-        # valued, for how many more steps.
+        # This step's batch (request ids), and the quiet spell: the batch it keeps plain, the
+        # spell's length (which the batch's next plain choice doubles) and its steps left.
         self._batch: tuple[str, ...] = ()
-        self._quiet: tuple[tuple[str, ...], int] = ((), 0)
-        # How long the batch's last quiet spell was (0: it was valued and chose drafts, or is
-        # new), which the next plain choice of the same batch doubles.
-        self._last_quiet: tuple[tuple[str, ...], int] = ((), 0)
+        self._spell: tuple[tuple[str, ...], int, int] = ((), 0, 0)
         # When this step's valuing began, and per batch size (by powers of two) running
         # averages of the seconds valuing a step took and its choice was predicted to save.
         self._valuing_since = 0.0
@@ -119,10 +116,10 @@ class GoodputPolicy(LearnedPolicy):
 
     def allocate(self, base: StepBase, requests: list[Request], caps: list[int]) -> list[int]:
         self._batch = tuple(r.request_id for r in requests)
-        quiet_batch, quiet_steps = self._quiet
-        self.quiet = quiet_steps > 0 and quiet_batch == self._batch
+        spell_batch, length, left = self._spell
+        self.quiet = left > 0 and spell_batch == self._batch
         if self.quiet:
-            self._quiet = (quiet_batch, quiet_steps - 1)
+            self._spell = (spell_batch, length, left - 1)
             return [0] * len(requests)
         self._valuing_since = time.perf_counter()
         base, caps = self._toward_the_finish(base, requests, caps)
@@ -242,13 +239,13 @@ class GoodputPolicy(LearnedPolicy):
         saves = keep * saves + (1.0 - keep) * saved_seconds
         self._valuing[size] = (costs, saves)
         if saved_seconds > 0.0 or saves >= costs:
-            self._last_quiet = ((), 0)
+            self._spell = ((), 0, 0)
             return
-        last_batch, last_steps = self._last_quiet
+        spell_batch, length, _ = self._spell
         steps = self.quiet_steps
-        if last_batch == self._batch and last_steps > 0:
-            steps = min(2 * last_steps, self.quiet_growth * self.quiet_steps)
-        self._quiet = self._last_quiet = (self._batch, steps)
+        if spell_batch == self._batch and length > 0:
+            steps = min(2 * length, self.quiet_growth * self.quiet_steps)
+        self._spell = (self._batch, steps, steps)
 
     def _pays(self, base: StepBase, allocation: Allocation) -> bool:
         """Whether ``allocation`` drafts and beats plain decoding by the margin."""
