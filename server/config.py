@@ -133,10 +133,11 @@ class SpeculativeConfig:
     # tree: the most distinct continuations merged into one request's tree.
     max_tree_width: int = 4
     # recycle (and auto): the target's top-k kept per token, and whose table drafts a request:
-    # one per "request" (measured better: loadtest/results/spec/2026-12-03-drafters.md) or
-    # "shared" by all requests (the paper's hot start).
+    # one per "request" (measured better than shared: loadtest/results/spec/2026-12-03-drafters.md),
+    # "shared" by all requests (the paper's hot start), or "layered" (the request's own rows
+    # first, the shared table for the tokens it has not met yet).
     recycle_top_k: int = 8
-    recycle_scope: Literal["shared", "request"] = "request"
+    recycle_scope: Literal["shared", "request", "layered"] = "request"
     # suffix (and auto): memory cap of the cross-request suffix cache, in MiB.
     suffix_cache_mb: float = 64.0
     # draft_model: the draft model (a path or an embedded name sharing the target's tokenizer).
@@ -169,8 +170,8 @@ class SpeculativeConfig:
             raise ValueError("max_tree_width must be >= 1")
         if self.recycle_top_k < 1:
             raise ValueError("recycle_top_k must be >= 1")
-        if self.recycle_scope not in ("shared", "request"):
-            raise ValueError('recycle_scope must be "shared" or "request"')
+        if self.recycle_scope not in ("shared", "request", "layered"):
+            raise ValueError('recycle_scope must be "shared", "request" or "layered"')
         if not self.suffix_cache_mb > 0:
             raise ValueError("suffix_cache_mb must be > 0")
         if not 0.0 <= self.acceptance_rate <= 1.0:

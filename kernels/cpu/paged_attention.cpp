@@ -25,6 +25,7 @@
 #include <cmath>
 #include <vector>
 
+#include "vec_math.h"
 #include "work_pool.h"
 
 namespace {
@@ -33,38 +34,12 @@ namespace {
 // kernel of a step; at::parallel_for until then.
 specd::WorkPool* shared_pool = nullptr;
 
-inline float horizontal_sum(__m256 v) {
-  const __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 two = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
-  return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
-}
-
 inline float dot(const float* a, const float* b, int64_t d) {
   __m256 acc = _mm256_setzero_ps();
   for (int64_t c = 0; c < d; c += 8) {
     acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
   }
-  return horizontal_sum(acc);
-}
-
-// exp of 8 floats <= 0 (Cephes' expf polynomial, as in avx_mathfun: ~2 ulp): every score goes
-// through this one routine, so a score's exponential never depends on its neighbours.
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i power = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
+  return specd::horizontal_sum(acc);
 }
 
 // Keys whose scores are computed side by side (independent FMA chains: one key's dot product
@@ -91,7 +66,7 @@ void attend_row(const float* q, const float* k_base, const float* v_base, int64_
         acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[u] + c), acc[u]);
       }
     }
-    for (int64_t u = 0; u < kKeys; ++u) scores[j + u] = scale * horizontal_sum(acc[u]);
+    for (int64_t u = 0; u < kKeys; ++u) scores[j + u] = scale * specd::horizontal_sum(acc[u]);
   }
   for (; j < n; ++j) scores[j] = scale * dot(q, k_base + slots[j] * slot_stride, d);
   float high = -INFINITY;
@@ -102,7 +77,7 @@ void attend_row(const float* q, const float* k_base, const float* v_base, int64_
   const __m256 top = _mm256_set1_ps(high);
   __m256 lanes = _mm256_setzero_ps();
   for (j = 0; j < n; j += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top));
+    const __m256 e = specd::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top));
     const int64_t valid = n - j < 8 ? n - j : 8;
     const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
         _mm256_set1_epi32(static_cast<int>(valid)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
@@ -110,7 +85,7 @@ void attend_row(const float* q, const float* k_base, const float* v_base, int64_
     _mm256_storeu_ps(scores + j, kept);
     lanes = _mm256_add_ps(lanes, kept);
   }
-  const float total = horizontal_sum(lanes);
+  const float total = specd::horizontal_sum(lanes);
   // d <= 256: up to 32 vector accumulators, one per 8 dimensions, in key order.
   __m256 acc[32];
   const int64_t vecs = d / 8;

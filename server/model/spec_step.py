@@ -19,6 +19,7 @@ import torch
 from server.engine.plan import StepPlan
 from server.engine.request import Logprob, Request
 from server.model.sampler import compute_logprobs, processed_logits, processed_probs
+from server.model.top_k_cpu import top_k_probs
 from server.spec_decode.drafter import DraftKind, TopTokens
 from server.spec_decode.tree import TokenTree
 from server.spec_decode.verify import VerifyResult, verify, verify_greedy
@@ -105,7 +106,8 @@ def top_tokens(
 ) -> TopTokens:
     """The target's top-k next tokens at every plain-decode row (``sampled``: request, its
     logit row) and every draft-tree node (``verified``: request, its tree's first row), for a
-    drafter that recycles them. One topk over all rows and one copy to the host per step."""
+    drafter that recycles them. One top-k over all rows (specd's kernel on CPU) and one copy to
+    the host per step."""
     request_ids: list[str] = []
     tokens: list[int] = []
     prev_tokens: list[int] = []
@@ -124,13 +126,11 @@ def top_tokens(
         prev_tokens.append(ids[-2] if len(ids) > 1 else -1)
         prev_tokens += [tree.token_ids[p] for p in tree.parents[1:]]
         rows += range(first_row, first_row + tree.num_nodes)
-    selected = logits[torch.tensor(rows, device=logits.device)]
-    top = torch.topk(selected, min(k, selected.shape[-1]), dim=-1)
-    probs = (top.values - torch.logsumexp(selected, dim=-1, keepdim=True)).exp()
+    ids, probs = top_k_probs(logits[torch.tensor(rows, device=logits.device)], k)
     return TopTokens(
         tuple(request_ids),
         np.asarray(tokens, dtype=np.int64),
         np.asarray(prev_tokens, dtype=np.int64),
-        top.indices.to(torch.int32).cpu().numpy(),
-        probs.float().cpu().numpy(),
+        ids.cpu().numpy(),
+        probs.cpu().numpy(),
     )

@@ -38,10 +38,11 @@ from server.spec_decode.tree_builder import Child, grow_tree
 _SOURCES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "ngram": ((1.5, 2.5, 3.5), (0.15, 0.3, 0.45, 0.6)),
     "suffix": ((0.25, 0.5, 0.75, 0.95), (0.05, 0.15, 0.3, 0.45, 0.6)),
-    # Recycled probabilities, single-token rows below 1, pair rows (probability + 1) above.
+    # Recycled probabilities, one range per kind of row (a request's own single-token and
+    # pair rows, the shared table's behind them: RecycleDrafter.score_edges), same priors.
     "recycle": (
         RecycleDrafter.score_edges,
-        (0.02, 0.06, 0.15, 0.27, 0.4, 0.55, 0.7, 0.85) * 2,
+        (0.02, 0.06, 0.15, 0.27, 0.4, 0.55, 0.7, 0.85) * RecycleDrafter.row_kinds,
     ),
 }
 _PRIOR_STRENGTH = 4.0

@@ -86,11 +86,17 @@ class TopTokens:
     ids: np.ndarray
     probs: np.ndarray
 
-    def rows_by_request(self) -> dict[str, list[int]]:
-        rows: dict[str, list[int]] = {}
-        for i, rid in enumerate(self.request_ids):
-            rows.setdefault(rid, []).append(i)
-        return rows
+    def request_runs(self) -> list[tuple[str, slice]]:
+        """(request, rows) for each run of consecutive rows of one request: slices, so a
+        drafter takes each request's rows as views (a step's rows come request by request)."""
+        runs: list[tuple[str, slice]] = []
+        ids = self.request_ids
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[start]:
+                runs.append((ids[start], slice(start, i)))
+                start = i
+        return runs
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,19 @@ list a token): "the" after "of" and after "in" are followed by different words, 
 row remembers which. A node's score tells the policy which row it came from, so their
 acceptance is calibrated apart.
 
-Two scopes (``scope``):
+Three scopes (``scope``):
 
-- ``"request"`` (default): small tables per request (~0.2 MB), gone when it finishes.
-  Nothing leaks between requests; measured better than shared in 5 of 6 bench_spec cells
+- ``"request"``: small tables per request (~0.2 MB), gone when it finishes. Nothing leaks
+  between requests; measured better than shared in 5 of 6 bench_spec cells
   (loadtest/results/spec/2026-12-03-drafters.md): a shared table mixes unrelated contexts.
+  But a request's own tables know only the tokens it has computed, so most steps of a fresh
+  free-form answer (a token it has not met yet) have nothing to draft.
 - ``"shared"``: one table for every request, of fixed size (2^17 tokens and 2^18 pairs, ~28
   MB at k = 8; the oldest-written rows make room). What one request taught the table drafts
   the next one: the paper's "hot start".
+- ``"layered"``: both. A node's children come from the request's own rows first; the shared
+  table fills in the tokens the request has not met (and candidates its rows do not list),
+  scored apart (+2) so the policy calibrates the shared rows' acceptance separately.
 
 Both are seeded from the prompt: a token (or pair) with no row yet gets the token that
 followed it in the prompt, at a low prior probability, so a request's first steps have a
@@ -45,7 +50,8 @@ from server.spec_decode.history import HistoryDrafter
 from server.spec_decode.tree import TokenTree
 from server.spec_decode.tree_builder import Child, grow_tree
 
-RecycleScope = Literal["shared", "request"]
+RecycleScope = Literal["shared", "request", "layered"]
+RECYCLE_SCOPES: tuple[RecycleScope, ...] = ("request", "shared", "layered")
 # P(accepted) given to a prompt bigram before the target has spoken about its first token.
 _SEED_PROB = 0.05
 # Rows kept per table: shared tables hold a vocabulary's worth of single tokens and many more
@@ -56,8 +62,11 @@ _REQUEST_CAPACITY = {1: 1 << 10, 2: 1 << 11}
 _DICT_BYTES_PER_KEY = 100
 _TOKEN_BITS = 32
 # Bucket edges of the recorded probabilities; a (previous token, token) row's score is its
-# probability + 1, so the policy calibrates the two orders apart.
+# probability + 1, so the policy calibrates the two orders apart, and a row of the shared
+# table behind a request's own ("layered") scores 2 more again.
 _PROB_EDGES = (0.03, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
+_PAIR_OFFSET = 1.0
+_SHARED_OFFSET = 2.0
 
 
 class TopKTable:
@@ -134,13 +143,16 @@ class SuccessorTables:
     def update(
         self, prev: np.ndarray, tokens: np.ndarray, ids: np.ndarray, probs: np.ndarray
     ) -> None:
-        self.single.put(tokens.tolist(), ids, probs)
+        token_list = tokens.tolist()
+        self.single.put(token_list, ids, probs)
+        prev_list = prev.tolist()
+        if min(prev_list) >= 0:  # the usual case: no masked copies
+            keys = [pair_key(p, t) for p, t in zip(prev_list, token_list, strict=True)]
+            self.pair.put(keys, ids, probs)
+            return
         has_prev = prev >= 0
         if has_prev.any():
-            keys = [
-                pair_key(p, t)
-                for p, t in zip(prev[has_prev].tolist(), tokens[has_prev].tolist(), strict=True)
-            ]
+            keys = [pair_key(p, t) for p, t in zip(prev_list, token_list, strict=True) if p >= 0]
             self.pair.put(keys, ids[has_prev], probs[has_prev])
 
     def seed(self, tokens: np.ndarray) -> None:
@@ -151,16 +163,18 @@ class SuccessorTables:
             if i >= 2:
                 self.pair.seed(pair_key(values[i - 2], values[i - 1]), values[i])
 
-    def candidates(self, prev: int, token: int) -> list[tuple[int, float, float]]:
-        """(candidate, probability, score offset): the pair's row first (offset 1), then the
-        single token's (offset 0); a candidate in both keeps its pair entry."""
+    def candidates(
+        self, prev: int, token: int, offset: float = 0.0
+    ) -> list[tuple[int, float, float]]:
+        """(candidate, probability, score offset): the pair's row first (offset + 1), then
+        the single token's (``offset``); a candidate in both keeps its pair entry."""
         out: list[tuple[int, float, float]] = []
-        rows = [(self.pair, pair_key(prev, token), 1.0)] if prev >= 0 else []
-        for table, key, offset in (*rows, (self.single, token, 0.0)):
+        rows = [(self.pair, pair_key(prev, token), offset + _PAIR_OFFSET)] if prev >= 0 else []
+        for table, key, row_offset in (*rows, (self.single, token, offset)):
             slot = table.get(key)
             if slot is not None:
                 ids, probs = table.ids[slot].tolist(), table.probs[slot].tolist()
-                out += [(t, p, offset) for t, p in zip(ids, probs, strict=True) if t >= 0]
+                out += [(t, p, row_offset) for t, p in zip(ids, probs, strict=True) if t >= 0]
         return out
 
     @property
@@ -171,8 +185,14 @@ class SuccessorTables:
 class RecycleDrafter(HistoryDrafter):
     name = "recycle"
     # Node score = the target's probability of the candidate when it was recorded, + 1 when
-    # it was recorded after the same two tokens (a pair row) rather than the same one.
-    score_edges = (*_PROB_EDGES, 1.0, *(1.0 + e for e in _PROB_EDGES))
+    # it was recorded after the same two tokens (a pair row) rather than the same one, + 2
+    # when it came from the shared table behind a request's own ("layered").
+    row_kinds = 4
+    score_edges = tuple(
+        edge
+        for offset in (0.0, _PAIR_OFFSET, _SHARED_OFFSET, _SHARED_OFFSET + _PAIR_OFFSET)
+        for edge in ((offset,) if offset else ()) + tuple(offset + e for e in _PROB_EDGES)
+    )
 
     def __init__(
         self,
@@ -185,19 +205,21 @@ class RecycleDrafter(HistoryDrafter):
             raise ValueError(f"recycle top_k must be >= 1, got {top_k}")
         if max_width < 1:
             raise ValueError(f"max_width must be >= 1, got {max_width}")
-        if scope not in ("shared", "request"):
-            raise ValueError(f"recycle scope must be 'shared' or 'request', got {scope!r}")
+        if scope not in RECYCLE_SCOPES:
+            raise ValueError(f"recycle scope must be one of {RECYCLE_SCOPES}, got {scope!r}")
         super().__init__()
         self.vocab_size = vocab_size
         self.feedback_top_k = top_k
         self.max_width = max_width
         self.scope = scope
-        self._shared = SuccessorTables(_SHARED_CAPACITY, top_k) if scope == "shared" else None
+        self._shared = SuccessorTables(_SHARED_CAPACITY, top_k) if scope != "request" else None
         self._per_request: dict[str, SuccessorTables] = {}
         self._seeded: set[str] = set()
 
     def tables(self, request_id: str) -> SuccessorTables:
-        if self._shared is not None:
+        """The tables a request's own rows go to (and are drafted from first)."""
+        if self.scope == "shared":
+            assert self._shared is not None
             return self._shared
         tables = self._per_request.get(request_id)
         if tables is None:
@@ -221,15 +243,17 @@ class RecycleDrafter(HistoryDrafter):
         self, tables: SuccessorTables
     ) -> Callable[[tuple[int, int]], list[Child[tuple[int, int]]]]:
         """``expand`` for grow_tree: a node (previous token, token) has the recorded top-k of
-        its pair and of its token alone as children (grow_tree keeps the first of a token
-        listed twice, and orders by probability)."""
+        its pair and of its token alone as children, then ("layered") the shared table's
+        (grow_tree keeps the first of a token listed twice, and orders by probability)."""
+        behind = self._shared if self.scope == "layered" else None
 
         def expand(state: tuple[int, int]) -> list[Child[tuple[int, int]]]:
             prev, token = state
+            found = tables.candidates(prev, token)
+            if behind is not None:
+                found += behind.candidates(prev, token, _SHARED_OFFSET)
             return [
-                Child(t, p, p + offset, (token, t))
-                for t, p, offset in tables.candidates(prev, token)
-                if t < self.vocab_size
+                Child(t, p, p + offset, (token, t)) for t, p, offset in found if t < self.vocab_size
             ]
 
         return expand
@@ -238,8 +262,9 @@ class RecycleDrafter(HistoryDrafter):
         """Every row computed this step refreshes its token's (and pair's) candidates."""
         if self._shared is not None:
             self._shared.update(top.prev_tokens, top.tokens, top.ids, top.probs)
+        if self.scope == "shared":
             return
-        for rid, rows in top.rows_by_request().items():
+        for rid, rows in top.request_runs():
             self.tables(rid).update(
                 top.prev_tokens[rows], top.tokens[rows], top.ids[rows], top.probs[rows]
             )
@@ -253,9 +278,10 @@ class RecycleDrafter(HistoryDrafter):
 
     @property
     def state_bytes(self) -> int:
-        if self._shared is not None:
-            return self._shared.nbytes
-        return sum(t.nbytes for t in self._per_request.values())
+        shared = self._shared.nbytes if self._shared is not None else 0
+        if self.scope == "shared":
+            return shared
+        return shared + sum(t.nbytes for t in self._per_request.values())
 
     def memory(self) -> dict[str, tuple[int, int]]:
         # Shared tables are allocated whole at start; per-request ones grow with the batch.

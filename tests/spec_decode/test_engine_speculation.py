@@ -35,6 +35,9 @@ DRAFTERS = [
     SpeculativeConfig(
         policy="fixed", method="recycle", num_speculative_tokens=4, recycle_scope="request"
     ),
+    SpeculativeConfig(
+        policy="fixed", method="recycle", num_speculative_tokens=4, recycle_scope="layered"
+    ),
     SpeculativeConfig(policy="fixed", method="suffix", num_speculative_tokens=8),
     SpeculativeConfig(policy="fixed", method="auto", num_speculative_tokens=8),
 ]
@@ -44,6 +47,7 @@ DRAFTER_IDS = [
     "tree-8x3",
     "recycle-6",
     "recycle-request-4",
+    "recycle-layered-4",
     "suffix-8",
     "auto-8",
 ]

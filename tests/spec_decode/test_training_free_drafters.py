@@ -152,6 +152,35 @@ def test_recycle_pair_rows_win_over_single_token_rows() -> None:
     assert tree.draft_token_ids == [20] and tree.scores[1] == pytest.approx(0.5)
 
 
+def test_top_tokens_runs_are_each_requests_consecutive_rows() -> None:
+    n = 6
+    rows = TopTokens(
+        ("a", "b", "b", "b", "c", "a"),
+        np.arange(n),
+        np.arange(n),
+        np.zeros((n, 2), np.int32),
+        np.zeros((n, 2), np.float32),
+    )
+    runs = [(rid, (s.start, s.stop)) for rid, s in rows.request_runs()]
+    assert runs == [("a", (0, 1)), ("b", (1, 4)), ("c", (4, 5)), ("a", (5, 6))]
+
+
+def test_recycle_learns_rows_of_requests_interleaved_in_a_step() -> None:
+    d = RecycleDrafter(vocab_size=V, top_k=1, scope="request")
+    a, b = make_request([1, 2]), make_request([1, 3])
+    step = TopTokens(
+        (a.request_id, b.request_id, a.request_id),
+        np.array([2, 3, 40]),
+        np.array([1, 1, -1]),  # a's second row starts a sequence: no pair row for it
+        np.array([[40], [50], [41]], np.int32),
+        np.array([[0.9], [0.8], [0.7]], np.float32),
+    )
+    d.observe_top_tokens(step)
+    (tree_a,) = d.propose([a], [2])
+    assert paths_of(tree_a) == {(40, 41)}
+    assert d.propose([b], [1])[0].draft_token_ids == [50]
+
+
 def test_recycle_tables_have_a_fixed_size() -> None:
     table = TopKTable(capacity=4, top_k=2)
     rows = np.arange(20, dtype=np.int32).reshape(10, 2)
@@ -182,6 +211,36 @@ def test_recycle_scopes() -> None:
     assert own.state_bytes == 0
     with pytest.raises(ValueError, match="scope"):
         RecycleDrafter(vocab_size=V, scope="global")  # type: ignore[arg-type]
+
+
+def test_recycle_layered_scope_puts_the_shared_table_behind_a_requests_own() -> None:
+    d = RecycleDrafter(vocab_size=V, top_k=2, max_width=2, scope="layered")
+    a, b = make_request([1, 2]), make_request([3, 2])
+    d.observe_top_tokens(top({2: [(50, 0.9)]}, request_id=a.request_id))
+    # b has never computed token 2: the shared table (what a taught) drafts it, scored apart.
+    (tree,) = d.propose([b], [1])
+    assert tree.draft_token_ids == [50] and tree.scores[1] == pytest.approx(2.9)
+    # b's own row for 2 comes first, and its probability stands for a token both list.
+    d.observe_top_tokens(top({2: [(50, 0.3), (60, 0.2)]}, request_id=b.request_id))
+    (tree,) = d.propose([b], [2])
+    assert tree.draft_token_ids == [50, 60]
+    assert tree.scores[1:] == pytest.approx((0.3, 0.2))
+    # The shared row now holds b's newer top-k; a's own row still says 50 at 0.9.
+    assert d.propose([a], [1])[0].scores[1] == pytest.approx(0.9)
+    # Releasing requests frees their own tables and keeps the shared one.
+    shared_only = d.state_bytes - sum(d.tables(r.request_id).nbytes for r in (a, b))
+    d.release([a.request_id, b.request_id])
+    assert d.state_bytes == shared_only > 0
+    assert d.propose([make_request([7, 2])], [1])[0].draft_token_ids == [50]
+
+
+def test_recycle_scores_of_each_row_kind_fall_in_their_own_buckets() -> None:
+    """own single / own pair / shared single / shared pair: four disjoint score ranges."""
+    edges = np.asarray(RecycleDrafter.score_edges)
+    assert (np.diff(edges) > 0).all()
+    kinds = [np.digitize([offset + 0.01, offset + 0.99], edges) for offset in (0, 1, 2, 3)]
+    for lower, upper in itertools.pairwise(kinds):
+        assert lower[1] < upper[0]
 
 
 def test_runner_top_tokens_are_torch_topk_of_each_row() -> None:
@@ -314,6 +373,19 @@ def test_auto_calibrates_each_source_from_verified_trees() -> None:
     for _ in range(200):
         d.observe_verified([VerifiedTree(r.request_id, tree, (1,))])
     assert d.calibration.prob("recycle", 0.9) > 0.8
+
+
+def test_auto_calibrates_the_shared_recycle_rows_apart_from_a_requests_own() -> None:
+    d = AutoDrafter(vocab_size=V, recycle_scope="layered")
+    d.observe_top_tokens(top({2: [(9, 0.95)]}, request_id="earlier"))
+    r = make_request([1, 2])
+    (tree,) = d.propose([r], [1])
+    assert tree.draft_token_ids == [9]  # from the shared table: r never computed token 2
+    own, shared = d.calibration.prob("recycle", 0.95), d.calibration.prob("recycle", 2.95)
+    for _ in range(50):
+        d.observe_verified([VerifiedTree(r.request_id, tree, ())])
+    assert d.calibration.prob("recycle", 2.95) < 0.2 < shared
+    assert d.calibration.prob("recycle", 0.95) == own
 
 
 def test_registry_builds_the_new_drafters() -> None:
