@@ -55,8 +55,8 @@ def resolve_kernel_threads(requested: int) -> int:
 
 
 def apply_kernel_threads(requested: int) -> int:
-    """Sets the threads of specd's CPU kernels (int4 linears, paged attention) and returns
-    the count."""
+    """Sets the threads of specd's CPU kernels (int4 linears, paged attention, top-k) and
+    returns the count."""
     threads = resolve_kernel_threads(requested)
     int4_avx2.set_kernel_threads(threads)
     logger.info("CPU: specd's kernels run on %d thread(s)", threads)

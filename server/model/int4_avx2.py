@@ -85,7 +85,8 @@ def load() -> ModuleType | None:
 
 def set_kernel_threads(threads: int) -> None:
     """Threads for every call of specd's CPU kernels from now on: the int4/int8 linears here
-    and the paged attention kernel, which runs on this extension's threads (attention_cpu)."""
+    and the paged attention and top-k kernels, which run on this extension's threads
+    (attention_cpu, top_k_cpu)."""
     global _kernel_threads
     if threads < 1:
         raise ValueError(f"kernel threads must be >= 1, got {threads}")

@@ -59,6 +59,23 @@ def test_drafter_bars() -> None:
     }
 
 
+def test_drafter_bars_take_methods_with_a_table_scope() -> None:
+    """recycle/request, auto/layered ...: the drafter is the part before the scope, and auto's
+    best scope is set against ngram."""
+    rows = [
+        row("free-form", 1, "none", 10.0),
+        row("free-form", 1, "recycle/layered goodput", 15.5),
+        row("repetitive", 1, "none", 10.0),
+        row("repetitive", 1, "ngram goodput", 20.0),
+        row("repetitive", 1, "auto/request goodput", 19.0),
+        row("repetitive", 1, "auto/layered goodput", 21.0),
+    ]
+    bars = {b: (measured, ok) for b, measured, ok in drafter_bars(drafter_summary(rows, 8))}
+    assert bars["recycle or auto on free-form, batch 1: >= 1.5x none"][1] is True
+    measured, ok = bars["repetitive, batch 1: auto no worse than ngram (best configurations)"]
+    assert ok is True and "auto/layered goodput" in measured
+
+
 def test_identity_shares() -> None:
     ref = [[1, 2, 3, 4], [5, 6, 7, 8]]
     assert identical_share(ref, ref) == 1.0 and matching_prefix(ref, ref) == 1.0
