@@ -249,7 +249,7 @@ class AcceptanceEstimator:
         cache_key = (bucket, depth)
         cached = self._cache.get(cache_key)
         if cached is None:
-            cached = self._bucket_prob((bucket, _depth_band(depth)), self.global_prob(depth))
+            cached = self._bucket_prob((bucket, depth_band(depth)), self.global_prob(depth))
             self._cache[cache_key] = cached
         return cached
 
@@ -306,7 +306,7 @@ class AcceptanceEstimator:
             self._global_pooled.add(ok, _GLOBAL_DECAY)
             record.by_depth.setdefault(d, _Counts()).add(ok, _REQUEST_DECAY)
             if scores is not None:
-                key = (bisect.bisect_right(self._edges, scores[i]), _depth_band(d))
+                key = (bisect.bisect_right(self._edges, scores[i]), depth_band(d))
                 self._buckets.setdefault(key, _Counts()).add(ok, _GLOBAL_DECAY)
                 self._recent_buckets.setdefault(key, _Counts()).add(ok, _RECENT_DECAY)
 
@@ -322,7 +322,8 @@ class AcceptanceEstimator:
         ]
 
 
-def _depth_band(depth: int) -> int:
+def depth_band(depth: int) -> int:
+    """The calibration's depth band of a node at ``depth`` (see ``_DEPTH_BANDS``)."""
     for band, upper in enumerate(_DEPTH_BANDS):
         if depth <= upper:
             return band

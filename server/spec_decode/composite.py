@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from server.engine.request import Request
+from server.spec_decode.acceptance import depth_band
 from server.spec_decode.drafter import DraftWork, TopTokens, VerifiedTree, check_budgets
 from server.spec_decode.ngram import NgramDrafter
 from server.spec_decode.recycle import RecycleDrafter, RecycleScope
@@ -46,6 +47,7 @@ _SOURCES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     ),
 }
 _PRIOR_STRENGTH = 4.0
+_DEPTH_BAND_COUNT = depth_band(1 << 30) + 1
 # Calibration counts decay per test, so it follows the traffic (~ the last 2000 tests).
 _DECAY = 0.9995
 _P_MAX = 0.98
@@ -68,34 +70,45 @@ class _Bucket:
 
 
 class SourceCalibration:
-    """P(accepted | parent accepted) per (source, score bucket), learned from outcomes."""
+    """P(accepted | parent accepted) per (source, score bucket, depth band), learned from
+    outcomes. By depth as the policy's estimator is (acceptance.depth_band): once a copied
+    span is on track its next tokens are surer than its first, whatever their score, and
+    without the depth a long verbatim suffix match was priced as its first token and lost its
+    budget to wider, shallower candidates of the other sources."""
 
     def __init__(self) -> None:
         self._buckets = {
-            source: [_Bucket(p) for p in priors] for source, (_, priors) in _SOURCES.items()
+            source: [[_Bucket(p) for _ in range(_DEPTH_BAND_COUNT)] for p in priors]
+            for source, (_, priors) in _SOURCES.items()
         }
 
-    def _bucket(self, source: str, score: float) -> _Bucket:
+    def _bucket(self, source: str, score: float, depth: int) -> _Bucket:
         edges = _SOURCES[source][0]
-        return self._buckets[source][bisect.bisect_right(edges, score)]
+        return self._buckets[source][bisect.bisect_right(edges, score)][depth_band(depth)]
 
-    def prob(self, source: str, score: float) -> float:
-        return self._bucket(source, score).prob
+    def prob(self, source: str, score: float, depth: int = 1) -> float:
+        return self._bucket(source, score, depth).prob
 
-    def add(self, source: str, score: float, ok: bool) -> None:
-        self._bucket(source, score).add(ok)
+    def add(self, source: str, score: float, ok: bool, depth: int = 1) -> None:
+        self._bucket(source, score, depth).add(ok)
 
     def table(self) -> dict[str, list[tuple[float, float]]]:
-        """Per source, (tests, acceptance) per bucket, for reports."""
-        return {
-            s: [(b.tested, b.accepted / b.tested if b.tested else float("nan")) for b in bs]
-            for s, bs in self._buckets.items()
-        }
+        """Per source, (tests, acceptance) per score bucket over all depths, for reports."""
+        out = {}
+        for source, buckets in self._buckets.items():
+            rows = []
+            for bands in buckets:
+                tested = sum(b.tested for b in bands)
+                accepted = sum(b.accepted for b in bands)
+                rows.append((tested, accepted / tested if tested else float("nan")))
+            out[source] = rows
+        return out
 
 
 @dataclass
 class _Node:
     token: int
+    depth: int = 0
     children: dict[int, int] = field(default_factory=dict)  # token -> node index
     # (source, raw score) of every source that proposed this node.
     witnesses: list[tuple[str, float]] = field(default_factory=list)
@@ -170,14 +183,14 @@ class AutoDrafter:
                 found = parent.children.get(token)
                 if found is None:
                     found = parent.children[token] = len(nodes)
-                    nodes.append(_Node(token))
+                    nodes.append(_Node(token, parent.depth + 1))
                 nodes[found].witnesses.append((source, scores[i]))
                 index[i] = found
 
         def estimate(node: _Node) -> float:
             miss = 1.0
             for source, score in node.witnesses:
-                miss *= 1.0 - self.calibration.prob(source, score)
+                miss *= 1.0 - self.calibration.prob(source, score, node.depth)
             return 1.0 - miss
 
         def expand(node_index: int) -> list[Child[int]]:
@@ -212,8 +225,9 @@ class AutoDrafter:
                     break  # not this drafter's tree (cannot happen unless state was reset)
                 proposed[i] = node
                 if parent in accepted:
+                    depth = last.tree.depths[node]
                     for source, score in last.witnesses[node]:
-                        self.calibration.add(source, score, i in accepted)
+                        self.calibration.add(source, score, i in accepted, depth)
 
     def observe_top_tokens(self, top: TopTokens) -> None:
         self.recycle.observe_top_tokens(top)

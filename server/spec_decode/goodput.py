@@ -197,11 +197,8 @@ class GoodputPolicy(LearnedPolicy):
     def _best_case(self, base: StepBase, requests: list[Request]) -> Allocation:
         """The best allocation if every request's first draft were as likely as its best
         first draft has been: no draft in it means none can pay this step."""
-        best_case = [
-            RequestCandidates.chain([self.estimator.best_first_prob(r.request_id)])
-            for r in requests
-        ]
-        return self.allocator.best(base, best_case)
+        best_first = [self.estimator.best_first_prob(r.request_id) for r in requests]
+        return self.allocator.best_first_drafts(base, best_first)
 
     def _upper_bound(
         self, base: StepBase, requests: list[Request], trees: list[TokenTree]

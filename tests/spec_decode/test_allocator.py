@@ -241,3 +241,26 @@ def test_a_uniform_k_priced_in_a_dip_below_plain_decoding_is_not_taken() -> None
     cands = [RequestCandidates.chain([0.0]), RequestCandidates.chain([0.0])]
     base = StepBase(StepShape(2, 2, 100, 2), 2)
     assert Allocator(dip).best(base, cands, uniform_ks=range(1, 9)).counts == [0, 0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12),
+    coefficients=costs,
+    prefill=st.integers(0, 64),
+)
+def test_best_first_drafts_is_best_over_chains_of_one(
+    values: list[float], coefficients: dict[str, float], prefill: int
+) -> None:
+    """The goodput policy's best case: the same allocation as ``best`` given each request a
+    chain of one, ties included (equal values go to the earlier request)."""
+    values = values + values[:2]  # some exact ties
+    b = len(values)
+    shape = StepShape(b + prefill, b, 50 * b + prefill, b + (prefill > 0))
+    base = StepBase(shape, b, StepShape(b, b, 50 * b, b) if prefill else None)
+    alloc = Allocator(CostModel.from_coefficients(coefficients))
+    general = alloc.best(base, [RequestCandidates.chain([v]) for v in values])
+    fast = alloc.best_first_drafts(base, values)
+    assert fast.counts == general.counts
+    assert fast.expected_tokens == general.expected_tokens
+    assert fast.predicted_seconds == general.predicted_seconds

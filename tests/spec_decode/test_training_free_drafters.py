@@ -392,3 +392,32 @@ def test_registry_builds_the_new_drafters() -> None:
     assert isinstance(make_drafter("recycle", vocab_size=V), RecycleDrafter)
     assert isinstance(make_drafter("suffix", cache_mb=1), SuffixDrafter)
     assert isinstance(make_drafter("auto", vocab_size=V), AutoDrafter)
+
+
+def test_auto_calibrates_each_depth_apart() -> None:
+    """A source whose deep nodes land while its first ones miss (a copied span once on track)
+    is learned by depth, so a deep node is not priced as a first one."""
+    d = AutoDrafter(vocab_size=V)
+    for _ in range(100):
+        d.calibration.add("suffix", 1.0, False, depth=1)
+        d.calibration.add("suffix", 1.0, True, depth=5)
+    assert d.calibration.prob("suffix", 1.0, depth=1) < 0.1
+    assert d.calibration.prob("suffix", 1.0, depth=6) > 0.9
+    tested, rate = d.calibration.table()["suffix"][-1]
+    assert tested == pytest.approx(200, rel=0.1) and rate == pytest.approx(0.5)
+
+
+def test_auto_spends_its_budget_down_a_span_whose_deep_nodes_land() -> None:
+    d = AutoDrafter(vocab_size=V)
+    for i in range(200):
+        d.calibration.add("suffix", 1.0, i % 2 == 0, depth=1)  # first tokens: half land
+        d.calibration.add("suffix", 1.0, i % 20 != 0, depth=2)  # once on track: 95%
+        d.calibration.add("suffix", 1.0, i % 20 != 0, depth=3)
+        d.calibration.add("recycle", 0.5, i % 10 < 3, depth=1)  # 30%
+    trees = {
+        "ngram": TokenTree.root_only(0),
+        "suffix": TokenTree((0, 1, 2, 3), (-1, 0, 1, 2), (0.0, 1.0, 1.0, 1.0)),
+        "recycle": TokenTree((0, 5, 6, 7), (-1, 0, 0, 0), (0.0, 0.5, 0.5, 0.5)),
+    }
+    tree, _ = d._merge(trees, 3)
+    assert paths_of(tree) == {(1, 2, 3)}
