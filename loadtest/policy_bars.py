@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         tuple(args.among) if args.among else None,
     )
     summary = json.loads((args.report_dir / "sweep.json").read_text())["summary"]
-    text = markdown(rate_checks(summary, bars), bars, f"`{args.report_dir}`")
+    checks = rate_checks(summary, bars)
+    if not checks:
+        # "Every bar holds" over no rows would read as a pass.
+        print(
+            f"no rate in {args.report_dir} has {bars.policy}, {bars.baseline} and another "
+            "configuration to check",
+            file=sys.stderr,
+        )
+        return 1
+    text = markdown(checks, bars, f"`{args.report_dir}`")
     (args.report_dir / args.out).write_text(text)
     print(text)
     return 0

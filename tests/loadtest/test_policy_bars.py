@@ -55,6 +55,14 @@ def test_cli_writes_bars_md(tmp_path) -> None:
     assert "Every bar holds." in (tmp_path / "bars.md").read_text()
 
 
+def test_a_sweep_without_the_baseline_checks_nothing_and_says_so(tmp_path, capsys) -> None:
+    summary = {"mix": {k: v for k, v in _summary()["mix"].items() if k != "no-spec"}}
+    (tmp_path / "sweep.json").write_text(json.dumps({"summary": summary}))
+    assert main([str(tmp_path)]) == 1
+    assert "no rate" in capsys.readouterr().err
+    assert not (tmp_path / "bars.md").exists()
+
+
 def test_among_limits_the_others(tmp_path) -> None:
     summary = _summary()
     summary["repetitive"]["auto-goodput"] = [_run("0.25", 1800.0), _run("inf", 9100.0)]
