@@ -19,20 +19,15 @@
 // order). A verify row and the decode row it stands for are then equal bit for bit.
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <cmath>
 #include <vector>
 
+#include "shared_pool.h"
 #include "vec_math.h"
-#include "work_pool.h"
 
 namespace {
-
-// The int4 extension's threads, shared (use_pool) so that one set of workers serves every
-// kernel of a step; at::parallel_for until then.
-specd::WorkPool* shared_pool = nullptr;
 
 inline float dot(const float* a, const float* b, int64_t d) {
   __m256 acc = _mm256_setzero_ps();
@@ -153,22 +148,12 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
                  starts[t + 1] - starts[t], d, s, scores.data(), op + i * d);
     }
   };
-  if (shared_pool != nullptr) {
-    shared_pool->parallel_for(rows * heads, 1, attend);
-  } else {
-    at::parallel_for(0, rows * heads, 1, attend);
-  }
+  specd::parallel_rows(rows * heads, attend);
   return out;
 }
 
-void use_pool(const py::capsule& handle) {
-  void* pool = PyCapsule_GetPointer(handle.ptr(), "specd.WorkPool");
-  if (pool == nullptr) throw py::error_already_set();
-  shared_pool = static_cast<specd::WorkPool*>(pool);
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("use_pool", &use_pool, "run on the threads of the int4 extension's pool_handle()");
+  m.def("use_pool", &specd::use_pool, "run on the threads of the int4 extension's pool_handle()");
   m.def("paged_attention", &paged_attention,
         "float32 attention of query rows over their own keys in the paged cache (AVX2, FMA)");
 }

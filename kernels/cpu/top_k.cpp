@@ -17,19 +17,16 @@
 // non-finite logits before this is called.
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <cmath>
 #include <limits>
 #include <tuple>
 
+#include "shared_pool.h"
 #include "vec_math.h"
-#include "work_pool.h"
 
 namespace {
-
-specd::WorkPool* shared_pool = nullptr;
 
 // Inserts (value, index) into the descending top list of `k` entries (value > vals[k - 1]).
 inline void insert(float value, int32_t index, float* vals, int32_t* ids, int64_t k) {
@@ -109,22 +106,12 @@ std::tuple<torch::Tensor, torch::Tensor> top_k_probs(const torch::Tensor& logits
   const auto run = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) top_k_row(xp + r * v, v, k, ip + r * k, pp + r * k);
   };
-  if (shared_pool != nullptr) {
-    shared_pool->parallel_for(rows, 1, run);
-  } else {
-    at::parallel_for(0, rows, 1, run);
-  }
+  specd::parallel_rows(rows, run);
   return {ids, probs};
 }
 
-void use_pool(const py::capsule& handle) {
-  void* pool = PyCapsule_GetPointer(handle.ptr(), "specd.WorkPool");
-  if (pool == nullptr) throw py::error_already_set();
-  shared_pool = static_cast<specd::WorkPool*>(pool);
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("use_pool", &use_pool, "run on the threads of the int4 extension's pool_handle()");
+  m.def("use_pool", &specd::use_pool, "run on the threads of the int4 extension's pool_handle()");
   m.def("top_k_probs", &top_k_probs,
         "per row of float32 logits [N, V]: the k largest (int32 ids) and their softmax "
         "probabilities, best first (AVX2, FMA)");
