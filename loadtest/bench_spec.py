@@ -149,14 +149,20 @@ def make_engine(model_dir: Path, spec: SpeculativeConfig, weights: str = "int4")
 POLICIES = ("fixed", "smartspec_uniform", "goodput")
 
 
+def method_options(name: str) -> tuple[str, dict[str, str]]:
+    """A drafter as these benchmarks name it: ``recycle`` or ``recycle/layered`` (recycle with
+    that table scope; ``auto/request`` likewise) -> the method and its extra config options."""
+    method, _, scope = name.partition("/")
+    return method, ({"recycle_scope": scope} if scope else {})
+
+
 def configurations(
     methods: list[str], budgets: list[int], max_budget: int, policies: Sequence[str] = POLICIES
 ) -> list[Configuration]:
     """``methods``: drafter names, or ``recycle/request`` for recycle with per-request tables."""
     out = [Configuration("none", "none", "-", 0, SpeculativeConfig())]
     for m in methods:
-        method, _, scope = m.partition("/")
-        extra = {"recycle_scope": scope} if scope else {}
+        method, extra = method_options(m)
         if "fixed" in policies:
             for k in budgets:
                 spec = SpeculativeConfig(
@@ -432,7 +438,7 @@ def drafter_bars(summary: list[dict[str, object]]) -> list[tuple[str, str, bool]
 
 def drafter(summary_row: dict[str, object]) -> str:
     """The drafter of a summary row's method: ``recycle/request`` is recycle (with a scope)."""
-    return str(summary_row["method"]).partition("/")[0]
+    return method_options(str(summary_row["method"]))[0]
 
 
 def write_report(args: argparse.Namespace, rows: list[Row]) -> None:

@@ -38,6 +38,7 @@ from loadtest.bench_spec import (
     encode_chat,
     load_prompts,
     make_engine,
+    method_options,
     restore_drafter,
     run_batch,
     warmup_prompts,
@@ -74,8 +75,7 @@ def speculative_config(name: str) -> SpeculativeConfig:
     if name == "none":
         return SpeculativeConfig()
     name, _, drafter = name.partition("@")
-    method, _, scope = (drafter or "ngram").partition("/")
-    extra = {"recycle_scope": scope} if scope else {}
+    method, extra = method_options(drafter or "ngram")
     policy, _, k = name.partition(":")
     budget = int(k) if k else 8
     return SpeculativeConfig(method=method, num_speculative_tokens=budget, policy=policy, **extra)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -114,6 +114,8 @@ class SchedulerConfig:
             )
 
 
+# Whose tables a recycle drafter learns in and drafts from (server/spec_decode/recycle.py).
+RecycleScope = Literal["request", "shared", "layered"]
 SPECULATIVE_METHODS = ("auto", "ngram", "tree", "recycle", "suffix", "draft_model", "synthetic")
 
 
@@ -137,7 +139,7 @@ class SpeculativeConfig:
     # "shared" by all requests (the paper's hot start), or "layered" (the request's own rows
     # first, the shared table for the tokens it has not met yet).
     recycle_top_k: int = 8
-    recycle_scope: Literal["shared", "request", "layered"] = "request"
+    recycle_scope: RecycleScope = "request"
     # suffix (and auto): memory cap of the cross-request suffix cache, in MiB.
     suffix_cache_mb: float = 64.0
     # draft_model: the draft model (a path or an embedded name sharing the target's tokenizer).
@@ -170,8 +172,8 @@ class SpeculativeConfig:
             raise ValueError("max_tree_width must be >= 1")
         if self.recycle_top_k < 1:
             raise ValueError("recycle_top_k must be >= 1")
-        if self.recycle_scope not in ("shared", "request", "layered"):
-            raise ValueError('recycle_scope must be "shared", "request" or "layered"')
+        if self.recycle_scope not in get_args(RecycleScope):
+            raise ValueError(f"recycle_scope must be one of {get_args(RecycleScope)}")
         if not self.suffix_cache_mb > 0:
             raise ValueError("suffix_cache_mb must be > 0")
         if not 0.0 <= self.acceptance_rate <= 1.0:

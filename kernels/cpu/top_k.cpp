@@ -3,9 +3,10 @@
 // (server/model/spec_step.py top_tokens).
 //
 // Why: torch computes it as topk plus logsumexp over [N, V]; on one thread (the engine's torch
-// threads) that was ~0.11 ms a row for a 49k vocabulary, ~1 ms a plain decode step at batch 8
-// and ~6.5 ms a verify step of 8 requests' 9-node trees. Here each row is read twice, both
-// passes vectorised, and rows are spread over specd's kernel threads (work_pool.h).
+// threads) that was 0.12 ms at 1 row of a 49k vocabulary, 0.8 ms at 8 (a plain decode step at
+// batch 8) and 8.4 ms at 72 (8 requests' 9-node trees); this kernel 0.025, 0.10 and 1.24 ms
+// (python -m loadtest.bench_top_k, loadtest/results/engine/top-k.md). Here each row is read
+// twice, both passes vectorised, and rows are spread over specd's kernel threads.
 //
 // What, per row x of V logits:
 //   pass 1: the maximum and the k largest values, best first (a vector of 8 logits is compared

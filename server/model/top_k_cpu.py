@@ -1,11 +1,12 @@
 """The target's top-k next tokens and their probabilities per logit row, on CPU through specd's
 AVX2 kernel (kernels/cpu/top_k.cpp), for the drafters that recycle them (Token Recycling).
 
-torch's topk plus logsumexp over a 49k vocabulary cost ~0.11 ms a row on the engine's one
-torch thread: ~1 ms of a batch-8 decode step, ~6.5 ms of a step verifying 8 requests' 9-node
-trees, paid whether or not the step drafts. The kernel reads each row twice, vectorised, on
-specd's kernel threads. Where it can't be built (no AVX2/FMA, compiler or ninja) the torch ops
-remain.
+torch's topk plus logsumexp over a 49k vocabulary on the engine's one torch thread took 0.8 ms
+at 8 rows (a batch-8 decode step) and 8.4 ms at 72 (8 requests' 9-node trees), paid whether
+or not the step drafts; the kernel, reading each row twice, vectorised, on specd's kernel
+threads, 0.10 and 1.24 ms (``python -m loadtest.bench_top_k``,
+loadtest/results/engine/top-k.md). Where it can't be built (no AVX2/FMA, compiler or ninja)
+the torch ops remain.
 """
 
 from __future__ import annotations

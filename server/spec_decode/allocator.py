@@ -170,14 +170,9 @@ class Allocator:
         p = np.asarray(values, dtype=np.float64)
         order = np.argsort(-p, kind="stable")
         drafts = np.arange(len(p) + 1, dtype=np.float64)
-        expected = base.emitted_tokens + np.concatenate([[0.0], np.cumsum(p[order])])
-        x = self._features(base, drafts, drafts, np.minimum(drafts, 1.0))
-        # As in _best_prefix: more drafts are never priced below fewer.
-        seconds = np.maximum.accumulate(self._decode_seconds(base, self.cost.predict_matrix(x)))
-        m = int(np.argmax(expected / seconds))
-        counts = np.zeros(len(p), dtype=np.int64)
-        counts[order[:m]] = 1
-        return Allocation(counts.tolist(), float(expected[m]), float(seconds[m]))
+        # Prefix m: the m likeliest first drafts, in m requests, none deeper than 1.
+        depth = np.minimum(drafts, 1.0)
+        return self._best_of_prefixes(base, p[order], order, drafts, depth, len(p))
 
     def plain(self, base: StepBase) -> Allocation:
         """No drafts: plain decoding's expected tokens and predicted time."""
@@ -235,22 +230,35 @@ class Allocator:
         # Primary key -value, then depth, then the request's own order (lexsort: last first).
         order = np.lexsort((local, depths, -values))
         v, d, o = values[order], depths[order], owner[order]
-        # Prefix m = the first m candidates of `order`, m = 0..total.
-        expected = base.emitted_tokens + np.concatenate([[0.0], np.cumsum(v)])
         # Requests with a draft among the first m: +1 where a request's first candidate sits.
         first_seen = np.zeros(total, dtype=np.float64)
         first_seen[np.unique(o, return_index=True)[1]] = 1.0
         spec = np.concatenate([[0.0], np.cumsum(first_seen)])
         max_depth = np.concatenate([[0.0], np.maximum.accumulate(d.astype(np.float64))])
-        drafts = np.arange(total + 1, dtype=np.float64)
-        full = self.cost.predict_matrix(self._features(base, drafts, spec, max_depth))
+        return self._best_of_prefixes(base, v, o, spec, max_depth, len(candidates))
+
+    def _best_of_prefixes(
+        self,
+        base: StepBase,
+        values: np.ndarray,
+        owners: np.ndarray,
+        spec_requests: np.ndarray,
+        max_depth: np.ndarray,
+        num_requests: int,
+    ) -> Allocation:
+        """The best prefix m = 0..n of candidates taken in order (``values`` [n], the request
+        each belongs to ``owners`` [n]); ``spec_requests`` / ``max_depth`` [n + 1]: per prefix,
+        the requests verifying a draft and the deepest draft."""
+        expected = base.emitted_tokens + np.concatenate([[0.0], np.cumsum(values)])
+        drafts = np.arange(len(values) + 1, dtype=np.float64)
+        full = self.cost.predict_matrix(self._features(base, drafts, spec_requests, max_depth))
         # More drafts are never priced below fewer. The runner makes that true of the real
         # cost (cpu_linear pads a row count up to a larger one whenever that is faster), so a
         # fitted dip is noise, and a policy maximising predicted goodput would spend draft
         # rows exactly on it.
         seconds = np.maximum.accumulate(self._decode_seconds(base, full))
         m = int(np.argmax(expected / seconds))  # the first maximum: fewest drafts on ties
-        counts = np.bincount(o[:m], minlength=len(candidates)).tolist()
+        counts = np.bincount(owners[:m], minlength=num_requests).tolist()
         return Allocation(counts, float(expected[m]), float(seconds[m]))
 
     def _decode_seconds(self, base: StepBase, full: np.ndarray) -> np.ndarray:

@@ -45,18 +45,18 @@ Children are a function of the context and the tables ("deterministic" kind).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import get_args
 
 import numpy as np
 
+from server.config import RecycleScope
 from server.engine.request import Request
 from server.spec_decode.drafter import TopTokens
 from server.spec_decode.history import HistoryDrafter
 from server.spec_decode.tree import TokenTree
 from server.spec_decode.tree_builder import Child, grow_tree
 
-RecycleScope = Literal["shared", "request", "layered"]
-RECYCLE_SCOPES: tuple[RecycleScope, ...] = ("request", "shared", "layered")
+RECYCLE_SCOPES: tuple[RecycleScope, ...] = get_args(RecycleScope)
 # P(accepted) given to a prompt bigram before the target has spoken about its first token.
 _SEED_PROB = 0.05
 # Rows kept per table: shared tables hold a vocabulary's worth of single tokens and many more
@@ -72,6 +72,9 @@ _TOKEN_BITS = 32
 _PROB_EDGES = (0.03, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
 _PAIR_OFFSET = 1.0
 _SHARED_OFFSET = 2.0
+# Score offset per kind of row: a request's own single-token and pair rows, the shared
+# table's behind them.
+_ROW_OFFSETS = (0.0, _PAIR_OFFSET, _SHARED_OFFSET, _SHARED_OFFSET + _PAIR_OFFSET)
 
 
 class TopKTable:
@@ -192,10 +195,10 @@ class RecycleDrafter(HistoryDrafter):
     # Node score = the target's probability of the candidate when it was recorded, + 1 when
     # it was recorded after the same two tokens (a pair row) rather than the same one, + 2
     # when it came from the shared table behind a request's own ("layered").
-    row_kinds = 4
+    row_kinds = len(_ROW_OFFSETS)
     score_edges = tuple(
         edge
-        for offset in (0.0, _PAIR_OFFSET, _SHARED_OFFSET, _SHARED_OFFSET + _PAIR_OFFSET)
+        for offset in _ROW_OFFSETS
         for edge in ((offset,) if offset else ()) + tuple(offset + e for e in _PROB_EDGES)
     )
 
