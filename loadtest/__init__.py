@@ -18,6 +18,10 @@ Modules, one job each:
   bench_*       offline benchmarks: engine, speculation policies, cost model, CPU linears
 """
 
+# First, before `server` sets OMP_WAIT_POLICY (so not in isort's order): the snapshot of the
+# environment that the servers a tool starts get.
+from loadtest import launch_env  # noqa: F401, I001
+
 # Every `python -m loadtest.<tool>` imports this package first. Importing `server` sets
 # OMP_WAIT_POLICY=PASSIVE before anything here imports torch (server/__init__.py says why): the
 # in-process benchmarks (bench_engine, bench_spec, bench_cost_model, bench_serving's offline

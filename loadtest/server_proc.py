@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from loadtest.launch_env import LAUNCH_ENV
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -56,7 +58,9 @@ class ServerProcess:
     """A local server process (argv from specd_argv or command_argv) as a context manager.
 
     stdout/stderr go to `log_path`. On exit the process group gets SIGINT, then SIGKILL after
-    `stop_timeout_s` (the engine core runs in a child process of its own).
+    `stop_timeout_s` (the engine core runs in a child process of its own). The process gets the
+    environment the tool was started with (`loadtest.launch_env`, without what importing
+    `server` set) plus `env`.
     """
 
     def __init__(
@@ -69,7 +73,7 @@ class ServerProcess:
         cwd: str | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = {**LAUNCH_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.argv = list(argv)
