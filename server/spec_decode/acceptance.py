@@ -283,15 +283,25 @@ class AcceptanceEstimator:
         """Marks the end of an engine step (idle requests' evidence fades per step)."""
         self._step += 1
 
-    def observe(self, request_id: str, tree: TokenTree, accepted_nodes: Sequence[int]) -> None:
-        """One verified tree: every child of the root and of an accepted node was tested."""
+    def observe(
+        self,
+        request_id: str,
+        tree: TokenTree,
+        accepted_nodes: Sequence[int],
+        tested_nodes: Sequence[int] | None = None,
+    ) -> None:
+        """One verified tree: every child of the root and of an accepted node was tested, or
+        only ``tested_nodes`` where given (VerifiedTree.tested)."""
         self._cache.clear()
         record = self._record(request_id)
         if record is None:
             record = self._requests[request_id] = _RequestRecord(last_step=self._step)
         accepted = set(accepted_nodes)
-        tested_parents = {0, *accepted}
-        tested = [i for i in range(1, tree.num_nodes) if tree.parents[i] in tested_parents]
+        if tested_nodes is None:
+            tested_parents = {0, *accepted}
+            tested = [i for i in range(1, tree.num_nodes) if tree.parents[i] in tested_parents]
+        else:
+            tested = list(tested_nodes)
         scores = tree.scores if self.score_edges is not None else None
         if scores is not None:  # before this tree moves the buckets
             for i in tested:

@@ -102,11 +102,14 @@ class TopTokens:
 @dataclass(frozen=True)
 class VerifiedTree:
     """One request's verified draft: the tree as verified (after the policy pruned it) and
-    its accepted nodes (in path order, root excluded)."""
+    its accepted nodes (in path order, root excluded). ``tested``, when given, names the only
+    nodes this outcome tests (the path above them is accepted and was counted already):
+    children the policy pruned, scored for free (engine/speculation.py)."""
 
     request_id: str
     tree: TokenTree
     accepted_nodes: tuple[int, ...]
+    tested: tuple[int, ...] | None = None
 
 
 @runtime_checkable

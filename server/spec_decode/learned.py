@@ -90,7 +90,7 @@ class LearnedPolicy:
             per_request = catchup / shape.num_spec_requests
             self._catchup_rows = 0.9 * self._catchup_rows + 0.1 * per_request
         for v in (*observation.verified, *observation.shadowed):
-            self.estimator.observe(v.request_id, v.tree, v.accepted_nodes)
+            self.estimator.observe(v.request_id, v.tree, v.accepted_nodes, v.tested)
         self.estimator.release(observation.finished_request_ids)
         self.forget(observation.finished_request_ids)
         self.estimator.next_step()

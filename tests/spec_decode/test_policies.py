@@ -10,7 +10,7 @@ import pytest
 from server.engine.plan import RunnerOutput, StepPlan
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
-from server.engine.speculation import Speculator
+from server.engine.speculation import Speculator, pruned_children_scored
 from server.spec_decode.allocator import StepBase
 from server.spec_decode.cost_model import CostModel, StepShape
 from server.spec_decode.goodput import GoodputPolicy
@@ -463,3 +463,71 @@ def test_the_engine_marks_a_batch_that_finishes_together_only_while_nothing_wait
         marked = recorder.bases[0]
         got.append((marked.most_remaining_tokens, marked.runner_up_remaining_tokens))
     assert got == [(29, 11), (None, 0), (None, 0)]  # less the one output token made
+
+
+def _proposal() -> TokenTree:
+    """root 0 -> 5 (node 1) -> 6 (node 2) -> 7 (node 3); 5 -> 9 (node 4); root -> 8 (node 5)."""
+    return TokenTree((0, 5, 6, 7, 9, 8), (-1, 0, 1, 2, 1, 0), (0.0, 0.9, 0.9, 0.9, 0.2, 0.1))
+
+
+def test_children_pruned_below_an_accepted_path_are_scored_by_the_next_token() -> None:
+    """The policy kept 0 -> 5 of the proposal, and 5 was accepted: the token emitted after it
+    (6) says whether each pruned child of 5 would have been accepted (6 yes, 9 no). Only those
+    children are tested; the path to 5 was counted with the verified tree."""
+    proposal = _proposal()
+    kept = proposal.subtree([1])
+    outcome = pruned_children_scored(VerifiedTree("r", kept, (1,)), proposal, [5, 6])
+    assert outcome is not None and outcome.tree is proposal
+    assert outcome.tested == (2, 4) and outcome.accepted_nodes == (1, 2)
+    missed = pruned_children_scored(VerifiedTree("r", kept, (1,)), proposal, [5, 3])
+    assert missed is not None and missed.tested == (2, 4) and missed.accepted_nodes == (1,)
+
+
+def test_pruned_children_are_not_scored_when_the_outcome_says_nothing_of_them() -> None:
+    proposal = _proposal()
+    # A kept child of the path's end was rejected: the emitted token is a residual sample.
+    kept = proposal.subtree([1, 2])
+    assert pruned_children_scored(VerifiedTree("r", kept, (1,)), proposal, [5, 7]) is None
+    # Nothing accepted at all (the root's kept child was rejected).
+    assert pruned_children_scored(VerifiedTree("r", kept, ()), proposal, [4]) is None
+    # The request stopped with the path's last token (no token after it).
+    stopped = VerifiedTree("r", proposal.subtree([1]), (1,))
+    assert pruned_children_scored(stopped, proposal, [5]) is None
+    # The path's end has no children in the proposal either.
+    whole_chain = VerifiedTree("r", proposal.subtree([1, 2, 3]), (1, 2, 3))
+    assert pruned_children_scored(whole_chain, proposal, [5, 6, 7, 1]) is None
+
+
+def test_goodput_learns_depth_two_from_proposals_it_cut_to_depth_one() -> None:
+    """Goodput once saw every second draft rejected, so it keeps only the first draft of each
+    proposal. When the traffic turns (every draft lands now), the speculator scores the pruned
+    second draft against the token emitted after the accepted first one: the depth-2
+    calibration recovers without the policy verifying it, and the policy keeps depth 2 again.
+    Without those free tests its depth-2 estimate would never move."""
+    cost = CostModel.from_coefficients({"intercept": 0.02, "rows": 0.004})
+    policy = GoodputPolicy(
+        PolicyContext(8, free_proposals=True, score_edges=NgramDrafter.score_edges, cost_model=cost)
+    )
+    for _ in range(200):  # 4-token matches: first drafts land, second ones never do
+        policy.estimator.observe("primer", TokenTree.chain(0, [5, 6], [4.0, 4.0]), (1,))
+    speculator = Speculator(NgramDrafter(), policy, 8)
+    # ... 9 7 8 9 occurred before, followed by 7 8: a 4-token match proposing 7 8 9 ...
+    r = Request("r", [7, 8, 9, 7, 8, 9, 7, 8], SamplingParams(), frozenset(), 10_000)
+    r.append_output_token(9)
+    r.num_computed_tokens = r.num_tokens - 1
+    kept_depths = []
+    for _ in range(60):
+        plan = StepPlan([r], {"r": 1}, spec_budgets={"r": 8})
+        speculator.fill(plan)
+        tree = plan.spec_trees.get("r")
+        kept_depths.append(0 if tree is None else tree.max_depth)
+        if tree is None:
+            speculator.observe(plan, RunnerOutput(sampled_token_ids={"r": [7]}), 0.02)
+            continue
+        # Every kept draft lands, and the next token continues the repetition.
+        path = list(range(1, tree.max_depth + 1))
+        emitted = [tree.token_ids[i] for i in path] + [[7, 8, 9][tree.max_depth % 3]]
+        output = RunnerOutput(sampled_token_ids={"r": emitted}, spec_accepted_nodes={"r": path})
+        speculator.observe(plan, output, 0.02)
+    assert kept_depths[0] == 1  # the stale depth-2 estimate cut the first proposals
+    assert max(kept_depths[-10:]) >= 2
