@@ -109,7 +109,7 @@ class Speculator:
         self._shadows: dict[str, TokenTree] = {}
         self._last_shadowed: dict[str, int] = {}
         # This step's proposals that the policy pruned (fill keeps them, observe scores the
-        # pruned children of fully accepted paths: _pruned_children_scored).
+        # pruned children of fully accepted paths: pruned_children_scored).
         self._pruned_proposals: dict[str, TokenTree] = {}
         self._num_steps = 0
         # Drafts each live request verified in the last step it could speculate.
