@@ -224,13 +224,15 @@ class Speculator:
 
     def _scored_shadows(self, output: RunnerOutput) -> list[VerifiedTree]:
         """Each shadow draft (the root's children only), accepted when plain decoding
-        emitted its token."""
+        emitted its token: the case of pruned_children_scored where nothing was kept."""
         scored = []
         for rid, tree in self._shadows.items():
             emitted = output.sampled_token_ids.get(rid)
             if emitted and rid not in output.failed:
-                hits = [i for i in range(1, tree.num_nodes) if tree.token_ids[i] == emitted[0]]
-                scored.append(VerifiedTree(rid, tree, tuple(hits[:1])))
+                nothing_kept = VerifiedTree(rid, TokenTree.root_only(tree.root_token), ())
+                outcome = pruned_children_scored(nothing_kept, tree, emitted)
+                if outcome is not None:
+                    scored.append(outcome)
         return scored
 
     def _scored_pruned_children(

@@ -1,8 +1,8 @@
 """The servers the load tools start get the user's environment, not the tool's own.
 
 Importing `server` (which every load tool does) sets OMP_WAIT_POLICY=PASSIVE in the tool's
-process. A peer built on OpenMP that inherited it ran ~4x slower (llama-server: ~29 ms a token
-against ~7 ms), so the sweeps compared specd with crippled peers.
+process. A peer built on OpenMP that inherited it ran slower (llama-server 3.1x: mean TPOT 32.1
+against 10.2 ms, loadtest/PEERS.md), so the sweeps compared specd with crippled peers.
 """
 
 from __future__ import annotations
