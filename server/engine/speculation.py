@@ -157,12 +157,7 @@ class Speculator:
                 proposed = trees
                 trees = self.policy.select(base, [r for r, _ in drafting], trees)
                 if self.policy.learns_acceptance:
-                    self._shadow_pruned(drafting, proposed, trees)
-                    self._pruned_proposals = {
-                        request.request_id: full
-                        for (request, _), full, kept in zip(drafting, proposed, trees, strict=True)
-                        if kept.num_drafts and full.num_nodes > kept.num_nodes
-                    }
+                    self._keep_pruned(drafting, proposed, trees)
         for (request, _), tree in zip(drafting, trees, strict=True):
             if tree.num_drafts > 0:
                 rid = request.request_id
@@ -205,22 +200,26 @@ class Speculator:
         trees = self.drafter.propose(idle, [1] * len(idle))
         return {r.request_id: t for r, t in zip(idle, trees, strict=True) if t.num_drafts > 0}
 
-    def _shadow_pruned(
+    def _keep_pruned(
         self,
         drafting: list[tuple[Request, int]],
         proposed: list[TokenTree],
         kept: list[TokenTree],
     ) -> None:
-        """The first drafts of each proposal the policy pruned to nothing, left unverified
-        like ``_shadow_drafts``'s. Why: the policy keeps only the nodes it already values, so
-        without these its estimates would learn only from the proposals it liked (selection
-        bias: measured at batch 1 on the mix, a 2-token-match bucket stayed at 0.03 after two
-        samples while fixed k = 2 accepted 0.66 tokens a step from the same drafter). The
-        proposal exists already, so this costs nothing."""
-        for (request, _), tree, pruned in zip(drafting, proposed, kept, strict=True):
-            if tree.num_drafts > 0 and pruned.num_drafts == 0:
-                first = [i for i in range(1, tree.num_nodes) if tree.parents[i] == 0]
-                self._shadows[request.request_id] = tree.subtree(first)
+        """What the policy pruned from each proposal, for ``observe`` to score for free. A
+        proposal pruned to nothing: its first drafts, shadowed like ``_shadow_drafts``'s. Why:
+        the policy keeps only the nodes it already values, so without these its estimates
+        would learn only from the proposals it liked (selection bias: measured at batch 1 on
+        the mix, a 2-token-match bucket stayed at 0.03 after two samples while fixed k = 2
+        accepted 0.66 tokens a step from the same drafter). A proposal pruned to a smaller
+        tree: the whole proposal, whose children below a fully accepted kept path are scored
+        (pruned_children_scored). The proposals exist already, so this costs nothing."""
+        for (request, _), full, pruned in zip(drafting, proposed, kept, strict=True):
+            if pruned.num_drafts == 0 and full.num_drafts > 0:
+                first = [i for i in range(1, full.num_nodes) if full.parents[i] == 0]
+                self._shadows[request.request_id] = full.subtree(first)
+            elif pruned.num_drafts > 0 and full.num_nodes > pruned.num_nodes:
+                self._pruned_proposals[request.request_id] = full
 
     def _scored_shadows(self, output: RunnerOutput) -> list[VerifiedTree]:
         """Each shadow draft (the root's children only), accepted when plain decoding
