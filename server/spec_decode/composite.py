@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from server.engine.request import Request
 from server.spec_decode.acceptance import depth_band
 from server.spec_decode.drafter import DraftWork, TopTokens, VerifiedTree, check_budgets
+from server.spec_decode.history import TokenHistory
 from server.spec_decode.ngram import NgramDrafter
 from server.spec_decode.recycle import RecycleDrafter, RecycleScope
 from server.spec_decode.suffix_drafter import SuffixDrafter
@@ -138,15 +139,23 @@ class AutoDrafter:
         recycle_scope: RecycleScope = "request",
         suffix_cache_mb: float = 64.0,
     ) -> None:
-        self.ngram = NgramDrafter(prompt_lookup_min, prompt_lookup_max)
+        # One token history for the three sources: each context converted and suffix-matched
+        # once a step (the suffix source's deeper matching answers the n-gram source's).
+        history = TokenHistory()
+        self.ngram = NgramDrafter(prompt_lookup_min, prompt_lookup_max, history)
         self.suffix = SuffixDrafter(
             max_width=max_width,
             min_match=prompt_lookup_min,
             max_match=max(prompt_lookup_max, 8),
             cache_mb=suffix_cache_mb,
+            history=history,
         )
         self.recycle = RecycleDrafter(
-            vocab_size, top_k=recycle_top_k, max_width=max_width, scope=recycle_scope
+            vocab_size,
+            top_k=recycle_top_k,
+            max_width=max_width,
+            scope=recycle_scope,
+            history=history,
         )
         self.max_width = max_width
         self.feedback_top_k = recycle_top_k
@@ -157,9 +166,11 @@ class AutoDrafter:
 
     def propose(self, requests: list[Request], budgets: list[int]) -> list[TokenTree]:
         check_budgets(requests, budgets)
+        # The suffix source first: its matching (up to 8 tokens) then serves the n-gram's.
+        suffix = self.suffix.propose(requests, budgets)
         sources = {
             "ngram": self.ngram.propose(requests, budgets),
-            "suffix": self.suffix.propose(requests, budgets),
+            "suffix": suffix,
             "recycle": self.recycle.propose(requests, budgets),
         }
         trees = []

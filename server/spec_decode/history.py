@@ -22,6 +22,8 @@ class TokenHistory:
     def __init__(self) -> None:
         self._buffers: dict[str, np.ndarray] = {}
         self._lengths: dict[str, int] = {}
+        # Per request, its last suffix matching: (context length, max_match, ends, lengths).
+        self._matches: dict[str, tuple[int, int, np.ndarray, np.ndarray]] = {}
 
     def tokens(self, request: Request) -> np.ndarray:
         """A read-only view [L] int64 of ``request.all_token_ids`` (valid until the next call)."""
@@ -33,6 +35,7 @@ class TokenHistory:
         if buf is None or length > len(ids) or (length and buf[length - 1] != ids[length - 1]):
             buf = np.empty(max(2 * len(ids), 64), dtype=np.int64)
             length = 0
+            self._matches.pop(rid, None)  # another context: its last matching says nothing
         if len(ids) > len(buf):
             grown = np.empty(2 * len(ids), dtype=np.int64)
             grown[:length] = buf[:length]
@@ -46,10 +49,26 @@ class TokenHistory:
         view.flags.writeable = False
         return view
 
+    def matches(self, request: Request, max_match: int) -> tuple[np.ndarray, np.ndarray]:
+        """``suffix_matches`` of the request's tokens, computed once per context length: the
+        drafters that share a history (``auto``'s n-gram and suffix sources) match the same
+        context, at up to 4 and 8 tokens. A matching at a larger ``max_match`` answers a
+        smaller one (its lengths capped)."""
+        tokens = self.tokens(request)
+        rid = request.request_id
+        memo = self._matches.get(rid)
+        if memo is not None and memo[0] == len(tokens) and memo[1] >= max_match:
+            _, most, ends, lengths = memo
+            return ends, (lengths if most == max_match else np.minimum(lengths, max_match))
+        ends, lengths = suffix_matches(tokens, max_match)
+        self._matches[rid] = (len(tokens), max_match, ends, lengths)
+        return ends, lengths
+
     def release(self, request_ids: Iterable[str]) -> None:
         for rid in request_ids:
             self._buffers.pop(rid, None)
             self._lengths.pop(rid, None)
+            self._matches.pop(rid, None)
 
     def __len__(self) -> int:
         return len(self._buffers)
@@ -116,8 +135,10 @@ class HistoryDrafter:
     score_edges: tuple[float, ...] | None = None
     last_work = DraftWork()
 
-    def __init__(self) -> None:
-        self._history = TokenHistory()
+    def __init__(self, history: TokenHistory | None = None) -> None:
+        """``history``: shared with other drafters of the same requests (``auto``'s sources),
+        so each context is converted and matched once a step."""
+        self._history = history if history is not None else TokenHistory()
 
     def propose(self, requests: list[Request], budgets: list[int]) -> list[TokenTree]:
         check_budgets(requests, budgets)

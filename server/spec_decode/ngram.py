@@ -9,7 +9,7 @@ summaries quoting the prompt, structured output).
 from __future__ import annotations
 
 from server.engine.request import Request
-from server.spec_decode.history import HistoryDrafter, continuation, suffix_matches
+from server.spec_decode.history import HistoryDrafter, TokenHistory, continuation
 from server.spec_decode.tree import TokenTree
 
 
@@ -18,7 +18,12 @@ class NgramDrafter(HistoryDrafter):
     # Node score = the suffix match length behind the chain; buckets 1, 2, 3, 4-5, 6+.
     score_edges = (1.5, 2.5, 3.5, 5.5)
 
-    def __init__(self, prompt_lookup_min: int = 1, prompt_lookup_max: int = 4) -> None:
+    def __init__(
+        self,
+        prompt_lookup_min: int = 1,
+        prompt_lookup_max: int = 4,
+        history: TokenHistory | None = None,
+    ) -> None:
         if not 1 <= prompt_lookup_min <= prompt_lookup_max:
             raise ValueError(
                 "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
@@ -26,7 +31,7 @@ class NgramDrafter(HistoryDrafter):
             )
         self.prompt_lookup_min = prompt_lookup_min
         self.prompt_lookup_max = prompt_lookup_max
-        super().__init__()
+        super().__init__(history)
 
     def draft_tokens(self, request: Request, budget: int) -> list[int]:
         """The chain's draft tokens (<= budget; [] when nothing matches)."""
@@ -37,7 +42,7 @@ class NgramDrafter(HistoryDrafter):
         if budget <= 0:
             return [], 0
         tokens = self._history.tokens(request)
-        ends, lengths = suffix_matches(tokens, self.prompt_lookup_max)
+        ends, lengths = self._history.matches(request, self.prompt_lookup_max)
         if len(ends) == 0:
             return [], 0
         best = int(lengths.max())

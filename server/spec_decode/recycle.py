@@ -52,7 +52,7 @@ import numpy as np
 from server.config import RecycleScope
 from server.engine.request import Request
 from server.spec_decode.drafter import TopTokens
-from server.spec_decode.history import HistoryDrafter
+from server.spec_decode.history import HistoryDrafter, TokenHistory
 from server.spec_decode.tree import TokenTree
 from server.spec_decode.tree_builder import Child, grow_tree
 
@@ -208,6 +208,7 @@ class RecycleDrafter(HistoryDrafter):
         top_k: int = 8,
         max_width: int = 4,
         scope: RecycleScope = "request",
+        history: TokenHistory | None = None,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"recycle top_k must be >= 1, got {top_k}")
@@ -215,7 +216,7 @@ class RecycleDrafter(HistoryDrafter):
             raise ValueError(f"max_width must be >= 1, got {max_width}")
         if scope not in RECYCLE_SCOPES:
             raise ValueError(f"recycle scope must be one of {RECYCLE_SCOPES}, got {scope!r}")
-        super().__init__()
+        super().__init__(history)
         self.vocab_size = vocab_size
         self.feedback_top_k = top_k
         self.max_width = max_width

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from server.engine.request import Request
+from server.spec_decode.history import TokenHistory
 from server.spec_decode.suffix_cache import SuffixCache
 from server.spec_decode.suffix_tree import SuffixTreeDrafter
 
@@ -29,8 +30,9 @@ class SuffixDrafter(SuffixTreeDrafter):
         min_match: int = 1,
         max_match: int = 8,
         cache_mb: float = 64.0,
+        history: TokenHistory | None = None,
     ) -> None:
-        super().__init__(max_width=max_width, min_match=min_match, max_match=max_match)
+        super().__init__(max_width, min_match, max_match, history)
         self.cache = SuffixCache(int(cache_mb * 2**20))
 
     def candidates(self, request: Request, budget: int) -> list[tuple[list[int], int]]:

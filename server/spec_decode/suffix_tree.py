@@ -16,9 +16,9 @@ from __future__ import annotations
 from server.engine.request import Request
 from server.spec_decode.history import (
     HistoryDrafter,
+    TokenHistory,
     continuation,
     ordered_candidates,
-    suffix_matches,
 )
 from server.spec_decode.tree import TokenTree
 from server.spec_decode.tree_builder import Child, grow_tree
@@ -38,7 +38,13 @@ class SuffixTreeDrafter(HistoryDrafter):
     # Node score = its share of its parent's votes; buckets by quarter, and >= 0.95.
     score_edges = (0.25, 0.5, 0.75, 0.95)
 
-    def __init__(self, max_width: int = 4, min_match: int = 1, max_match: int = 8) -> None:
+    def __init__(
+        self,
+        max_width: int = 4,
+        min_match: int = 1,
+        max_match: int = 8,
+        history: TokenHistory | None = None,
+    ) -> None:
         if max_width < 1:
             raise ValueError(f"max_width must be >= 1, got {max_width}")
         if not 1 <= min_match <= max_match:
@@ -46,7 +52,7 @@ class SuffixTreeDrafter(HistoryDrafter):
         self.max_width = max_width
         self.min_match = min_match
         self.max_match = max_match
-        super().__init__()
+        super().__init__(history)
 
     def _propose_one(self, request: Request, budget: int) -> TokenTree:
         root = request.all_token_ids[-1]
@@ -65,7 +71,7 @@ class SuffixTreeDrafter(HistoryDrafter):
         """(continuation of up to ``budget`` tokens, suffix match length behind it) for the
         request's own earlier occurrences of its suffix, longest match first, then latest."""
         tokens = self._history.tokens(request)
-        ends, lengths = suffix_matches(tokens, self.max_match)
+        ends, lengths = self._history.matches(request, self.max_match)
         picked = ordered_candidates(ends, lengths, self.min_match)[:_MAX_CANDIDATES]
         return [(continuation(tokens, int(ends[m]), budget), int(lengths[m])) for m in picked]
 

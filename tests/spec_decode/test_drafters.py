@@ -74,6 +74,28 @@ def test_token_history_is_incremental_and_released() -> None:
     assert len(h) == 0
 
 
+def test_token_history_matches_each_context_once_and_answers_shallower_matchings() -> None:
+    """A shared history (``auto``'s sources) suffix-matches a context once: a matching at up to
+    8 tokens answers one at up to 4 (lengths capped) as computing it anew would, a new token
+    means a new matching, and a request whose tokens were replaced is matched afresh."""
+    rng = np.random.default_rng(0)
+    h = TokenHistory()
+    r = make_request(rng.integers(0, 5, 300).tolist())
+    for _ in range(20):
+        deep = h.matches(r, 8)
+        assert h.matches(r, 8)[0] is deep[0]  # not matched again
+        tokens = np.array(r.all_token_ids, dtype=np.int64)
+        for m in (8, 4, 2):
+            got, want = h.matches(r, m), suffix_matches(tokens, m)
+            assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+        r.append_output_token(int(rng.integers(0, 5)))
+    other = make_request([1, 2, 1, 2, 1])
+    other.request_id = r.request_id  # the same id, another context
+    assert (
+        h.matches(other, 4)[1].tolist() == suffix_matches(np.array([1, 2, 1, 2, 1]), 4)[1].tolist()
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # n-gram
 # ---------------------------------------------------------------------------------------------
