@@ -29,7 +29,7 @@ class Child(NamedTuple, Generic[State]):
     """One candidate child: its token, P(accepted | parent accepted) as the drafter estimates
     it, the score the policy calibrates (TokenTree.scores), and the state ``expand`` takes to
     list this child's own children. A named tuple: drafters build dozens a request a step
-    (a frozen dataclass's constructor cost ~4x as much)."""
+    (a frozen dataclass took ~490 ns to construct, a named tuple ~220)."""
 
     token: int
     prob: float
