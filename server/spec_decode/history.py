@@ -49,20 +49,24 @@ class TokenHistory:
         view.flags.writeable = False
         return view
 
-    def matches(self, request: Request, max_match: int) -> tuple[np.ndarray, np.ndarray]:
-        """``suffix_matches`` of the request's tokens, computed once per context length: the
-        drafters that share a history (``auto``'s n-gram and suffix sources) match the same
-        context, at up to 4 and 8 tokens. A matching at a larger ``max_match`` answers a
-        smaller one (its lengths capped)."""
+    def matches(
+        self, request: Request, max_match: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(tokens, ends, lengths)``: the request's tokens (as ``tokens``) and their
+        ``suffix_matches``, computed once per context length: the drafters that share a
+        history (``auto``'s n-gram and suffix sources) match the same context, at up to 4 and
+        8 tokens. A matching at a larger ``max_match`` answers a smaller one (its lengths
+        capped)."""
         tokens = self.tokens(request)
         rid = request.request_id
         memo = self._matches.get(rid)
         if memo is not None and memo[0] == len(tokens) and memo[1] >= max_match:
             _, most, ends, lengths = memo
-            return ends, (lengths if most == max_match else np.minimum(lengths, max_match))
+            capped = lengths if most == max_match else np.minimum(lengths, max_match)
+            return tokens, ends, capped
         ends, lengths = suffix_matches(tokens, max_match)
         self._matches[rid] = (len(tokens), max_match, ends, lengths)
-        return ends, lengths
+        return tokens, ends, lengths
 
     def release(self, request_ids: Iterable[str]) -> None:
         for rid in request_ids:

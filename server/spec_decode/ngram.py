@@ -41,8 +41,7 @@ class NgramDrafter(HistoryDrafter):
         """(draft tokens, the match length behind them)."""
         if budget <= 0:
             return [], 0
-        tokens = self._history.tokens(request)
-        ends, lengths = self._history.matches(request, self.prompt_lookup_max)
+        tokens, ends, lengths = self._history.matches(request, self.prompt_lookup_max)
         if len(ends) == 0:
             return [], 0
         best = int(lengths.max())

@@ -70,8 +70,7 @@ class SuffixTreeDrafter(HistoryDrafter):
     def candidates(self, request: Request, budget: int) -> list[tuple[list[int], int]]:
         """(continuation of up to ``budget`` tokens, suffix match length behind it) for the
         request's own earlier occurrences of its suffix, longest match first, then latest."""
-        tokens = self._history.tokens(request)
-        ends, lengths = self._history.matches(request, self.max_match)
+        tokens, ends, lengths = self._history.matches(request, self.max_match)
         picked = ordered_candidates(ends, lengths, self.min_match)[:_MAX_CANDIDATES]
         return [(continuation(tokens, int(ends[m]), budget), int(lengths[m])) for m in picked]
 

@@ -83,17 +83,18 @@ def test_token_history_matches_each_context_once_and_answers_shallower_matchings
     r = make_request(rng.integers(0, 5, 300).tolist())
     for _ in range(20):
         deep = h.matches(r, 8)
-        assert h.matches(r, 8)[0] is deep[0]  # not matched again
+        assert h.matches(r, 8)[1] is deep[1]  # not matched again
         tokens = np.array(r.all_token_ids, dtype=np.int64)
         for m in (8, 4, 2):
-            got, want = h.matches(r, m), suffix_matches(tokens, m)
-            assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+            _, ends, lengths = h.matches(r, m)
+            want = suffix_matches(tokens, m)
+            assert ends.tolist() == want[0].tolist() and lengths.tolist() == want[1].tolist()
         r.append_output_token(int(rng.integers(0, 5)))
     other = make_request([1, 2, 1, 2, 1])
     other.request_id = r.request_id  # the same id, another context
-    assert (
-        h.matches(other, 4)[1].tolist() == suffix_matches(np.array([1, 2, 1, 2, 1]), 4)[1].tolist()
-    )
+    _, ends, lengths = h.matches(other, 4)
+    want = suffix_matches(np.array([1, 2, 1, 2, 1], dtype=np.int64), 4)
+    assert ends.tolist() == want[0].tolist() and lengths.tolist() == want[1].tolist()
 
 
 # ---------------------------------------------------------------------------------------------
