@@ -48,7 +48,7 @@ the upper half of the leaders' count (the fit's slope between two neighbouring c
 dip). Measured on chat prompts at batch 8 on a 2-core CPU: valued at T / n, goodput drafted
 for a few leaders with long prompt matches in the batch's first steps (4 drafts, all
 accepted, for 12 ms more in that step), the others never came ahead, and all 64 steps still
-ran, so every draft was a loss. Valued this way it drafted 25-60% fewer tokens there
+ran, so every draft was a loss. Valued this way it drafted 25-55% fewer tokens there
 (back to back, ten runs a cell); the time saved is within the runs' noise (~1%).
 
 Quiet steps: valuing a step's drafts (pricing the best case, proposing, bounding and pruning

@@ -375,6 +375,22 @@ def test_a_leader_coming_ahead_alone_saves_its_row_not_a_share_of_the_final_step
     assert sum(t.num_drafts > 0 for t in kept) >= 4
 
 
+def test_a_model_drafters_leader_is_valued_by_the_others_first_drafts_too() -> None:
+    """The same valuation where budgets come before drafting (model drafters): the leaders'
+    first chain positions stand for their proposals. r0's drafts land 80% of the time, the
+    seven other leaders' 2%: r0 would come ahead alone, so it gets no budget; with all eight
+    at 80% they draft."""
+    cost = CostModel.from_coefficients({"intercept": 0.024, "rows": 0.002})
+    batch = requests_with_tokens_left([40] * 8)
+    alone = GoodputPolicy(context(cost))
+    teach(alone, {"r0": 0.8} | {f"r{i}": 0.02 for i in range(1, 8)})
+    assert alone.allocate(finishing_together(batch, 40), batch, [8] * 8) == [0] * 8
+    together = GoodputPolicy(context(cost))
+    teach(together, {f"r{i}": 0.8 for i in range(8)})
+    budgets = together.allocate(finishing_together(batch, 40), batch, [8] * 8)
+    assert sum(b > 0 for b in budgets) >= 4
+
+
 def test_a_batch_is_not_revalued_for_a_few_steps_while_valuing_saves_less_than_it_costs() -> None:
     """Valuing a step's drafts takes time (~1 ms of a CPU step). While it has saved less
     than that (here: nothing, every choice plain), a plain choice keeps the same batch plain
