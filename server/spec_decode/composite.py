@@ -15,6 +15,20 @@ and every verified node whose parent was accepted is one test of each source beh
 merged estimate is the node's score, which the goodput policy calibrates again before it
 prunes the tree.
 
+The sources are not independent witnesses, though: the n-gram source's matches are among the
+suffix source's own-context votes, so where both propose a node the noisy-or counts that
+evidence twice, and a 4-token n-gram match (right ~90% of the time overall) outbid the
+branch the suffix source preferred wherever its votes were split. So the noisy-or is
+corrected per combination of witnesses (whether the n-gram and recycle sources proposed the
+node, the suffix source's score bucket, the depth band) by what such nodes achieved against
+what it predicted for them: P(node) = noisy-or x (accepted + k) / (predicted + k). A lone
+source's nodes keep their calibration (the factor stays near 1); agreeing sources' are
+discounted as far as their agreement proved redundant. Measured offline (recorded greedy
+answers of 16 prompts replayed for 160 tokens, every position proposing a budget-8 tree, no
+model): accepted tokens per tree 2.58 -> 2.65 on repetitive prompts, 1.01 -> 1.06 on chat,
+and with the same answers already in the suffix cache (a repeated request) 6.01 -> 6.63 and
+7.12 -> 7.34, where the suffix source alone accepts 2.70, 1.04, 6.70 and 7.38.
+
 Everything is deterministic given the context and the drafter's state ("deterministic" kind).
 """
 
@@ -84,8 +98,11 @@ class SourceCalibration:
         }
 
     def _bucket(self, source: str, score: float, depth: int) -> _Bucket:
-        edges = _SOURCES[source][0]
-        return self._buckets[source][bisect.bisect_right(edges, score)][depth_band(depth)]
+        return self._buckets[source][score_bucket(source, score)][depth_band(depth)]
+
+    def prob_in(self, source: str, bucket: int, band: int) -> float:
+        """``prob`` by the score's bucket (``score_bucket``) and the depth's band."""
+        return self._buckets[source][bucket][band].prob
 
     def prob(self, source: str, score: float, depth: int = 1) -> float:
         return self._bucket(source, score, depth).prob
@@ -106,6 +123,40 @@ class SourceCalibration:
         return out
 
 
+def score_bucket(source: str, score: float) -> int:
+    """The calibration bucket of a source's score."""
+    return bisect.bisect_right(_SOURCES[source][0], score)
+
+
+# Which sources proposed a node, for the agreement correction: (suffix score bucket + 1, or 0
+# without a suffix witness; an n-gram witness; a recycle witness; depth band).
+Combination = tuple[int, bool, bool, int]
+
+
+class AgreementCorrection:
+    """Per combination of witnesses, how far the noisy-or of their calibrated probabilities
+    was off (see the module docstring): (accepted + k) / (predicted + k) over such nodes'
+    tests, counts decaying as the per-source calibration's do."""
+
+    def __init__(self) -> None:
+        self._counts: dict[Combination, list[float]] = {}  # [accepted, predicted]
+
+    def factor(self, combination: Combination) -> float:
+        counts = self._counts.get(combination)
+        if counts is None:
+            return 1.0
+        return (counts[0] + _PRIOR_STRENGTH) / (counts[1] + _PRIOR_STRENGTH)
+
+    def add(self, combination: Combination, ok: bool, predicted: float) -> None:
+        counts = self._counts.setdefault(combination, [0.0, 0.0])
+        counts[0] = counts[0] * _DECAY + ok
+        counts[1] = counts[1] * _DECAY + predicted
+
+    def table(self) -> dict[Combination, float]:
+        """The correction factor per combination seen, for reports."""
+        return {c: self.factor(c) for c in sorted(self._counts)}
+
+
 @dataclass
 class _Node:
     token: int
@@ -113,12 +164,15 @@ class _Node:
     children: dict[int, int] = field(default_factory=dict)  # token -> node index
     # (source, raw score) of every source that proposed this node.
     witnesses: list[tuple[str, float]] = field(default_factory=list)
+    # Set when the node is estimated: its witnesses' combination and their noisy-or.
+    combination: Combination = (0, False, False, 0)
+    independent: float = 0.0
 
 
 @dataclass
 class _Proposal:
     tree: TokenTree
-    witnesses: list[list[tuple[str, float]]]  # per tree node
+    nodes: list[_Node]  # per tree node, the union node it came from
 
 
 class AutoDrafter:
@@ -160,6 +214,7 @@ class AutoDrafter:
         self.max_width = max_width
         self.feedback_top_k = recycle_top_k
         self.calibration = SourceCalibration()
+        self.agreement = AgreementCorrection()
         self._last: dict[str, _Proposal] = {}
 
     # ---- proposing ----------------------------------------------------------------------
@@ -175,14 +230,14 @@ class AutoDrafter:
         }
         trees = []
         for i, (request, budget) in enumerate(zip(requests, budgets, strict=True)):
-            tree, witnesses = self._merge({s: t[i] for s, t in sources.items()}, budget)
-            self._last[request.request_id] = _Proposal(tree, witnesses)
+            tree, nodes = self._merge({s: t[i] for s, t in sources.items()}, budget)
+            self._last[request.request_id] = _Proposal(tree, nodes)
             trees.append(tree)
         return trees
 
-    def _merge(
-        self, trees: dict[str, TokenTree], budget: int
-    ) -> tuple[TokenTree, list[list[tuple[str, float]]]]:
+    def _merge(self, trees: dict[str, TokenTree], budget: int) -> tuple[TokenTree, list[_Node]]:
+        """The union of the sources' trees grown best-first into one of ``budget`` nodes,
+        and per node of it the union node (its witnesses and estimate) it came from."""
         root = next(iter(trees.values())).root_token
         nodes = [_Node(root)]
         for source, tree in trees.items():
@@ -198,11 +253,26 @@ class AutoDrafter:
                 nodes[found].witnesses.append((source, scores[i]))
                 index[i] = found
 
+        calibration = self.calibration
+        factor = self.agreement.factor
+
         def estimate(node: _Node) -> float:
+            band = depth_band(node.depth)
             miss = 1.0
+            suffix, ngram, recycle = 0, False, False
             for source, score in node.witnesses:
-                miss *= 1.0 - self.calibration.prob(source, score, node.depth)
-            return 1.0 - miss
+                bucket = score_bucket(source, score)
+                miss *= 1.0 - calibration.prob_in(source, bucket, band)
+                if source == "suffix":
+                    suffix = bucket + 1
+                elif source == "ngram":
+                    ngram = True
+                else:
+                    recycle = True
+            node.independent = 1.0 - miss
+            node.combination = (suffix, ngram, recycle, band)
+            # Raised at most to _P_MAX (agreeing sources' noisy-or may already be above it).
+            return min(node.independent * factor(node.combination), max(node.independent, _P_MAX))
 
         def expand(node_index: int) -> list[Child[int]]:
             kids = [(estimate(nodes[k]), k) for k in nodes[node_index].children.values()]
@@ -211,8 +281,7 @@ class AutoDrafter:
 
         # grow_tree keeps no handle on which union node became which tree node, so record it.
         tree = grow_tree(root, 0, expand, budget, self.max_width)
-        witnesses = _tree_witnesses(tree, nodes)
-        return tree, witnesses
+        return tree, _tree_nodes(tree, nodes)
 
     # ---- learning -----------------------------------------------------------------------
 
@@ -237,8 +306,10 @@ class AutoDrafter:
                 proposed[i] = node
                 if parent in accepted:
                     depth = last.tree.depths[node]
-                    for source, score in last.witnesses[node]:
+                    union = last.nodes[node]
+                    for source, score in union.witnesses:
                         self.calibration.add(source, score, i in accepted, depth)
+                    self.agreement.add(union.combination, i in accepted, union.independent)
 
     def observe_top_tokens(self, top: TopTokens) -> None:
         self.recycle.observe_top_tokens(top)
@@ -271,11 +342,9 @@ class AutoDrafter:
         return self.suffix.memory() | self.recycle.memory()
 
 
-def _tree_witnesses(tree: TokenTree, nodes: list[_Node]) -> list[list[tuple[str, float]]]:
-    """Per tree node, the witnesses of the union node it came from (found by its path)."""
+def _tree_nodes(tree: TokenTree, nodes: list[_Node]) -> list[_Node]:
+    """Per tree node, the union node it came from (found by its path)."""
     union_of = [0] * tree.num_nodes
-    out: list[list[tuple[str, float]]] = [[]]
     for i in range(1, tree.num_nodes):
         union_of[i] = nodes[union_of[tree.parents[i]]].children[tree.token_ids[i]]
-        out.append(nodes[union_of[i]].witnesses)
-    return out
+    return [nodes[u] for u in union_of]

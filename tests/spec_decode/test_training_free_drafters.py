@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import math
 import tracemalloc
 
 import numpy as np
@@ -373,6 +374,29 @@ def test_auto_calibrates_each_source_from_verified_trees() -> None:
     for _ in range(200):
         d.observe_verified([VerifiedTree(r.request_id, tree, (1,))])
     assert d.calibration.prob("recycle", 0.9) > 0.8
+
+
+def test_auto_does_not_count_agreeing_sources_twice() -> None:
+    """The n-gram source's match is among the suffix source's own-context votes (and the
+    recycle table starts from the prompt's n-grams): where all three propose a node that lands
+    half the time, each source learns 0.5, and their noisy-or (0.875) counts the same evidence
+    three times; the agreement correction brings it to ~0.5."""
+    d = AutoDrafter(vocab_size=V)
+    for i in range(400):
+        r = make_request([1, 2, 3, 4, 1, 2])  # both say 3 after "1 2"
+        (tree,) = d.propose([r], [1])
+        assert tree.draft_token_ids == [3]
+        d.observe_verified([VerifiedTree(r.request_id, tree, (1,) if i % 2 else ())])
+        witnesses = dict(d._last[r.request_id].nodes[1].witnesses)
+        d.release([r.request_id])
+    # Recycle too: its table is seeded from the prompt's own n-grams.
+    assert set(witnesses) == {"ngram", "suffix", "recycle"}
+    probs = [d.calibration.prob(source, score) for source, score in witnesses.items()]
+    assert probs == pytest.approx([0.5] * 3, abs=0.08)
+    assert 1 - math.prod(1 - p for p in probs) > 0.8  # what the noisy-or alone would say
+    assert tree.scores is not None and tree.scores[1] == pytest.approx(0.5, abs=0.1)
+    ((suffix_bucket, with_ngram, with_recycle, _),) = d.agreement.table()
+    assert suffix_bucket > 0 and with_ngram and with_recycle
 
 
 def test_auto_calibrates_the_shared_recycle_rows_apart_from_a_requests_own() -> None:
