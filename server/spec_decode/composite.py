@@ -158,7 +158,7 @@ class AgreementCorrection:
         return {c: self.factor(c) for c in sorted(self._counts)}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     token: int
     depth: int = 0

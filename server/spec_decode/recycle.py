@@ -255,15 +255,24 @@ class RecycleDrafter(HistoryDrafter):
         its pair and of its token alone as children, then ("layered") the shared table's
         (grow_tree keeps the first of a token listed twice, and orders by probability)."""
         behind = self._shared if self.scope == "layered" else None
+        vocab_size, width = self.vocab_size, self.max_width
 
         def expand(state: tuple[int, int]) -> list[Child[tuple[int, int]]]:
             prev, token = state
             found = tables.candidates(prev, token)
             if behind is not None:
                 found += behind.candidates(prev, token, _SHARED_OFFSET)
-            return [
-                Child(t, p, p + offset, (token, t)) for t, p, offset in found if t < self.vocab_size
-            ]
+            # Only the first max_width distinct candidates (grow_tree's rule), so no Child is
+            # built for the rest of the rows (up to 2-3 x top_k candidates a node).
+            children: list[Child[tuple[int, int]]] = []
+            seen: set[int] = set()
+            for t, p, offset in found:
+                if t < vocab_size and p > 0.0 and t not in seen:
+                    seen.add(t)
+                    children.append(Child(t, p, p + offset, (token, t)))
+                    if len(children) == width:
+                        break
+            return children
 
         return expand
 
