@@ -259,6 +259,14 @@ def test_runner_top_tokens_are_torch_topk_of_each_row() -> None:
     np.testing.assert_allclose(
         out.probs, torch.softmax(logits[:4], -1).gather(1, expect.indices).numpy(), rtol=1e-5
     )
+    # Rows out of order (a's row after b's tree): gathered rather than sliced.
+    out = top_tokens(logits, plan, [(a, 4)], [(b, 1)], k=3)
+    order = [4, 1, 2, 3]
+    expect = torch.topk(logits[order], 3)
+    assert out.ids.tolist() == expect.indices.tolist()
+    np.testing.assert_allclose(
+        out.probs, torch.softmax(logits[order], -1).gather(1, expect.indices).numpy(), rtol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------------------------
