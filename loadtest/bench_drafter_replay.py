@@ -47,7 +47,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from loadtest.bench_engine import machine_info
-from loadtest.bench_spec import DATASET_FILES, load_prompts
+from loadtest.bench_spec import DATASET_FILES, load_prompts, method_options
+from server.config import SpeculativeConfig
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.model.loader import resolve_model
@@ -59,7 +60,7 @@ from server.spec_decode.drafter import (
     VerifiedTree,
     VerifiedTreeConsumer,
 )
-from server.spec_decode.drafters import make_drafter
+from server.spec_decode.drafters import model_free_drafter
 from server.spec_decode.tree import TokenTree
 
 SCENARIOS = ("fresh", "repeat")
@@ -248,14 +249,11 @@ def _load(path: Path) -> list[Recording]:
 
 
 def drafter_factory(method: str, vocab_size: int) -> Callable[[], Drafter]:
-    """A fresh drafter named as ``bench_spec`` names them (``recycle/layered``, ...)."""
-    name, _, scope = method.partition("/")
-    options: dict[str, object] = {}
-    if name in ("recycle", "auto"):
-        options["vocab_size"] = vocab_size
-        if scope:
-            options["scope" if name == "recycle" else "recycle_scope"] = scope
-    return lambda: make_drafter(name, **options)
+    """A fresh drafter named as ``bench_spec`` names them (``recycle/layered``, ...), built
+    with the options the engine gives it (``model_free_drafter``)."""
+    name, extra = method_options(method)
+    spec = SpeculativeConfig(method=name, num_speculative_tokens=1, **extra)  # type: ignore[arg-type]
+    return lambda: model_free_drafter(spec, vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:

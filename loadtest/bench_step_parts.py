@@ -10,8 +10,9 @@ unmeasured prompts, then runs one ``bench_spec`` cell (dataset x batch) ``--repe
 per configuration in rotating order. Every part of every step is timed by wrapping the
 engine's own methods: scheduling, the speculator's fill (the policy's allocate and select,
 the shadow drafts; the rest of fill is proposing), the forward pass with verification
-(execute), the scheduler's update, and the speculator's observe (the cost model's and the
-acceptance estimator's learning). Prints tokens/s per run, milliseconds per step per part,
+(execute; of it, the target's top-k that recycle and auto learn from), the scheduler's
+update, and the speculator's observe (the cost model's and the acceptance estimator's
+learning). Prints tokens/s per run, milliseconds per step per part,
 and the decode steps by batch size (steps, seconds, tokens emitted): a closed batch's
 makespan is its slowest request's step count, which speculation on the others cannot cut.
 
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import server.model.runner as runner_module
 from loadtest.bench_engine import machine_info
 from loadtest.bench_spec import (
     DATASET_FILES,
@@ -101,8 +103,32 @@ def instrument_drafter(engine: OfflineEngine, log: StepLog) -> None:
         drafter.observe_top_tokens = observe  # type: ignore[method-assign]
 
 
+# The log of the engine whose forward pass is running: the runner's top-k feed is a module
+# function that all engines share, so its time goes to the engine executing.
+_executing: list[StepLog] = []
+
+
+def _instrument_top_tokens() -> None:
+    """Times the runner's top-k feed for recycle and auto ("execute: top tokens"), once."""
+    if getattr(runner_module.top_tokens, "timed", False):
+        return
+    top_tokens = runner_module.top_tokens
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return top_tokens(*args, **kwargs)
+        finally:
+            if _executing:
+                _executing[-1].seconds["execute: top tokens"] += time.perf_counter() - start
+
+    timed.timed = True  # type: ignore[attr-defined]
+    runner_module.top_tokens = timed  # type: ignore[assignment]
+
+
 def instrument(engine: OfflineEngine, log: StepLog) -> None:
     """Times each part of the engine's steps into ``log`` (see the module docstring)."""
+    _instrument_top_tokens()
     core = engine.core
     core.scheduler.schedule = _timed(log, "schedule", core.scheduler.schedule)  # type: ignore[method-assign]
     core.scheduler.update = _timed(log, "update", core.scheduler.update)  # type: ignore[method-assign]
@@ -110,7 +136,11 @@ def instrument(engine: OfflineEngine, log: StepLog) -> None:
 
     def timed_execute(plan: Any) -> Any:
         start = time.perf_counter()
-        out = execute(plan)
+        _executing.append(log)
+        try:
+            out = execute(plan)
+        finally:
+            _executing.pop()
         seconds = time.perf_counter() - start
         log.seconds["execute"] += seconds
         if all(plan.num_scheduled_tokens[r.request_id] == 1 for r in plan.requests):

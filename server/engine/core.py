@@ -27,7 +27,7 @@ from server.spec_decode.drafter import (
     TopTokenConsumer,
     implements,
 )
-from server.spec_decode.drafters import make_drafter
+from server.spec_decode.drafters import MODEL_FREE_METHODS, make_drafter, model_free_drafter
 from server.spec_decode.policies import make_policy, needs_cost_model
 from server.spec_decode.policy import PolicyContext
 
@@ -244,44 +244,6 @@ def _build_drafter(config: EngineConfig, runner: ModelRunner) -> Drafter:
             target_vocab_size=runner.vocab_size,
             acceptance_rate=spec.acceptance_rate,
         )
-    if spec.method == "ngram":
-        return make_drafter(
-            "ngram",
-            prompt_lookup_min=spec.prompt_lookup_min,
-            prompt_lookup_max=spec.prompt_lookup_max,
-        )
-    if spec.method == "tree":
-        return make_drafter(
-            "tree",
-            max_width=spec.max_tree_width,
-            min_match=spec.prompt_lookup_min,
-            max_match=spec.prompt_lookup_max,
-        )
-    if spec.method == "suffix":
-        return make_drafter(
-            "suffix",
-            max_width=spec.max_tree_width,
-            min_match=spec.prompt_lookup_min,
-            max_match=max(spec.prompt_lookup_max, 8),
-            cache_mb=spec.suffix_cache_mb,
-        )
-    if spec.method == "recycle":
-        return make_drafter(
-            "recycle",
-            vocab_size=runner.vocab_size,
-            top_k=spec.recycle_top_k,
-            max_width=spec.max_tree_width,
-            scope=spec.recycle_scope,
-        )
-    if spec.method == "auto":
-        return make_drafter(
-            "auto",
-            vocab_size=runner.vocab_size,
-            prompt_lookup_min=spec.prompt_lookup_min,
-            prompt_lookup_max=spec.prompt_lookup_max,
-            max_width=spec.max_tree_width,
-            recycle_top_k=spec.recycle_top_k,
-            recycle_scope=spec.recycle_scope,
-            suffix_cache_mb=spec.suffix_cache_mb,
-        )
+    if spec.method in MODEL_FREE_METHODS:
+        return model_free_drafter(spec, runner.vocab_size)
     raise ValueError(f"unknown speculative method {spec.method!r}")
