@@ -1,34 +1,44 @@
-"""``auto``: n-gram, suffix (own context + other requests) and recycled top-k, merged into one
-tree per request.
+"""``auto``: the suffix source (the request's own context + other requests' prompts and
+answers) and recycled top-k, merged into one tree per request.
 
-Each source proposes its own tree at the request's budget; the union of those trees (shared
-prefixes merged) holds up to three times the budget, and the tree handed on is grown from it
-best-first by estimated path probability (server/spec_decode/tree_builder.py). A node's
-conditional estimate combines the sources that proposed it as independent witnesses
-(noisy-or), each source's raw score first calibrated online into a probability:
+Each source proposes its own tree at the request's budget. The suffix source's tree is the
+trunk; the recycle source adds its nodes only where the suffix source proposed no child (below
+its leaves, or at the root when it found no match), and elsewhere only witnesses the suffix
+source's nodes it also proposed. The tree handed on is grown from that union best-first by
+estimated path probability (server/spec_decode/tree_builder.py). A node's conditional estimate
+combines the sources that proposed it as witnesses (noisy-or), each source's raw score first
+calibrated online into a probability:
 
     P(node) = 1 - prod over its sources s of (1 - calibrated_s(score_s))
 
-Calibration is the drafter's own, per (source, score bucket): after each step the engine
-hands it the verified trees (what the policy kept of its proposals) and the accepted nodes,
-and every verified node whose parent was accepted is one test of each source behind it. The
-merged estimate is the node's score, which the goodput policy calibrates again before it
+Calibration is the drafter's own, per (source, score bucket, depth band): after each step the
+engine hands it the verified trees (what the policy kept of its proposals) and the accepted
+nodes, and every verified node whose parent was accepted is one test of each source behind it.
+The merged estimate is the node's score, which the goodput policy calibrates again before it
 prunes the tree.
 
-The sources are not independent witnesses, though: the n-gram source's matches are among the
-suffix source's own-context votes, so where both propose a node the noisy-or counts that
-evidence twice, and a 4-token n-gram match (right ~90% of the time overall) outbid the
-branch the suffix source preferred wherever its votes were split. So the noisy-or is
-corrected per combination of witnesses (whether the n-gram and recycle sources proposed the
-node, the suffix source's score bucket, the depth band) by what such nodes achieved against
-what it predicted for them: P(node) = noisy-or x (accepted + k) / (predicted + k). A lone
-source's nodes keep their calibration (the factor stays near 1); agreeing sources' are
-discounted as far as their agreement proved redundant. Measured without the model in the
-loop (``python -m loadtest.bench_drafter_replay``: 16 recorded greedy answers a dataset, a
-budget-8 tree proposed at every position): accepted tokens per tree 3.93 -> 4.00 on
-repetitive prompts and 0.93 -> 0.97 on chat, and where the same requests were served before
-(their answers in the suffix cache) 6.01 -> 6.48 and 7.14 -> 7.35; the suffix source alone
-accepts 4.07, 0.95, 6.63 and 7.39.
+The sources are not independent witnesses, though (the recycle table starts from the prompt's
+own n-grams, which the suffix source matches too), so the noisy-or is corrected per
+combination of witnesses (the suffix source's score bucket, whether the recycle source proposed
+the node, the depth band) by what such nodes achieved against what it predicted for them:
+P(node) = noisy-or x (accepted + k) / (predicted + k). A lone source's nodes keep their
+calibration (the factor stays near 1).
+
+Why no n-gram source, and why recycle only fills the suffix source's gaps: both used to
+propose freely, and their nodes became siblings of the suffix source's. The n-gram drafter's
+match is one of the suffix source's own-context votes (the latest occurrence of the longest
+match up to ``prompt_lookup_max`` tokens; the suffix source weighs every occurrence up to
+``max(prompt_lookup_max, 8)``, and other requests'), so it added no evidence, only a second
+opinion on it; where the suffix cache held the answer (the same question served before) the
+n-gram's and recycle's siblings each took budget and verify rows from the right branch, and the
+policy kept shallower trees. Measured in process, two mix prompts served again with no
+finish-together (a served sweep's state): 0.80-0.84x the suffix drafter's tokens/s with all
+three sources, 0.93x without the n-gram source, 0.99-1.00x with the rule below; no change on
+fresh chat. Without the model in the loop (``python -m loadtest.bench_drafter_replay``: 16
+recorded greedy answers a dataset, a budget-8 tree proposed at every position), accepted
+tokens per tree went 4.00 -> 4.04 on repetitive prompts, 0.97 -> 0.96 on chat, and where the
+same requests were served before 6.48 -> 6.59 and 7.35 -> 7.38 (the suffix source alone: 4.07,
+0.95, 6.63, 7.39).
 
 Everything is deterministic given the context and the drafter's state ("deterministic" kind).
 """
@@ -43,17 +53,15 @@ from server.engine.request import Request
 from server.spec_decode.acceptance import depth_band
 from server.spec_decode.drafter import DraftWork, TopTokens, VerifiedTree, check_budgets
 from server.spec_decode.history import TokenHistory
-from server.spec_decode.ngram import NgramDrafter
 from server.spec_decode.recycle import RecycleDrafter, RecycleScope
 from server.spec_decode.suffix_drafter import SuffixDrafter
 from server.spec_decode.tree import TokenTree
 from server.spec_decode.tree_builder import Child, grow_tree
 
-# Per source: its score's bucket edges, and the prior acceptance of each bucket (what the
-# calibration starts from: n-gram match lengths 1, 2, 3, 4+; suffix vote shares by quarter;
-# recycled probabilities).
+# Per source, in merge order (the suffix source's tree is the trunk): its score's bucket edges,
+# and the prior acceptance of each bucket (what the calibration starts from: suffix vote shares
+# by quarter; recycled probabilities).
 _SOURCES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "ngram": ((1.5, 2.5, 3.5), (0.15, 0.3, 0.45, 0.6)),
     "suffix": ((0.25, 0.5, 0.75, 0.95), (0.05, 0.15, 0.3, 0.45, 0.6)),
     # Recycled probabilities, one range per kind of row (a request's own single-token and
     # pair rows, the shared table's behind them: RecycleDrafter.score_edges), same priors.
@@ -130,8 +138,8 @@ def score_bucket(source: str, score: float) -> int:
 
 
 # Which sources proposed a node, for the agreement correction: (suffix score bucket + 1, or 0
-# without a suffix witness; an n-gram witness; a recycle witness; depth band).
-Combination = tuple[int, bool, bool, int]
+# without a suffix witness; a recycle witness; depth band).
+Combination = tuple[int, bool, int]
 
 
 class AgreementCorrection:
@@ -165,8 +173,11 @@ class _Node:
     children: dict[int, int] = field(default_factory=dict)  # token -> node index
     # (source, raw score) of every source that proposed this node.
     witnesses: list[tuple[str, float]] = field(default_factory=list)
+    # Whether the suffix source proposed children of this node (then the recycle source only
+    # witnesses them).
+    suffix_children: bool = False
     # Set when the node is estimated: its witnesses' combination and their noisy-or.
-    combination: Combination = (0, False, False, 0)
+    combination: Combination = (0, False, 0)
     independent: float = 0.0
 
 
@@ -194,10 +205,9 @@ class AutoDrafter:
         recycle_scope: RecycleScope = "request",
         suffix_cache_mb: float = 64.0,
     ) -> None:
-        # One token history for the three sources: each context converted and suffix-matched
-        # once a step (the suffix source's deeper matching answers the n-gram source's).
+        # One token history for the sources: each context converted once a step. The n-gram
+        # options bound the suffix source's own-context matching (see the module docstring).
         history = TokenHistory()
-        self.ngram = NgramDrafter(prompt_lookup_min, prompt_lookup_max, history)
         self.suffix = SuffixDrafter(
             max_width=max_width,
             min_match=prompt_lookup_min,
@@ -222,11 +232,8 @@ class AutoDrafter:
 
     def propose(self, requests: list[Request], budgets: list[int]) -> list[TokenTree]:
         check_budgets(requests, budgets)
-        # The suffix source first: its matching (up to 8 tokens) then serves the n-gram's.
-        suffix = self.suffix.propose(requests, budgets)
         sources = {
-            "ngram": self.ngram.propose(requests, budgets),
-            "suffix": suffix,
+            "suffix": self.suffix.propose(requests, budgets),
             "recycle": self.recycle.propose(requests, budgets),
         }
         trees = []
@@ -238,19 +245,33 @@ class AutoDrafter:
 
     def _merge(self, trees: dict[str, TokenTree], budget: int) -> tuple[TokenTree, list[_Node]]:
         """The union of the sources' trees grown best-first into one of ``budget`` nodes,
-        and per node of it the union node (its witnesses and estimate) it came from."""
+        and per node of it the union node (its witnesses and estimate) it came from. The
+        suffix source's nodes all go in; the recycle source's only where the suffix source
+        proposed no child (see the module docstring)."""
         root = next(iter(trees.values())).root_token
         nodes = [_Node(root)]
-        for source, tree in trees.items():
-            index = [0] * tree.num_nodes
+        for source in _SOURCES:
+            tree = trees.get(source)
+            if tree is None:
+                continue
+            trunk = source == "suffix"
+            index = [0] * tree.num_nodes  # per tree node its union node, -1 when left out
             scores = tree.scores or (0.0,) * tree.num_nodes
             for i in range(1, tree.num_nodes):
-                parent = nodes[index[tree.parents[i]]]
+                at = index[tree.parents[i]]
+                if at < 0:
+                    index[i] = -1
+                    continue
+                parent = nodes[at]
                 token = tree.token_ids[i]
                 found = parent.children.get(token)
                 if found is None:
+                    if not trunk and parent.suffix_children:
+                        index[i] = -1
+                        continue
                     found = parent.children[token] = len(nodes)
                     nodes.append(_Node(token, parent.depth + 1))
+                parent.suffix_children |= trunk
                 nodes[found].witnesses.append((source, scores[i]))
                 index[i] = found
 
@@ -260,18 +281,16 @@ class AutoDrafter:
         def estimate(node: _Node) -> float:
             band = depth_band(node.depth)
             miss = 1.0
-            suffix, ngram, recycle = 0, False, False
+            suffix, recycle = 0, False
             for source, score in node.witnesses:
                 bucket = score_bucket(source, score)
                 miss *= 1.0 - calibration.prob_in(source, bucket, band)
                 if source == "suffix":
                     suffix = bucket + 1
-                elif source == "ngram":
-                    ngram = True
                 else:
                     recycle = True
             node.independent = 1.0 - miss
-            node.combination = (suffix, ngram, recycle, band)
+            node.combination = (suffix, recycle, band)
             # Raised at most to _P_MAX (agreeing sources' noisy-or may already be above it).
             return min(node.independent * factor(node.combination), max(node.independent, _P_MAX))
 
@@ -322,14 +341,14 @@ class AutoDrafter:
 
     def release(self, request_ids: Iterable[str]) -> None:
         ids = list(request_ids)
-        for part in (self.ngram, self.suffix, self.recycle):
+        for part in (self.suffix, self.recycle):
             part.release(ids)
         for rid in ids:
             self._last.pop(rid, None)
 
     def reset(self, request_ids: Iterable[str]) -> None:
         ids = list(request_ids)
-        for part in (self.ngram, self.suffix, self.recycle):
+        for part in (self.suffix, self.recycle):
             part.reset(ids)
 
     def draft_probs(self, request_id: str) -> None:

@@ -350,15 +350,37 @@ def test_auto_merges_sources_within_the_budget() -> None:
     assert isinstance(d, Drafter)
     assert isinstance(d, TopTokenConsumer) and isinstance(d, VerifiedTreeConsumer)
     assert isinstance(d, FinishedRequestConsumer)
-    # The context repeats "1 2 3 4" (n-gram and suffix say 3 after "1 2"); recycle says 9.
+    # The context repeats "1 2 3 4" (the suffix source says 3 4 1 2 ... after "1 2"); recycle
+    # says 9 after 2.
     r = make_request([1, 2, 3, 4, 1, 2])
     d.observe_top_tokens(top({2: [(9, 0.9)]}, request_id=r.request_id))
     for budget in (1, 2, 4, 6):
         (tree,) = d.propose([r], [budget])
         assert tree.num_drafts <= budget
     (tree,) = d.propose([r], [6])
-    first = {tree.token_ids[c] for c in tree.children[0]}
-    assert {3, 9} <= first
+    assert paths_of(tree) == {(3, 4, 1, 2, 3, 4)}
+
+
+def test_auto_adds_recycled_nodes_only_where_the_suffix_source_has_none() -> None:
+    """The suffix source's tree is the trunk: a recycled candidate does not become a sibling
+    of its nodes (where the suffix cache knows the answer such siblings took the right
+    branch's budget), but it drafts where the suffix source found no match, and it witnesses
+    the suffix source's nodes it also proposes."""
+    d = AutoDrafter(vocab_size=V, max_width=4)
+    r = make_request([1, 2, 3, 4, 1, 2])
+    (tree,) = d.propose([r], [4])
+    # Recycle's table is seeded from the prompt's n-grams: it witnesses the suffix's 3.
+    assert dict(d._last[r.request_id].nodes[1].witnesses).keys() == {"suffix", "recycle"}
+    d.observe_top_tokens(top({2: [(9, 0.9)]}, request_id=r.request_id))
+    (tree,) = d.propose([r], [4])
+    assert [tree.token_ids[c] for c in tree.children[0]] == [3]  # no 9 beside the suffix's 3
+    # No earlier occurrence of the last token: the suffix source has nothing, recycle drafts.
+    fresh = make_request([5, 6])
+    d.observe_top_tokens(top({6: [(8, 0.9)]}, request_id=fresh.request_id))
+    (tree,) = d.propose([fresh], [2])
+    assert tree.draft_token_ids[:1] == [8]
+    # The n-gram drafter's match is one of the suffix source's votes: not a source of its own.
+    assert not hasattr(d, "ngram")
 
 
 def test_auto_calibrates_each_source_from_verified_trees() -> None:
@@ -385,26 +407,26 @@ def test_auto_calibrates_each_source_from_verified_trees() -> None:
 
 
 def test_auto_does_not_count_agreeing_sources_twice() -> None:
-    """The n-gram source's match is among the suffix source's own-context votes (and the
-    recycle table starts from the prompt's n-grams): where all three propose a node that lands
-    half the time, each source learns 0.5, and their noisy-or (0.875) counts the same evidence
-    three times; the agreement correction brings it to ~0.5."""
+    """The recycle table starts from the prompt's n-grams, which the suffix source matches
+    too: where both propose a node that lands half the time, each source learns 0.5, and
+    their noisy-or (0.75) counts the same evidence twice; the agreement correction brings it
+    to ~0.5."""
     d = AutoDrafter(vocab_size=V)
     for i in range(400):
-        r = make_request([1, 2, 3, 4, 1, 2])  # both say 3 after "1 2"
+        r = make_request([1, 2, 3, 4, 1, 2])  # the suffix source says 3 after "1 2"
         (tree,) = d.propose([r], [1])
         assert tree.draft_token_ids == [3]
         d.observe_verified([VerifiedTree(r.request_id, tree, (1,) if i % 2 else ())])
         witnesses = dict(d._last[r.request_id].nodes[1].witnesses)
         d.release([r.request_id])
     # Recycle too: its table is seeded from the prompt's own n-grams.
-    assert set(witnesses) == {"ngram", "suffix", "recycle"}
+    assert set(witnesses) == {"suffix", "recycle"}
     probs = [d.calibration.prob(source, score) for source, score in witnesses.items()]
-    assert probs == pytest.approx([0.5] * 3, abs=0.08)
-    assert 1 - math.prod(1 - p for p in probs) > 0.8  # what the noisy-or alone would say
+    assert probs == pytest.approx([0.5] * 2, abs=0.08)
+    assert 1 - math.prod(1 - p for p in probs) > 0.7  # what the noisy-or alone would say
     assert tree.scores is not None and tree.scores[1] == pytest.approx(0.5, abs=0.1)
-    ((suffix_bucket, with_ngram, with_recycle, _),) = d.agreement.table()
-    assert suffix_bucket > 0 and with_ngram and with_recycle
+    ((suffix_bucket, with_recycle, _),) = d.agreement.table()
+    assert suffix_bucket > 0 and with_recycle
 
 
 def test_auto_calibrates_the_shared_recycle_rows_apart_from_a_requests_own() -> None:
@@ -445,11 +467,13 @@ def test_auto_spends_its_budget_down_a_span_whose_deep_nodes_land() -> None:
         d.calibration.add("suffix", 1.0, i % 2 == 0, depth=1)  # first tokens: half land
         d.calibration.add("suffix", 1.0, i % 20 != 0, depth=2)  # once on track: 95%
         d.calibration.add("suffix", 1.0, i % 20 != 0, depth=3)
-        d.calibration.add("recycle", 0.5, i % 10 < 3, depth=1)  # 30%
+        d.calibration.add("suffix", 0.3, i % 10 < 3, depth=1)  # minority votes: 30%
     trees = {
-        "ngram": TokenTree.root_only(0),
-        "suffix": TokenTree((0, 1, 2, 3), (-1, 0, 1, 2), (0.0, 1.0, 1.0, 1.0)),
-        "recycle": TokenTree((0, 5, 6, 7), (-1, 0, 0, 0), (0.0, 0.5, 0.5, 0.5)),
+        # A unanimous span 1 2 3, and three minority candidates beside its first token.
+        "suffix": TokenTree(
+            (0, 1, 2, 3, 5, 6, 7), (-1, 0, 1, 2, 0, 0, 0), (0.0, 1.0, 1.0, 1.0, 0.3, 0.3, 0.3)
+        ),
+        "recycle": TokenTree.root_only(0),
     }
     tree, _ = d._merge(trees, 3)
     assert paths_of(tree) == {(1, 2, 3)}
