@@ -2,7 +2,7 @@
 
     python -m loadtest.bench_step_parts [--dataset free-form] [--batch 8]
         [--configs none goodput fixed:2 goodput@recycle/layered] [--repeats 3]
-        [--new-tokens 64] [--out FILE.json]
+        [--new-tokens 64] [--scenario repeat] [--served] [--out FILE.json]
 
 Builds one engine per configuration (n-gram drafts, ``num_speculative_tokens`` 8 for the
 cost-aware policies, k for ``fixed:k``) as ``bench_spec`` does, warms each on the same
@@ -15,6 +15,15 @@ update, and the speculator's observe (the cost model's and the acceptance estima
 learning). Prints tokens/s per run, milliseconds per step per part,
 and the decode steps by batch size (steps, seconds, tokens emitted): a closed batch's
 makespan is its slowest request's step count, which speculation on the others cannot cut.
+
+``--scenario repeat`` has each engine serve the cell's prompts once more, unmeasured, after
+its warm-up, so the drafters that learn across requests (suffix, recycle's shared tables,
+auto) know the answers: the state of a served sweep, where every rate sends the dataset's
+prompts again, and acceptance is high (``fresh``, the default, starts from the warm-up alone).
+``--served`` values tokens as a server does: an offline batch's requests are returned together
+when the last is done, so the goodput policy prices a step's tokens by how they bring that
+finish closer (``finish_together``); a server returns each request when it is done. With
+the drafts each configuration verified and how many were accepted, per run.
 
 A measurement tool: run it alone on the machine (it times wall clock).
 """
@@ -197,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", nargs="+", default=["none", "goodput"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--scenario", default="fresh", choices=["fresh", "repeat"])
+    ap.add_argument("--served", action="store_true", help="no finish-together valuing")
     ap.add_argument("--out", type=Path, help="write the results as JSON here too")
     args = ap.parse_args(argv)
 
@@ -206,27 +217,44 @@ def main(argv: list[str] | None = None) -> int:
     saved: dict[str, object] = {}
     logs: dict[str, StepLog] = {}
     warmup: list[list[int]] = []
+    prompts: list[list[int]] = []
+    n = _BATCH1_PROMPTS if args.batch == 1 else args.batch
     for name in args.configs:
         engine = engines[name] = make_engine(model_dir, speculative_config(name))
+        if args.served and engine.core.speculator is not None:
+            engine.core.speculator.finish_together = False
         warmup = warmup or encode_chat(engine, warmup_prompts())
+        prompts = prompts or encode_chat(engine, load_prompts(DATASET_FILES[args.dataset], n))
         run_batch(engine, warmup, 8, _WARMUP_TOKENS)
+        if args.scenario == "repeat":
+            run_batch(engine, prompts, args.batch, args.new_tokens)
         saved[name] = copy.deepcopy(engine.core.drafter)
         instrument(engine, logs.setdefault(name, StepLog()))
         print(f"  {name}: ready", flush=True)
-    n = _BATCH1_PROMPTS if args.batch == 1 else args.batch
-    prompts = encode_chat(engines[args.configs[0]], load_prompts(DATASET_FILES[args.dataset], n))
     load = loadavg()
     speeds: dict[str, list[float]] = {name: [] for name in args.configs}
+    drafted: dict[str, list[tuple[int, int, int]]] = {name: [] for name in args.configs}
     for rep in range(args.repeats):
         shift = rep % len(args.configs)
         for name in args.configs[shift:] + args.configs[:shift]:
             restore_drafter(engines[name], saved[name])
             instrument_drafter(engines[name], logs[name])
+            before = engines[name].core.stats()
             outputs, seconds = run_batch(engines[name], prompts, args.batch, args.new_tokens)
             speeds[name].append(sum(len(o) for o in outputs) / seconds)
+            after = engines[name].core.stats()
+            drafted[name].append(
+                (
+                    after.num_drafts - before.num_drafts,
+                    after.num_draft_tokens - before.num_draft_tokens,
+                    after.num_accepted_tokens - before.num_accepted_tokens,
+                )
+            )
     results = {
         "command": " ".join(["python -m loadtest.bench_step_parts", *(argv or sys.argv[1:])]),
         "machine": machine_info(),
+        "scenario": args.scenario,
+        "served": args.served,
         "load_average_before": list(load) if load else [],
         "load_average_after": list(loadavg() or []),
         "configs": {
@@ -234,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens_per_s": [round(s, 2) for s in speeds[name]],
                 "median_tokens_per_s": round(statistics.median(speeds[name]), 2),
                 "steps": logs[name].steps,
+                # Per run: verified drafts (trees), draft tokens, accepted tokens.
+                "drafts_tokens_accepted": drafted[name],
                 "ms_per_step": {k: round(v, 3) for k, v in per_step_ms(logs[name]).items()},
                 "decode_by_batch": decode_by_batch(logs[name]),
             }
@@ -254,6 +284,13 @@ def print_results(results: dict[str, Any]) -> None:
     for name, r in results["configs"].items():
         speed = f"{r['median_tokens_per_s']} tok/s (runs {r['tokens_per_s']})"
         print(f"{name}: {speed}, {r['steps']} steps")
+        runs = r.get("drafts_tokens_accepted", [])
+        if any(d for d, _, _ in runs):
+            drafts, tokens, accepted = (sum(x) for x in zip(*runs, strict=True))
+            print(
+                f"    {drafts} drafts verified, {tokens} draft tokens, {accepted} accepted "
+                f"({accepted / max(drafts, 1):.2f} a draft)"
+            )
         for part, ms in r["ms_per_step"].items():
             print(f"    {part:24s} {ms:8.3f} ms/step")
         print("    decode steps by batch size: steps, seconds, tokens")
