@@ -32,12 +32,18 @@ match up to ``prompt_lookup_max`` tokens; the suffix source weighs every occurre
 opinion on it; where the suffix cache held the answer (the same question served before) the
 n-gram's and recycle's siblings each took budget and verify rows from the right branch, and the
 policy kept shallower trees. Measured in process, two mix prompts served again with no
-finish-together (a served sweep's state): 0.80-0.84x the suffix drafter's tokens/s with all
-three sources, 0.93x without the n-gram source, 0.99-1.00x with the rule below; no change on
-fresh chat. Without the model in the loop (``python -m loadtest.bench_drafter_replay``: 16
-recorded greedy answers a dataset, a budget-8 tree proposed at every position), accepted
-tokens per tree went 4.00 -> 4.04 on repetitive prompts, 0.97 -> 0.96 on chat, and where the
-same requests were served before 6.48 -> 6.59 and 7.35 -> 7.38 (the suffix source alone: 4.07,
+finish-together (``python -m loadtest.bench_step_parts --dataset mix --batch 2 --configs
+goodput@suffix goodput@auto --scenario repeat --served --repeats 6``, two rounds each way,
+loadtest/results/spec/2026-12-05-step-parts-mix-b2-repeat-served-auto-*.json): of the draft
+tokens ``auto`` verified, 83% and 82% were accepted before, 97% and 96.5% now (``suffix``:
+99%); its tokens/s went from 0.91x and 0.87x ``suffix``'s to 0.93x and 0.98x. Served, the
+two servers interleaved at 1, 2 req/s and all at once (three runs a cell, the code before and
+after one after the other): 1.01x, 1.15x, 1.14x ``suffix``'s mean latency before, 0.98x,
+0.98x, 0.96x after. Without the model in the loop (``python -m
+loadtest.bench_drafter_replay``: 16 recorded greedy answers a dataset, a budget-8 tree
+proposed at every position), accepted tokens per tree went 4.00 -> 4.04 on repetitive
+prompts, 0.97 -> 0.95 on chat (what recycle's siblings added there), and where the same
+requests were served before 6.48 -> 6.59 and 7.35 -> 7.39 (the suffix source alone: 4.07,
 0.95, 6.63, 7.39).
 
 Everything is deterministic given the context and the drafter's state ("deterministic" kind).
