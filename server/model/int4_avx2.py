@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "cpu" / "int4_linear.cpp"
 _FLAGS = ["-O3", "-mavx2", "-mfma"]
 GROUP_SIZE = 32
+# A build lock older than this was left by a compile that was killed (one takes 20-45 s here):
+# torch's loader would wait on it forever.
+STALE_LOCK_S = 600.0
 
 
 def cpu_flags() -> set[str]:
@@ -108,8 +111,10 @@ def load_extension(name: str, source: Path, what: str, fallback: str) -> ModuleT
     if reason is not None:
         logger.info("specd's AVX2 %s is not used: %s", what, reason)
         return None
+    from torch.utils.cpp_extension import _get_build_directory
     from torch.utils.cpp_extension import load as build
 
+    clear_stale_build_lock(Path(_get_build_directory(name, verbose=False)))
     logger.info("loading specd's AVX2 %s (compiled on first use, ~30-45 s; then cached)", what)
     start = time.perf_counter()
     try:
@@ -119,6 +124,35 @@ def load_extension(name: str, source: Path, what: str, fallback: str) -> ModuleT
         return None
     logger.info("AVX2 %s ready in %.1f s", what, time.perf_counter() - start)
     return module
+
+
+def clear_stale_build_lock(build_dir: Path, now: float | None = None) -> bool:
+    """Removes ``build_dir``'s lock when it is older than ``STALE_LOCK_S`` (True if it did).
+    Why: torch holds a lock file while it compiles an extension and every other loader waits
+    for it to go; a server stopped mid-compile (Ctrl-C on the first ``specd serve``) leaves
+    it behind, and the next start then hangs at "loading specd's AVX2 ..." with no end. A
+    younger lock may be another process's compile in progress: left, with a warning that
+    says which file to remove if none is."""
+    lock = build_dir / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age < STALE_LOCK_S:
+        logger.warning(
+            "waiting for another process's build (lock %.0f s old; if no other specd is "
+            "starting, a stopped compile left it: remove %s)",
+            age,
+            lock,
+        )
+        return False
+    logger.warning(
+        "removing a build lock left by an interrupted compile (%.0f s old): %s",
+        age,
+        lock,
+    )
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:

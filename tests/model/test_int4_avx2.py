@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,18 @@ def test_rescored_head_on_the_avx2_kernel_keeps_the_dense_argmax() -> None:
     assert bool((bound * 50 < bf16.error_bound(x).double()).all())
     bf16(x)
     assert head.logits_rescored < bf16.logits_rescored
+
+
+def test_a_build_lock_left_by_a_killed_compile_is_removed_and_a_live_one_kept(
+    tmp_path: Path,
+) -> None:
+    """torch's loader waits for the lock to go; one left by a compile that was killed would
+    hang every later start."""
+    assert not int4_avx2.clear_stale_build_lock(tmp_path)  # no lock: nothing to do
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not int4_avx2.clear_stale_build_lock(tmp_path)  # a compile in progress
+    assert lock.exists()
+    later = lock.stat().st_mtime + int4_avx2.STALE_LOCK_S + 1
+    assert int4_avx2.clear_stale_build_lock(tmp_path, now=later)
+    assert not lock.exists()
