@@ -111,10 +111,11 @@ def load_extension(name: str, source: Path, what: str, fallback: str) -> ModuleT
     if reason is not None:
         logger.info("specd's AVX2 %s is not used: %s", what, reason)
         return None
-    from torch.utils.cpp_extension import _get_build_directory
     from torch.utils.cpp_extension import load as build
 
-    clear_stale_build_lock(Path(_get_build_directory(name, verbose=False)))
+    build_dir = _build_directory(name)
+    if build_dir is not None:
+        clear_stale_build_lock(build_dir)
     logger.info("loading specd's AVX2 %s (compiled on first use, ~30-45 s; then cached)", what)
     start = time.perf_counter()
     try:
@@ -124,6 +125,17 @@ def load_extension(name: str, source: Path, what: str, fallback: str) -> ModuleT
         return None
     logger.info("AVX2 %s ready in %.1f s", what, time.perf_counter() - start)
     return module
+
+
+def _build_directory(name: str) -> Path | None:
+    """Where torch builds extension ``name`` (TORCH_EXTENSIONS_DIR or its default), or None
+    if this torch no longer has the private helper that says so (then no lock is checked)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(name, verbose=False))
+    except (ImportError, TypeError, OSError):
+        return None
 
 
 def clear_stale_build_lock(build_dir: Path, now: float | None = None) -> bool:

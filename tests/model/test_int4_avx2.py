@@ -227,3 +227,12 @@ def test_a_build_lock_left_by_a_killed_compile_is_removed_and_a_live_one_kept(
     later = lock.stat().st_mtime + int4_avx2.STALE_LOCK_S + 1
     assert int4_avx2.clear_stale_build_lock(tmp_path, now=later)
     assert not lock.exists()
+
+
+def test_the_lock_checked_is_in_the_directory_torch_builds_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build_dir = int4_avx2._build_directory("specd_probe")
+    assert build_dir is not None and build_dir.parent == tmp_path
+    assert build_dir.name == "specd_probe"
