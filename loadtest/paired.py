@@ -12,9 +12,10 @@ configurations do.
 
 ``--control`` names a second server identical to the baseline (an A/A control, e.g.
 configs/sweeps/auto-vs-suffix-aa.yaml): its ratios to the baseline are pure noise, and they
-show how far a ratio can stray with nothing changed. Measured: two identical suffix-goodput
-servers, three paired runs a rate, medians 1.03x, 1.03x and 1.18x at 1, 2 req/s and all at
-once (ad hoc, before this tool).
+show how far a ratio can stray with nothing changed. Measured
+(loadtest/reports/2026-12-06-auto-vs-suffix-aa-mix-3-runs): two identical suffix-goodput
+servers, three rounds a rate, medians 0.89x, 0.90x, 1.04x, 1.07x and 0.96x from 0.25 req/s to
+all at once, single rounds from 0.77x to 1.12x.
 
 Per (dataset, rate): the pairs, their median and a 90% bootstrap interval of the median
 (resampling pairs; with three pairs it is close to their range), the same for the control,
@@ -48,7 +49,7 @@ import numpy as np
 from loadtest.repeats import rate_key
 
 Run = dict[str, Any]
-# (dataset, rate) -> pairs of ratios, in report order.
+# (dataset, rate) -> rounds' ratios, in report order.
 Ratios = dict[tuple[str, float], list[float]]
 
 _BOOTSTRAP_SAMPLES = 2000
@@ -82,27 +83,30 @@ def first_present(names: Sequence[str], configs: dict[str, Any]) -> str | None:
 
 
 def paired_ratios(
-    summary: dict[str, dict[str, list[Run]]], policy: str, baseline: str, metric: str
-) -> Ratios:
-    """Per (dataset, rate), ``policy``'s ``metric`` over ``baseline``'s, run by run, runs paired by
-    their repeat index (one interleaved round); a round either missed is left out."""
-    out: Ratios = {}
-    for dataset, configs in summary.items():
-        if policy not in configs or baseline not in configs:
-            continue
-        base = _by_round(configs[baseline], metric)
-        for key, value in _by_round(configs[policy], metric).items():
-            if key in base and base[key] > 0:
-                out.setdefault((dataset, key[0]), []).append(value / base[key])
+    configs: dict[str, list[Run]], policy: str, baseline: str, metric: str
+) -> dict[float, list[float]]:
+    """Per rate, ``policy``'s ``metric`` over ``baseline``'s, round by round (one dataset's
+    runs, paired by their repeat index); a round either configuration missed is left out."""
+    out: dict[float, list[float]] = {}
+    if policy not in configs or baseline not in configs:
+        return out
+    base = _by_round(configs[baseline], metric)
+    for key, value in _by_round(configs[policy], metric).items():
+        if key in base and base[key] > 0:
+            out.setdefault(key[0], []).append(value / base[key])
     return out
 
 
 def _by_round(runs: list[Run], metric: str) -> dict[tuple[float, int], float]:
+    """(rate, repeat) -> the run's number; a run without a repeat index is its rate's n-th."""
     out = {}
-    for i, run in enumerate(runs):
+    seen: dict[float, int] = {}
+    for run in runs:
+        rate = rate_key(run)
+        nth = seen[rate] = seen.get(rate, -1) + 1
         value = run.get(metric)
         if run.get("completed") and isinstance(value, (int, float)) and math.isfinite(value):
-            out[(rate_key(run), int(run.get("repeat", i)))] = float(value)
+            out[(rate, int(run.get("repeat", nth)))] = float(value)
     return out
 
 
@@ -133,13 +137,12 @@ def cells(
             baseline = first_present(baselines, configs)
             if baseline is None:
                 continue
-            one = {dataset: configs}
-            for key, r in paired_ratios(one, policy, baseline, metric).items():
-                ours.setdefault(key, []).extend(r)
+            for rate, r in paired_ratios(configs, policy, baseline, metric).items():
+                ours.setdefault((dataset, rate), []).extend(r)
             control = first_present(controls, configs)
             if control is not None:
-                for key, r in paired_ratios(one, control, baseline, metric).items():
-                    noise.setdefault(key, []).extend(r)
+                for rate, r in paired_ratios(configs, control, baseline, metric).items():
+                    noise.setdefault((dataset, rate), []).extend(r)
     return [Cell(d, rate, ours[(d, rate)], noise.get((d, rate), [])) for d, rate in sorted(ours)]
 
 
