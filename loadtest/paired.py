@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.repeats import rate_key
+from loadtest.repeats import format_rate, rate_key
 
 Run = dict[str, Any]
 # (dataset, rate) -> rounds' ratios, in report order.
@@ -119,7 +119,7 @@ def median_interval(ratios: Sequence[float], seed: int = 0) -> Interval:
     samples = np.median(rng.choice(values, (_BOOTSTRAP_SAMPLES, values.size)), axis=1)
     tail = (1 - _INTERVAL) / 2 * 100
     low, high = np.percentile(samples, [tail, 100 - tail])
-    return Interval(statistics.median(values.tolist()), float(low), float(high))
+    return Interval(float(np.median(values)), float(low), float(high))
 
 
 def cells(
@@ -146,10 +146,6 @@ def cells(
     return [Cell(d, rate, ours[(d, rate)], noise.get((d, rate), [])) for d, rate in sorted(ours)]
 
 
-def _fmt_rate(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{rate:g}"
-
-
 def _fmt(ratios: list[float]) -> str:
     if not ratios:
         return "-"
@@ -172,14 +168,14 @@ def markdown(found: list[Cell], args: argparse.Namespace) -> str:
     ]
     for c in found:
         lines.append(
-            f"| {c.dataset} | {_fmt_rate(c.rate)} | {_fmt(c.policy)} | {_fmt(c.control)} "
+            f"| {c.dataset} | {format_rate(c.rate)} | {_fmt(c.policy)} | {_fmt(c.control)} "
             f"| {c.verdict(args.tolerance)} |"
         )
     lines += ["", "Every pair (policy, then control), by rate:", ""]
     for c in found:
         pairs = " ".join(f"{r:.2f}" for r in c.policy)
         noise = " ".join(f"{r:.2f}" for r in c.control) or "-"
-        lines.append(f"- {c.dataset} @ {_fmt_rate(c.rate)}: {pairs}; control {noise}")
+        lines.append(f"- {c.dataset} @ {format_rate(c.rate)}: {pairs}; control {noise}")
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +215,7 @@ def plot(found: list[Cell], args: argparse.Namespace, path: Path) -> None:
             linestyle="--",
             label=f"tolerance {args.tolerance:g}",
         )
-        ax.set_xticks(range(len(mine)), [_fmt_rate(c.rate) for c in mine])
+        ax.set_xticks(range(len(mine)), [format_rate(c.rate) for c in mine])
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(f"{args.metric}: over {' / '.join(args.baseline)}")
         ax.set_title(f"{dataset}: paired runs (bar: median)")

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.repeats import group_by_rate, median_run
+from loadtest.repeats import format_rate, group_by_rate, median_run
 
 DEFAULT_LOWEST_RATE_SPEEDUP = {"repetitive": 1.5, "mix": 1.2}
 
@@ -142,9 +141,9 @@ def markdown(checks: list[RateCheck], bars: Bars, source: str) -> str:
         lowest.setdefault(c.dataset, c.rate)
     for c in checks:
         fails = missed_bars(c, bars, lowest_rate=c.rate == lowest[c.dataset])
-        missed += [f"- {c.dataset} @ {_fmt_rate(c.rate)}: {f}" for f in fails]
+        missed += [f"- {c.dataset} @ {format_rate(c.rate)}: {f}" for f in fails]
         lines.append(
-            f"| {c.dataset} | {_fmt_rate(c.rate)} | {c.policy_ms:.0f} | {c.best_other} | "
+            f"| {c.dataset} | {format_rate(c.rate)} | {c.policy_ms:.0f} | {c.best_other} | "
             f"{c.best_other_ms:.0f} | {c.vs_best:.2f}x | {c.baseline_ms:.0f} | "
             f"{c.vs_baseline:.2f}x | {1 / c.vs_baseline:.2f}x | {'NO' if fails else 'yes'} |"
         )
@@ -159,10 +158,6 @@ def _runs_note(checks: list[RateCheck]) -> str:
     least = min(c.runs for c in checks)
     runs = f"{least}" if least == most else f"{least}-{most}"
     return f" Every latency is the median of {runs} runs of its cell."
-
-
-def _fmt_rate(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
 def _speedup(text: str) -> tuple[str, float]:

@@ -8,6 +8,7 @@ a third of its excess and a median not at all.
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -16,6 +17,11 @@ Run = dict[str, Any]
 
 def rate_key(run: Run) -> float:
     return float(run["request_rate"])  # "inf" parses too
+
+
+def format_rate(rate: float) -> str:
+    """A rate as reports print it: ``0.25``, ``2``, ``inf``."""
+    return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
 def group_by_rate(runs: list[Run]) -> dict[float, list[Run]]:
