@@ -1,7 +1,7 @@
 """Where an engine step's time goes, no speculation against speculation policies, in process.
 
     python -m loadtest.bench_step_parts [--dataset free-form] [--batch 8]
-        [--configs none goodput fixed:2 goodput@recycle/layered] [--repeats 3]
+        [--configs none goodput fixed:2 goodput@recycle/layered none#b] [--repeats 3]
         [--new-tokens 64] [--scenario repeat] [--served] [--out FILE.json]
 
 Builds one engine per configuration (n-gram drafts, ``num_speculative_tokens`` 8 for the
@@ -25,6 +25,17 @@ when the last is done, so the goodput policy prices a step's tokens by how they 
 finish closer (``finish_together``); a server returns each request when it is done. With
 the drafts each configuration verified and how many were accepted, per run.
 
+Paired rounds and replicas: every round runs each configuration once, so each round's
+tokens/s over the first configuration's (the reference) is a paired ratio; the results give
+every round's ratio, their median and a 90% bootstrap interval of it. A ``#tag`` after a name
+builds the same configuration again as another engine (``none none#b goodput goodput#b``).
+Why: identical engines in one process differ by a few percent, run after run, and more rounds
+do not average that out (on the mix at batch 8 on a 2-core CPU, two ``none`` engines' decode
+steps took 46.1 and 47.2 ms over the same six rounds). Replicas are pooled per round (the
+geometric mean of their tokens/s) before the ratio, and each replica after a group's first is
+compared with it, round by round: an A/A control that says how far apart identical engines
+run here.
+
 A measurement tool: run it alone on the machine (it times wall clock).
 """
 
@@ -33,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -55,6 +67,7 @@ from loadtest.bench_spec import (
     warmup_prompts,
 )
 from loadtest.host import format_loadavg, loadavg
+from loadtest.paired import median_interval
 from server.config import SpeculativeConfig
 from server.engine.offline import OfflineEngine
 from server.model.loader import resolve_model
@@ -80,9 +93,16 @@ class StepLog:
     decode: list[DecodeStep] = field(default_factory=list)
 
 
+def configuration(name: str) -> str:
+    """The configuration a name builds: the name without its replica tag (``none#b``)."""
+    return name.partition("#")[0]
+
+
 def speculative_config(name: str) -> SpeculativeConfig:
     """``none``, a policy name (k <= 8) or ``fixed:k``, n-gram drafts unless ``@method`` follows
-    (``goodput@recycle``; ``@recycle/layered`` also picks recycle's table scope)."""
+    (``goodput@recycle``; ``@recycle/layered`` also picks recycle's table scope); a ``#tag``
+    names a replica (see the module docstring)."""
+    name = configuration(name)
     if name == "none":
         return SpeculativeConfig()
     name, _, drafter = name.partition("@")
@@ -198,6 +218,50 @@ def decode_by_batch(log: StepLog) -> dict[int, dict[str, float]]:
     return dict(sorted(out.items()))
 
 
+def paired_rounds(speeds: dict[str, list[float]]) -> dict[str, Any]:
+    """Round-by-round ratios of tokens/s (see the module docstring). ``over_reference``: per
+    configuration after the first, its replicas pooled (geometric mean) over the first
+    configuration's, likewise pooled; ``controls``: per replica after its configuration's
+    first, over that first. Each: the ratios, their median, a 90% bootstrap interval."""
+    replicas: dict[str, list[str]] = {}
+    for name in speeds:
+        replicas.setdefault(configuration(name), []).append(name)
+    rounds = min(len(runs) for runs in speeds.values())
+    pooled = {
+        config: [
+            math.exp(statistics.fmean(math.log(speeds[name][r]) for name in names))
+            for r in range(rounds)
+        ]
+        for config, names in replicas.items()
+    }
+    reference = next(iter(replicas))
+    return {
+        "reference": reference,
+        "replicas": replicas,
+        "over_reference": {
+            config: _ratios(pooled[config], pooled[reference])
+            for config in replicas
+            if config != reference
+        },
+        "controls": {
+            name: _ratios(speeds[name][:rounds], speeds[names[0]][:rounds])
+            for names in replicas.values()
+            for name in names[1:]
+        },
+    }
+
+
+def _ratios(values: list[float], base: list[float]) -> dict[str, Any]:
+    ratios = [v / b for v, b in zip(values, base, strict=True)]
+    interval = median_interval(ratios)
+    return {
+        "ratios": [round(x, 4) for x in ratios],
+        "median": round(interval.median, 4),
+        "low": round(interval.low, 4),
+        "high": round(interval.high, 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -210,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--served", action="store_true", help="no finish-together valuing")
     ap.add_argument("--out", type=Path, help="write the results as JSON here too")
     args = ap.parse_args(argv)
+    if len(set(args.configs)) < len(args.configs):
+        ap.error("name each configuration once; a #tag builds another engine of it: none none#b")
 
     model_dir = resolve_model(args.model)
     print(f"building {len(args.configs)} engines (load average {format_loadavg(loadavg())})")
@@ -269,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for name in args.configs
         },
+        "paired": paired_rounds(speeds),
     }
     print_results(results)
     if args.out:
@@ -296,6 +363,28 @@ def print_results(results: dict[str, Any]) -> None:
         print("    decode steps by batch size: steps, seconds, tokens")
         for batch, row in r["decode_by_batch"].items():
             print(f"      {batch:3d}: {row['steps']:4d} {row['seconds']:7.2f} s {row['tokens']:6d}")
+    paired = results.get("paired")
+    if paired:
+        print_paired(paired)
+
+
+def print_paired(paired: dict[str, Any]) -> None:
+    def line(label: str, r: dict[str, Any]) -> str:
+        rounds = " ".join(f"{x:.3f}" for x in r["ratios"])
+        return f"  {label:28s} {r['median']:.3f} [{r['low']:.3f}, {r['high']:.3f}]  {rounds}"
+
+    replicas = paired["replicas"]
+    reference = paired["reference"]
+    print(
+        f"tokens/s over {reference}'s ({len(replicas[reference])} engine(s) pooled), round by "
+        "round: median [90% interval], rounds"
+    )
+    for config, r in paired["over_reference"].items():
+        print(line(f"{config} ({len(replicas[config])} engine(s))", r))
+    if paired["controls"]:
+        print("A/A control, a replica over its configuration's first engine:")
+        for name, r in paired["controls"].items():
+            print(line(name, r))
 
 
 if __name__ == "__main__":
