@@ -40,13 +40,13 @@ tokens ``auto`` verified, 83% and 82% were accepted before, 97% and 96.5% now (`
 two servers interleaved at 1, 2 req/s and all at once (three runs a cell, the code before and
 after one after the other): 1.01x, 1.15x, 1.14x ``suffix``'s mean latency before, 0.98x,
 0.98x, 0.96x after; a full sweep after the change 1.13x, 1.28x, 1.14x there, and two sweeps
-with an identical ``suffix`` server as a control (README, "Against the noise") 0.91x, 1.00x,
-0.99x, the control itself 1.04x, 1.07x, 1.02x. Without the model in the loop (``python -m
-loadtest.bench_drafter_replay``: 16 recorded greedy answers a dataset, a budget-8 tree
-proposed at every position), accepted tokens per tree went 4.00 -> 4.04 on repetitive
-prompts, 0.97 -> 0.95 on chat (what recycle's siblings added there), and where the same
-requests were served before 6.48 -> 6.59 and 7.35 -> 7.39 (the suffix source alone: 4.07,
-0.95, 6.63, 7.39).
+with an identical ``suffix`` server as a control (loadtest/results/spec/JOURNAL.md,
+"Against the noise") 0.91x, 1.00x, 0.99x, the control itself 1.04x, 1.07x, 1.02x. Without
+the model in the loop (``python -m loadtest.bench_drafter_replay``: 16 recorded greedy
+answers a dataset, a budget-8 tree proposed at every position), accepted tokens per tree went
+4.00 -> 4.04 on repetitive prompts, 0.97 -> 0.95 on chat (what recycle's siblings added
+there), and where the same requests were served before 6.48 -> 6.59 and 7.35 -> 7.39 (the
+suffix source alone: 4.07, 0.95, 6.63, 7.39).
 
 Everything is deterministic given the context and the drafter's state ("deterministic" kind).
 """
