@@ -30,11 +30,12 @@ tokens/s over the first configuration's (the reference) is a paired ratio; the r
 every round's ratio, their median and a 90% bootstrap interval of it. A ``#tag`` after a name
 builds the same configuration again as another engine (``none none#b goodput goodput#b``).
 Why: identical engines in one process differ by a few percent, run after run, and more rounds
-do not average that out (on the mix at batch 8 on a 2-core CPU, two ``none`` engines' decode
-steps took 46.1 and 47.2 ms over the same six rounds). Replicas are pooled per round (the
-geometric mean of their tokens/s) before the ratio, and each replica after a group's first is
-compared with it, round by round: an A/A control that says how far apart identical engines
-run here.
+do not average that out (on the mix at batch 8 on a 2-core CPU, three ``none`` engines' 8-row
+decode steps took 49.4, 48.0 and 51.1 ms over the same eight rounds:
+loadtest/results/spec/2026-12-06-step-parts-mix-b8-replicas.json). Replicas are pooled per
+round (the geometric mean of their tokens/s) before the ratio, and each replica after a
+group's first is compared with it, round by round: an A/A control that says how far apart
+identical engines run here.
 
 A measurement tool: run it alone on the machine (it times wall clock).
 """
